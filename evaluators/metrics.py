@@ -1,0 +1,49 @@
+"""Quality metrics of a model's next-token distributions against the reference.
+
+All metrics are means over the predicted positions (every position but the last of
+each window, since the last has no next token to score perplexity against).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MetricSums", "METRIC_NAMES"]
+
+METRIC_NAMES = ("kl", "ppl", "top1", "logit_err")
+
+
+@dataclass
+class MetricSums:
+    """Running sums, so long evaluations can be done in batches.
+
+    ``kl``: KL(reference || model) in nats. ``ppl``: exp of the model's mean
+    next-token negative log-likelihood. ``top1``: share of positions where the model's
+    most likely token is the reference's. ``logit_err``: mean absolute difference of
+    log-probabilities (logits up to the per-position shift that softmax ignores).
+    """
+
+    kl: float = 0.0
+    nll: float = 0.0
+    top1: float = 0.0
+    abs_err: float = 0.0
+    positions: int = 0
+    cells: int = 0
+
+    def add(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Adds ``(B, T, V)`` model and reference log-probs with ``(B, T)`` next tokens."""
+        p_ref = ref_logprobs.exp()
+        self.kl += float((p_ref * (ref_logprobs - logprobs)).sum())
+        self.nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
+        self.top1 += float((logprobs.argmax(-1) == ref_logprobs.argmax(-1)).sum())
+        self.abs_err += float((logprobs - ref_logprobs).abs().sum())
+        self.positions += targets.numel()
+        self.cells += logprobs.numel()
+
+    def result(self) -> dict[str, float]:
+        n = max(self.positions, 1)
+        return {"kl": max(self.kl / n, 0.0), "ppl": math.exp(self.nll / n), "top1": self.top1 / n,
+                "logit_err": self.abs_err / max(self.cells, 1)}

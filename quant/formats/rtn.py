@@ -1,0 +1,84 @@
+"""``rtn``: affine round-to-nearest per group (asymmetric by default, or symmetric).
+
+Asymmetric: ``w = q * scale + offset`` with ``q`` in ``[0, 2**b - 1]`` and fp16
+``scale`` and ``offset`` (the group minimum) per group, the Q4_1 layout.
+Symmetric: ``w = (q - 2**(b-1)) * scale`` with one fp16 ``scale`` per group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from quant.formats._base import Format, register_format
+from quant.packed import PackedTensor
+from quant.packing import pack_bits, packed_size, unpack_bits
+from quant.primitives import group_view, padded_in_features, ungroup
+from quant.settings import QuantSetting
+
+
+@register_format
+class RTN(Format):
+    name = "rtn"
+    bits_range = (2, 8)
+    options = {"symmetric": bool}
+
+    def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
+        w = group_view(weight, setting.group_size)  # (out, G, g)
+        levels = 2**setting.bits - 1
+        if setting.options.get("symmetric", False):
+            half = 2 ** (setting.bits - 1)
+            scale = (w.abs().amax(-1, keepdim=True) / (half - 1 if half > 1 else 1)).half()
+            s = scale.float().masked_fill(scale == 0, 1.0)
+            codes = (torch.round(w / s) + half).clamp_(0, levels)
+            buffers = {"scale": scale.squeeze(-1)}
+        else:
+            lo = w.amin(-1, keepdim=True)
+            scale = ((w.amax(-1, keepdim=True) - lo) / levels).half()
+            offset = lo.half()
+            s = scale.float().masked_fill(scale == 0, 1.0)
+            codes = torch.round((w - offset.float()) / s).clamp_(0, levels)
+            buffers = {"scale": scale.squeeze(-1), "offset": offset.squeeze(-1)}
+        buffers["codes"] = pack_bits(codes.to(torch.uint8), setting.bits)
+        return PackedTensor(setting=setting, shape=tuple(weight.shape), buffers=buffers)
+
+    def _decode(self, packed: PackedTensor, codes: torch.Tensor, scale: torch.Tensor,
+                offset: torch.Tensor | None) -> torch.Tensor:
+        q = codes.float()  # (R, G, g)
+        if offset is None:
+            q = q - 2 ** (packed.setting.bits - 1)
+            return q * scale.float().unsqueeze(-1)
+        return q * scale.float().unsqueeze(-1) + offset.float().unsqueeze(-1)
+
+    def dequantize(self, packed: PackedTensor) -> torch.Tensor:
+        out_features, in_features = packed.shape
+        in_p = padded_in_features(in_features, packed.setting.group_size)
+        codes = unpack_bits(packed.buffers["codes"], packed.setting.bits, out_features * in_p)
+        scale = packed.buffers["scale"]
+        codes = codes.view(out_features, scale.shape[1], -1)
+        w = self._decode(packed, codes, scale, packed.buffers.get("offset"))
+        return ungroup(w, in_features)
+
+    def dequantize_rows(self, packed: PackedTensor, rows: torch.Tensor) -> torch.Tensor:
+        # Unpack only the requested rows: whole rows are whole groups of 8 codes
+        # whenever in_p is a multiple of 8, which every allowed group size guarantees.
+        out_features, in_features = packed.shape
+        in_p = padded_in_features(in_features, packed.setting.group_size)
+        if in_p % 8:
+            return super().dequantize_rows(packed, rows)
+        bits = packed.setting.bits
+        row_bytes = in_p // 8 * bits
+        data = packed.buffers["codes"].view(out_features, row_bytes)[rows.reshape(-1)]
+        scale = packed.buffers["scale"][rows.reshape(-1)]
+        codes = unpack_bits(data.reshape(-1), bits, data.shape[0] * in_p).view(data.shape[0], scale.shape[1], -1)
+        offset = packed.buffers.get("offset")
+        w = self._decode(packed, codes, scale, None if offset is None else offset[rows.reshape(-1)])
+        return ungroup(w, in_features)
+
+    def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:
+        out_features, in_features = shape
+        in_p = padded_in_features(in_features, setting.group_size)
+        groups = out_features * (in_p // (setting.group_size or in_features))
+        per_group = 2 if setting.options.get("symmetric", False) else 4
+        return packed_size(out_features * in_p, setting.bits) + groups * per_group

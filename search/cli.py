@@ -1,0 +1,190 @@
+"""The ``turboquant`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _groups(text: str) -> tuple[int | None, ...]:
+    return tuple(None if g in ("ch", "channel") else int(g) for g in text.split(","))
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="alias, local folder or Hugging Face id")
+    p.add_argument("--dataset", default="shakespeare", help="'shakespeare' (embedded), a text file, or hf:NAME[:CONFIG]")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--eval-seqs", type=int, default=8, help="evaluation windows of --seq-len tokens")
+    p.add_argument("--calib-seqs", type=int, default=8, help="calibration windows (disjoint from evaluation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models that run their own code")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turboquant", description="Mixed-precision quantization search.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("search", help="run or resume a search against a memory budget")
+    _data_args(p)
+    p.add_argument("--budget", required=True, help="e.g. 3.0bpw or 70MB")
+    p.add_argument("--trials", type=int, default=20, help="complete trials the study should have (resume adds up to it)")
+    p.add_argument("--sampler", default="nsga2", help="nsga2, tpe, gp or random")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///turboquant.db)")
+    p.add_argument("--study", default=None, help="study name (default: MODEL-BUDGET)")
+    p.add_argument("--bits", default="2,3,4,5,6,8", help="allowed bit-widths")
+    p.add_argument("--groups", default="32,64,128", help="allowed group sizes; 'ch' = per output channel")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local Ray)")
+
+    p = sub.add_parser("studies", help="list studies")
+    p.add_argument("--storage", default=None)
+
+    p = sub.add_parser("front", help="a study's Pareto front (feasible, non-dominated, by bytes)")
+    p.add_argument("study")
+    p.add_argument("--storage", default=None)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+
+    p = sub.add_parser("export", help="write the policy of a chosen front point")
+    p.add_argument("study")
+    p.add_argument("--storage", default=None)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int)
+    which.add_argument("--budget", help="best point within this budget, e.g. 3.0bpw or 60MB")
+    p.add_argument("--out", required=True, help="policy JSON to write")
+
+    p = sub.add_parser("eval", help="re-measure a policy on the data it was measured on")
+    p.add_argument("policy")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _storage(args: argparse.Namespace) -> str:
+    from studies import DEFAULT_STORAGE
+
+    return args.storage or DEFAULT_STORAGE
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from evaluators.context import DataConfig
+    from search.driver import SearchConfig, run_search
+
+    data = DataConfig(model=args.model, dataset=args.dataset, seq_len=args.seq_len, n_eval=args.eval_seqs,
+                      n_calib=args.calib_seqs, seed=args.seed, trust_remote_code=args.trust_remote_code)
+    try:
+        bits = tuple(int(b) for b in args.bits.split(","))
+        groups = _groups(args.groups)
+    except ValueError:
+        raise SystemExit("error: --bits and --groups take comma-separated integers (groups may use 'ch')")
+    study = args.study or f"{args.model.replace('/', '_')}-{args.budget}"
+    cfg = SearchConfig(study=study, data=data, budget=args.budget, trials=args.trials, sampler=args.sampler,
+                       workers=args.workers, storage=_storage(args), bits=bits, groups=groups,
+                       ray_address=args.ray_address)
+    summary = run_search(cfg)
+    print(f"study {study}: {summary['complete']} complete trials ({summary['ran']} run now, "
+          f"{summary['failed']} failed) in {summary['seconds']:.0f} s")
+    return _print_front(cfg.storage, study, "table")
+
+
+def _print_front(storage: str, study: str, mode: str) -> int:
+    from studies import Store
+
+    store = Store(storage)
+    row = store.get_study(study)
+    front = store.front(row)
+    if mode == "json":
+        print(json.dumps(front.to_dict(orient="records"), indent=2))
+    elif mode == "csv":
+        sys.stdout.write(front.to_csv(index=False))
+    else:
+        print(f"front of {study} (budget {row.budget_bytes:,} bytes = {row.budget_bpw:.2f} bpw, model {row.model})")
+        print(front.to_string(index=False, float_format=lambda v: f"{v:.4f}") if not front.empty else "(no feasible trial yet)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from search.budget import parse_budget
+    from studies import Store, export_policy
+
+    store = Store(_storage(args))
+    budget = None
+    if args.budget is not None:
+        budget = parse_budget(args.budget, store.get_study(args.study).numel)
+    doc = export_policy(store, args.study, trial=args.trial, budget_bytes=budget)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=2)
+    m = doc["metrics"]
+    print(f"wrote {args.out}: trial {doc['provenance']['trial']}, {m['bytes']:,} bytes ({m['bpw']:.3f} bpw), "
+          f"KL {m['kl']:.5f}, ppl {m['ppl']:.3f}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import quant
+    from evaluators import Evaluator, UserError
+    from evaluators.context import DataConfig
+
+    policy = quant.Policy.load(args.policy)
+    provenance = policy.meta.get("provenance")
+    if not isinstance(provenance, dict) or "model" not in provenance:
+        raise UserError(f"policy {args.policy} has no provenance (model and data); export it with turboquant export")
+    data = DataConfig.from_dict(provenance)
+    loaded, tokens = data.load()
+    if provenance.get("data_fingerprint") not in (None, tokens.fingerprint):
+        raise UserError("the evaluation tokens differ from those the policy was measured on (corpus changed?)")
+    evaluator = Evaluator(loaded, tokens)
+    try:
+        result = evaluator.evaluate(policy)
+    except quant.PolicyError as exc:
+        raise UserError(f"policy {args.policy} does not fit model {data.model}: {exc}") from None
+    metrics = {k: result[k] for k in ("kl", "ppl", "top1", "logit_err", "bytes", "bpw")}
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        stored = policy.meta.get("metrics", {})
+        for k, v in metrics.items():
+            extra = f"   (stored {stored[k]:.6g})" if isinstance(stored.get(k), (int, float)) else ""
+            print(f"{k:>10} {v:.6g}{extra}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    from evaluators.errors import UserError
+    from quant import PolicyError
+    from studies import StoreError
+
+    try:
+        if args.command == "search":
+            return _cmd_search(args)
+        if args.command == "studies":
+            from studies import Store
+
+            frame = Store(_storage(args)).studies_frame()
+            print(frame.to_string(index=False) if not frame.empty else "no studies yet")
+            return 0
+        if args.command == "front":
+            return _print_front(_storage(args), args.study, "json" if args.json else "csv" if args.csv else "table")
+        if args.command == "export":
+            return _cmd_export(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
+    except (UserError, PolicyError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished trials are saved — run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

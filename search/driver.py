@@ -1,0 +1,217 @@
+"""The search driver: Optuna ask-and-tell over Ray workers, every result written to the study store.
+
+Only this module writes to a study. A crash loses nothing finished: each result is
+stored before it is told to Optuna, and a restarted driver reconciles the two.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import ray
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+import quant
+from evaluators import UserError, reference_logprobs
+from evaluators.context import DataConfig
+from search.budget import parse_budget
+from search.samplers import make_sampler
+from search.space import DEFAULT_BITS, DEFAULT_GROUPS, SearchSpace
+from search.workers import TrialWorker, init_ray
+from studies import DEFAULT_STORAGE, Store, StoreError
+
+__all__ = ["SearchConfig", "run_search", "FULL_PRECISION_BITS"]
+
+log = logging.getLogger(__name__)
+FULL_PRECISION_BITS = 16  # a bf16/fp16 checkpoint: budgets at or above it need no quantization
+
+
+@dataclass
+class SearchConfig:
+    study: str
+    data: DataConfig = field(default_factory=DataConfig)
+    budget: str = "4.0bpw"
+    trials: int = 20
+    sampler: str = "nsga2"
+    workers: int = 2
+    storage: str = DEFAULT_STORAGE
+    bits: tuple[int, ...] = DEFAULT_BITS
+    groups: tuple[int | None, ...] = DEFAULT_GROUPS
+    ray_address: str | None = None
+    max_retries: int = 2
+    progress: bool = True
+
+
+@dataclass
+class _Pending:
+    trial: optuna.Trial
+    policy: dict[str, Any]
+    worker: int
+    attempts: int = 1
+    started: float = field(default_factory=time.perf_counter)
+
+
+def _open_study(cfg: SearchConfig, store: Store, space: SearchSpace, budget_bytes: int,
+                provenance: dict[str, Any]) -> tuple[optuna.Study, Any, bool]:
+    existing = store.find_study(cfg.study)
+    if existing is not None:
+        mismatch = [k for k in ("model", "dataset", "seq_len", "n_eval", "seed")
+                    if existing.provenance.get(k) != provenance.get(k)]
+        if mismatch or existing.budget_bytes != budget_bytes:
+            what = ", ".join(mismatch) or "budget"
+            raise UserError(f"study {cfg.study!r} already exists with a different {what}; "
+                            "resume it with the same options or choose another --study name")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = optuna.storages.RDBStorage(cfg.storage)
+    except Exception as exc:  # Optuna wraps driver errors in several types
+        raise StoreError(f"cannot open storage {cfg.storage}: {str(exc).splitlines()[0]}") from None
+    n_params = len(space.matrices) * (2 + (len(space.formats) > 1))
+    study = optuna.create_study(study_name=cfg.study, storage=storage, directions=["minimize", "minimize"],
+                                sampler=make_sampler(cfg.sampler, cfg.data.seed, n_params), load_if_exists=True)
+    row = existing or store.create_study(
+        name=cfg.study, model=cfg.data.model, dataset=cfg.data.dataset, budget_bytes=budget_bytes,
+        numel=space.numel, sampler=cfg.sampler, space=space.to_dict(), provenance=provenance)
+    return study, row, existing is None
+
+
+def _enqueue_seeds(study: optuna.Study, space: SearchSpace, budget_bytes: int) -> int:
+    """Uniform settings that fit the budget, best first, as the study's first trials."""
+    seeds = [(space.nbytes(p), label, p) for label, p in space.uniform_policies()]
+    seeds = sorted((s for s in seeds if s[0] <= budget_bytes), key=lambda s: -s[0])
+    for _, label, policy in seeds:
+        study.enqueue_trial(space.params(policy), user_attrs={"seed": f"uniform:{label}"})
+    return len(seeds)
+
+
+def _reconcile(study: optuna.Study, store: Store, row: Any) -> None:
+    """After a crash: trials Optuna still sees running are told from the store if they
+    finished, otherwise marked failed and proposed again."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        stored = store.trial(row, t.number)
+        if stored is not None and stored.state == "complete":
+            optuna.Trial(study, t._trial_id).set_constraint("bytes", float(stored.bytes - row.budget_bytes))
+            study.tell(t.number, [stored.kl, float(stored.bytes)])
+            continue
+        study.tell(t.number, state=TrialState.FAIL)
+        store.record_trial(row, t.number, state="failed", policy={}, error="interrupted (driver stopped)")
+        study.enqueue_trial(t.params, user_attrs={**t.user_attrs, "retry_of": t.number})
+
+
+def run_search(cfg: SearchConfig) -> dict[str, Any]:
+    """Runs (or resumes) a search until the study has ``cfg.trials`` complete trials.
+
+    Returns a summary: trials run now, complete and failed in total, seconds.
+    """
+    if cfg.trials < 1 or cfg.workers < 1:
+        raise UserError("--trials and --workers must be at least 1")
+    store = Store(cfg.storage)
+    loaded, tokens = cfg.data.load()
+    space = SearchSpace(quant.weight_matrices(loaded.model), cfg.bits, cfg.groups)
+    budget_bytes = parse_budget(cfg.budget, space.numel)
+    min_bytes = space.min_bytes()
+    if budget_bytes < min_bytes:
+        raise UserError(f"budget {cfg.budget} ({budget_bytes:,} bytes) is below the smallest allowed policy: "
+                        f"{min_bytes:,} bytes = {8 * min_bytes / space.numel:.3f} bpw")
+    full = space.numel * FULL_PRECISION_BITS // 8
+    if budget_bytes >= full:
+        log.warning("budget %s is at or above the %d-bit model size (%s bytes); searching anyway",
+                    cfg.budget, FULL_PRECISION_BITS, f"{full:,}")
+    provenance = {**cfg.data.to_dict(), "model_fingerprint": loaded.fingerprint,
+                  "data_fingerprint": tokens.fingerprint, "budget": cfg.budget}
+    study, row, created = _open_study(cfg, store, space, budget_bytes, provenance)
+    if created:
+        _enqueue_seeds(study, space, budget_bytes)
+    _reconcile(study, store, row)
+
+    def complete() -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    done = complete()
+    if done >= cfg.trials:
+        return {"ran": 0, "complete": done, "failed": 0, "seconds": 0.0}
+    reference = reference_logprobs(loaded.model, tokens)
+    del loaded  # the workers load their own copies
+    init_ray(cfg.ray_address, cfg.workers)
+    reference_ref = ray.put(reference)
+    threads = max(1, int(ray.available_resources().get("CPU", cfg.workers)) // cfg.workers)
+    data = cfg.data.to_dict()
+
+    def start_worker() -> Any:
+        return TrialWorker.options(num_cpus=1).remote(data, reference_ref, threads)
+
+    workers = [start_worker() for _ in range(cfg.workers)]
+    idle = list(range(cfg.workers))
+    pending: dict[Any, _Pending] = {}
+    failed = ran = 0
+    best = min((t.values[0] for t in study.best_trials), default=math.inf)
+    t_start = time.perf_counter()
+    bar = tqdm(total=cfg.trials, initial=done, desc=f"search {cfg.study}", disable=not cfg.progress,
+               unit="trial", dynamic_ncols=True)
+    try:
+        while done + len(pending) < cfg.trials or pending:
+            while idle and done + len(pending) < cfg.trials and failed <= cfg.trials:
+                trial = study.ask()
+                policy = space.suggest(trial).to_dict()
+                w = idle.pop()
+                pending[workers[w].evaluate.remote(policy)] = _Pending(trial, policy, w)
+            if not pending:
+                break
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.ActorDiedError as exc:
+                workers[job.worker] = start_worker()  # Ray does not replace dead actors
+                if job.attempts <= cfg.max_retries:
+                    job.attempts += 1
+                    pending[workers[job.worker].evaluate.remote(job.policy)] = job
+                    continue
+                _fail(study, store, row, job, f"worker died {job.attempts} times: {exc}")
+                failed += 1
+                idle.append(job.worker)
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                _fail(study, store, row, job, f"{type(exc.cause).__name__}: {exc.cause}")
+                failed += 1
+                idle.append(job.worker)
+                continue
+            idle.append(job.worker)
+            _record(study, store, row, job, result)
+            done += 1
+            ran += 1
+            if result["bytes"] <= row.budget_bytes:
+                best = min(best, result["kl"])
+            bar.update(1)
+            bar.set_postfix_str(f"best KL {best:.4f} | last {result['bpw']:.2f} bpw "
+                                f"KL {result['kl']:.4f} | {result['seconds_forward'] + result['seconds_quantize']:.1f}s"
+                                + (f" | failed {failed}" if failed else ""))
+    finally:
+        bar.close()
+        for w in workers:
+            ray.kill(w)
+    return {"ran": ran, "complete": done, "failed": failed, "seconds": time.perf_counter() - t_start}
+
+
+def _record(study: optuna.Study, store: Store, row: Any, job: _Pending, result: dict[str, Any]) -> None:
+    timings = {"seconds": time.perf_counter() - job.started, "quantize": result["seconds_quantize"],
+               "forward": result["seconds_forward"], "attempts": job.attempts}
+    store.record_trial(row, job.trial.number, state="complete", policy=job.policy, bytes=result["bytes"],
+                       bpw=result["bpw"], kl=result["kl"], ppl=result["ppl"], top1=result["top1"],
+                       logit_err=result["logit_err"], seed=job.trial.user_attrs.get("seed"), timings=timings,
+                       worker=result.get("worker"))
+    job.trial.set_constraint("bytes", float(result["bytes"] - row.budget_bytes))
+    study.tell(job.trial, [result["kl"], float(result["bytes"])])
+
+
+def _fail(study: optuna.Study, store: Store, row: Any, job: _Pending, reason: str) -> None:
+    log.warning("trial %d failed: %s", job.trial.number, reason)
+    store.record_trial(row, job.trial.number, state="failed", policy=job.policy, error=reason,
+                       seed=job.trial.user_attrs.get("seed"))
+    study.tell(job.trial, state=TrialState.FAIL)

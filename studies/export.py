@@ -1,0 +1,34 @@
+"""Exporting a chosen point of a study as a policy document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from studies.store import Store, StoreError
+
+__all__ = ["export_policy"]
+
+
+def export_policy(store: Store, study_name: str, *, trial: int | None = None,
+                  budget_bytes: int | None = None) -> dict[str, Any]:
+    """The policy of trial ``trial``, or of the best (lowest KL) front point within ``budget_bytes``.
+
+    The document is the stored policy plus its measured metrics and the study's
+    provenance, so ``turboquant eval`` can re-measure it on the same data.
+    """
+    study = store.get_study(study_name)
+    if (trial is None) == (budget_bytes is None):
+        raise StoreError("give exactly one of a trial number or a budget")
+    if trial is None:
+        front = store.front(study, budget_bytes)
+        if front.empty:
+            raise StoreError(f"study {study_name!r} has no finished trial within {budget_bytes} bytes")
+        trial = int(front.iloc[-1]["trial"])
+    row = store.trial(study, trial)
+    if row is None or row.state != "complete":
+        raise StoreError(f"study {study_name!r} has no complete trial {trial}")
+    return {**row.policy,
+            "model": study.model,
+            "metrics": {"kl": row.kl, "ppl": row.ppl, "top1": row.top1, "logit_err": row.logit_err,
+                        "bytes": row.bytes, "bpw": row.bpw},
+            "provenance": {**study.provenance, "study": study.name, "trial": row.number, "dataset": study.dataset}}

@@ -1,0 +1,67 @@
+"""SQLAlchemy tables of TurboQuant's record. They live beside Optuna's own tables in one database."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = ["Base", "StudyRow", "TrialRow"]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StudyRow(Base):
+    """One search: the model and data it measures on, its budget and its search space."""
+
+    __tablename__ = "tq_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True, index=True)
+    model: Mapped[str] = mapped_column(String(1024))
+    dataset: Mapped[str] = mapped_column(String(1024))
+    budget_bytes: Mapped[int] = mapped_column(Integer)
+    numel: Mapped[int] = mapped_column(Integer)  # weights covered by the policy (for bits per weight)
+    sampler: Mapped[str] = mapped_column(String(64))
+    space: Mapped[dict[str, Any]] = mapped_column(JSON)
+    provenance: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    trials: Mapped[list["TrialRow"]] = relationship(back_populates="study", cascade="all, delete-orphan")
+
+    @property
+    def budget_bpw(self) -> float:
+        return 8.0 * self.budget_bytes / self.numel
+
+
+class TrialRow(Base):
+    """One measured policy (or a failed attempt, with its reason)."""
+
+    __tablename__ = "tq_trials"
+    __table_args__ = (UniqueConstraint("study_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("tq_studies.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)  # Optuna's trial number
+    state: Mapped[str] = mapped_column(String(16))  # complete | failed
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bpw: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kl: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ppl: Mapped[float | None] = mapped_column(Float, nullable=True)
+    top1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    logit_err: Mapped[float | None] = mapped_column(Float, nullable=True)
+    feasible: Mapped[bool] = mapped_column(Boolean, default=False)
+    seed: Mapped[str | None] = mapped_column(String(64), nullable=True)  # how a seeded trial was made
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    study: Mapped[StudyRow] = relationship(back_populates="trials")

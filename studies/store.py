@@ -1,0 +1,152 @@
+"""The study store: studies and trials in SQL through SQLAlchemy (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from studies.models import Base, StudyRow, TrialRow
+from studies.pareto import non_dominated
+
+__all__ = ["Store", "StoreError", "DEFAULT_STORAGE", "FRONT_COLUMNS"]
+
+DEFAULT_STORAGE = "sqlite:///turboquant.db"
+FRONT_COLUMNS = ["trial", "bytes", "bpw", "kl", "ppl", "top1", "logit_err", "seed"]
+
+
+class StoreError(ValueError):
+    """A storage URL that cannot be opened, or a study that does not exist."""
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets readers (front queries, the service) proceed while the driver writes;
+    # busy_timeout turns short lock waits into waits instead of "database is locked".
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``, with SQLite tuned for one writer and many readers."""
+    try:
+        engine = create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, ImportError, ValueError) as exc:
+        raise StoreError(f"cannot use storage URL {url!r}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class Store:
+    """Reads and writes TurboQuant's tables. Creates them on first use.
+
+    Args:
+        url: SQLAlchemy URL, e.g. ``sqlite:///turboquant.db`` or ``postgresql+psycopg://u:p@host/db``.
+    """
+
+    def __init__(self, url: str = DEFAULT_STORAGE):
+        self.url = url
+        self.engine = make_engine(url)
+        try:
+            Base.metadata.create_all(self.engine)
+        except OperationalError as exc:
+            raise StoreError(f"cannot open storage {url}: {str(exc.orig).strip().splitlines()[0]}") from None
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        return self._session()
+
+    # Studies -----------------------------------------------------------------------------------
+
+    def create_study(self, **fields: Any) -> StudyRow:
+        with self.session() as s:
+            row = StudyRow(**fields)
+            s.add(row)
+            try:
+                s.commit()
+            except IntegrityError:
+                raise StoreError(f"study {fields.get('name')!r} already exists") from None
+            return row
+
+    def find_study(self, name: str) -> StudyRow | None:
+        with self.session() as s:
+            return s.scalar(select(StudyRow).where(StudyRow.name == name))
+
+    def get_study(self, name: str) -> StudyRow:
+        row = self.find_study(name)
+        if row is None:
+            known = self.study_names()
+            hint = f"; known studies: {', '.join(known)}" if known else "; this storage has no studies yet"
+            raise StoreError(f"no study named {name!r} in {self.url}{hint}")
+        return row
+
+    def study_names(self) -> list[str]:
+        with self.session() as s:
+            return list(s.scalars(select(StudyRow.name).order_by(StudyRow.id)))
+
+    def studies_frame(self) -> pd.DataFrame:
+        """One row per study: name, model, budget, trials done and failed, best feasible KL."""
+        with self.session() as s:
+            counts = dict(s.execute(select(TrialRow.study_id, func.count())
+                                    .where(TrialRow.state == "complete").group_by(TrialRow.study_id)).all())
+            failed = dict(s.execute(select(TrialRow.study_id, func.count())
+                                    .where(TrialRow.state == "failed").group_by(TrialRow.study_id)).all())
+            best = dict(s.execute(select(TrialRow.study_id, func.min(TrialRow.kl))
+                                  .where(TrialRow.feasible).group_by(TrialRow.study_id)).all())
+            rows = [{"study": r.name, "model": r.model, "budget_bytes": r.budget_bytes,
+                     "budget_bpw": round(r.budget_bpw, 3), "sampler": r.sampler,
+                     "complete": counts.get(r.id, 0), "failed": failed.get(r.id, 0),
+                     "best_kl": best.get(r.id), "created": r.created_at}
+                    for r in s.scalars(select(StudyRow).order_by(StudyRow.id))]
+        return pd.DataFrame(rows, columns=["study", "model", "budget_bytes", "budget_bpw", "sampler",
+                                           "complete", "failed", "best_kl", "created"])
+
+    # Trials ------------------------------------------------------------------------------------
+
+    def record_trial(self, study: StudyRow, number: int, **fields: Any) -> None:
+        """Writes (or overwrites) trial ``number`` of ``study``; idempotent, so a retry never duplicates."""
+        with self.session() as s:
+            row = s.scalar(select(TrialRow).where(TrialRow.study_id == study.id, TrialRow.number == number))
+            if row is None:
+                row = TrialRow(study_id=study.id, number=number)
+                s.add(row)
+            for key, value in fields.items():
+                setattr(row, key, value)
+            if fields.get("state") == "complete":
+                row.feasible = row.bytes is not None and row.bytes <= study.budget_bytes
+            s.commit()
+
+    def trial(self, study: StudyRow, number: int) -> TrialRow | None:
+        with self.session() as s:
+            return s.scalar(select(TrialRow).where(TrialRow.study_id == study.id, TrialRow.number == number))
+
+    def trials_frame(self, study: StudyRow) -> pd.DataFrame:
+        with self.session() as s:
+            rows = s.scalars(select(TrialRow).where(TrialRow.study_id == study.id).order_by(TrialRow.number))
+            data = [{"trial": r.number, "state": r.state, "bytes": r.bytes, "bpw": r.bpw, "kl": r.kl,
+                     "ppl": r.ppl, "top1": r.top1, "logit_err": r.logit_err, "feasible": r.feasible,
+                     "seed": r.seed, "seconds": (r.timings or {}).get("seconds"), "worker": r.worker,
+                     "error": r.error} for r in rows]
+        return pd.DataFrame(data, columns=["trial", "state", "bytes", "bpw", "kl", "ppl", "top1", "logit_err",
+                                           "feasible", "seed", "seconds", "worker", "error"])
+
+    def front(self, study: StudyRow, budget_bytes: int | None = None) -> pd.DataFrame:
+        """The feasible non-dominated points in (bytes, KL), sorted by bytes.
+
+        ``budget_bytes`` narrows the front to a smaller budget than the study's.
+        """
+        limit = study.budget_bytes if budget_bytes is None else min(budget_bytes, study.budget_bytes)
+        with self.session() as s:
+            rows = s.execute(select(TrialRow.number, TrialRow.bytes, TrialRow.bpw, TrialRow.kl, TrialRow.ppl,
+                                    TrialRow.top1, TrialRow.logit_err, TrialRow.seed)
+                             .where(TrialRow.study_id == study.id, TrialRow.state == "complete",
+                                    TrialRow.bytes <= limit)).all()
+        points = non_dominated((r.bytes, r.kl, r) for r in rows)
+        return pd.DataFrame([dict(zip(FRONT_COLUMNS, p[2])) for p in points], columns=FRONT_COLUMNS)
