@@ -1,0 +1,67 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import quant
+from evaluators import MetricSums, UserError, load_model, make_token_sets
+from quant import Policy, QuantSetting
+
+
+def test_kl_of_identical_distributions_is_zero_and_uniform_ppl_is_vocab() -> None:
+    logits = torch.zeros(2, 5, 17)
+    lp = torch.log_softmax(logits, -1)
+    sums = MetricSums()
+    sums.add(lp, lp, torch.randint(0, 17, (2, 5)))
+    out = sums.result()
+    assert out["kl"] == 0.0 and out["top1"] == 1.0 and out["logit_err"] == 0.0
+    assert math.isclose(out["ppl"], 17.0, rel_tol=1e-6)
+
+
+def test_kl_matches_its_definition() -> None:
+    g = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(1, 3, 5, generator=g), -1)
+    q = torch.log_softmax(torch.randn(1, 3, 5, generator=g), -1)
+    sums = MetricSums()
+    sums.add(q, p, torch.zeros(1, 3, dtype=torch.long))
+    expected = float((p.exp() * (p - q)).sum(-1).mean())
+    assert math.isclose(sums.result()["kl"], expected, rel_tol=1e-6)
+
+
+def test_eight_bit_is_near_lossless_and_two_bit_is_not(evaluator) -> None:
+    names = list(evaluator.matrices)
+    kl8 = evaluator.evaluate(Policy.uniform(names, QuantSetting("rtn", 8, None)))["kl"]
+    kl4 = evaluator.evaluate(Policy.uniform(names, QuantSetting("rtn", 4, 32)))["kl"]
+    kl2 = evaluator.evaluate(Policy.uniform(names, QuantSetting("rtn", 2, 64)))["kl"]
+    assert kl8 < 0.01
+    assert kl2 > 50 * kl8 and kl2 > kl4 > kl8
+
+
+def test_bytes_reported_are_the_packed_buffers(evaluator) -> None:
+    names = list(evaluator.matrices)
+    policy = Policy.uniform(names, QuantSetting("rtn", 3, 64))
+    result = evaluator.evaluate(policy)
+    assert result["bytes"] == policy.expected_nbytes(evaluator.matrices)
+    assert math.isclose(result["bpw"], 3.5)
+
+
+def test_token_sets_are_disjoint_and_fixed_by_seed(corpus) -> None:
+    loaded = load_model("tiny-random-llama")
+    text = open(corpus).read()
+    a = make_token_sets(loaded, text, seq_len=64, n_eval=4, n_calib=6, seed=1)
+    b = make_token_sets(loaded, text, seq_len=64, n_eval=4, n_calib=6, seed=1)
+    c = make_token_sets(loaded, text, seq_len=64, n_eval=4, n_calib=6, seed=2)
+    assert np.array_equal(a.eval, b.eval) and a.fingerprint == b.fingerprint != c.fingerprint
+    eval_rows = {r.tobytes() for r in a.eval}
+    assert not eval_rows & {r.tobytes() for r in a.calib}
+
+
+def test_too_small_dataset_is_refused(tmp_path) -> None:
+    with pytest.raises(UserError, match="dataset too small"):
+        make_token_sets(load_model("tiny-random-llama"), "tiny text", seq_len=64, n_eval=4)
+
+
+def test_unknown_model_alias_is_refused() -> None:
+    with pytest.raises(UserError, match="unknown model 'smollm9'"):
+        load_model("smollm9")

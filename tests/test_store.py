@@ -1,0 +1,65 @@
+import pytest
+
+from studies import Store, StoreError, export_policy, hypervolume, non_dominated
+
+
+def _study(store: Store, name: str = "s", budget: int = 1000):
+    return store.create_study(name=name, model="m", dataset="d", budget_bytes=budget, numel=2000,
+                              sampler="nsga2", space={}, provenance={"model": "m"})
+
+
+def test_front_is_feasible_non_dominated_and_sorted(tmp_path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    study = _study(store)
+    points = [(0, 900, 0.5), (1, 800, 0.7), (2, 900, 0.4), (3, 1200, 0.01), (4, 700, 0.9), (5, 850, 0.8)]
+    for number, nbytes, kl in points:
+        store.record_trial(study, number, state="complete", policy={"matrices": {}}, bytes=nbytes,
+                           bpw=8 * nbytes / 2000, kl=kl)
+    store.record_trial(study, 6, state="failed", policy={}, error="boom")
+    front = store.front(study)
+    assert list(front["trial"]) == [4, 1, 2]  # 3 is over budget; 0 and 5 are dominated
+    assert list(front["bytes"]) == sorted(front["bytes"])
+    assert list(store.front(study, budget_bytes=850)["trial"]) == [4, 1]
+    frame = store.studies_frame()
+    assert frame.loc[0, "complete"] == 6 and frame.loc[0, "failed"] == 1 and frame.loc[0, "best_kl"] == 0.4
+
+
+def test_recording_a_trial_twice_overwrites(tmp_path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    study = _study(store)
+    store.record_trial(study, 0, state="failed", policy={}, error="x")
+    store.record_trial(study, 0, state="complete", policy={}, bytes=10, bpw=0.04, kl=0.1)
+    assert len(store.trials_frame(study)) == 1 and store.trial(study, 0).feasible
+
+
+def test_export_picks_the_best_point_within_budget(tmp_path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    study = _study(store)
+    for number, nbytes, kl in [(0, 500, 0.5), (1, 900, 0.2)]:
+        store.record_trial(study, number, state="complete", policy={"format_version": 1, "matrices": {"a": {}}},
+                           bytes=nbytes, bpw=8 * nbytes / 2000, kl=kl, ppl=2.0, top1=0.9, logit_err=0.1)
+    doc = export_policy(store, "s", budget_bytes=600)
+    assert doc["provenance"]["trial"] == 0 and doc["metrics"]["kl"] == 0.5 and doc["model"] == "m"
+    assert export_policy(store, "s", trial=1)["metrics"]["bytes"] == 900
+    with pytest.raises(StoreError, match="no finished trial within 100 bytes"):
+        export_policy(store, "s", budget_bytes=100)
+    with pytest.raises(StoreError, match="no complete trial 7"):
+        export_policy(store, "s", trial=7)
+
+
+def test_unknown_study_and_bad_url_are_named(tmp_path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    _study(store, "known")
+    with pytest.raises(StoreError, match="no study named 'nope'.*known studies: known"):
+        store.get_study("nope")
+    with pytest.raises(StoreError, match="cannot"):
+        Store("notadb://x")
+    with pytest.raises(StoreError, match="cannot open storage"):
+        Store(f"sqlite:///{tmp_path}/missing/dir/s.db")
+
+
+def test_non_dominated_and_hypervolume_known_answers() -> None:
+    front = non_dominated([(1, 3, "a"), (2, 2, "b"), (2, 1, "c"), (3, 2, "d"), (4, 0.5, "e")])
+    assert [p[2] for p in front] == ["a", "c", "e"]
+    # Rectangles: (5-1)*(4-3) + (5-2)*(3-1) + (5-4)*(1-0.5) = 4 + 6 + 0.5
+    assert hypervolume([(p[0], p[1]) for p in front], (5, 4)) == pytest.approx(10.5)
