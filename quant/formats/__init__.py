@@ -2,6 +2,5 @@
 
 from quant.formats._base import Format, format_names, get_format, register_format
 from quant.formats import rtn  # noqa: F401  (registers "rtn")
-from quant.formats import turbo  # noqa: F401  (registers "turbo")
 
 __all__ = ["Format", "format_names", "get_format", "register_format"]
