@@ -2,5 +2,9 @@
 
 from quant.formats._base import Format, format_names, get_format, register_format
 from quant.formats import rtn  # noqa: F401  (registers "rtn")
+from quant.formats import lloyd  # noqa: F401  (registers "lloyd")
+from quant.formats import ternary  # noqa: F401  (registers "ternary")
+from quant.formats import turbo  # noqa: F401  (registers "turbo")
+from quant.formats import vq  # noqa: F401  (registers "vq")
 
 __all__ = ["Format", "format_names", "get_format", "register_format"]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from quant.formats._base import Format, register_format
+from quant.outliers import supports_outliers
 from quant.packed import PackedTensor
 from quant.packing import pack_bits, packed_size, unpack_bits
 from quant.primitives import group_view, padded_in_features, ungroup
@@ -19,6 +20,7 @@ from quant.settings import QuantSetting
 
 
 @register_format
+@supports_outliers  # adds option "outlier_frac" (sparse fp16 outliers, see quant/outliers.py)
 class RTN(Format):
     name = "rtn"
     bits_range = (2, 8)

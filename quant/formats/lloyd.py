@@ -1,0 +1,128 @@
+"""``lloyd``: a non-uniform scalar codebook per group (k-means), or a fixed NF-style one.
+
+Default: each group (or row, per channel) gets its own ``2**b`` fp16 centroids,
+fitted by a few iterations of Lloyd's algorithm (1-D k-means) on the group's own
+weights, starting from the group's quantiles; codes are bit-packed. The
+centroids are the cost: ``2**b * 16`` bits per group, so small groups at 4 bits
+pay 2 extra bits per weight (``bits_per_weight`` shows it; the search sees it).
+
+Option ``preset="nf"``: one fixed codebook of normal quantiles scaled to
+``[-1, 1]`` (the NormalFloat idea), multiplied by each group's fp16 absmax; only
+that scale is stored per group. Its levels reach the absmax, so it needs
+``bits >= 2``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import ndtri
+
+from quant.formats._base import Format, register_format
+from quant.formats._common import n_groups, nearest_sorted, unpack_rows
+from quant.packed import PackedTensor
+from quant.packing import pack_bits, packed_size
+from quant.primitives import group_view, padded_in_features, ungroup
+from quant.settings import QuantSetting
+
+__all__ = ["Lloyd", "nf_levels", "kmeans_1d"]
+
+PRESETS = ("nf",)
+KMEANS_ITERS = 10  # enough: the quantile start is already near a local optimum
+
+
+@lru_cache(maxsize=None)
+def _nf_levels(bits: int) -> tuple[float, ...]:
+    k = 2**bits
+    q = ndtri((np.arange(k) + 0.5) / k)  # equal-mass cells of N(0, 1)
+    return tuple(float(v) for v in q / np.abs(q).max())
+
+
+def nf_levels(bits: int) -> torch.Tensor:
+    """The NF-style codebook: ``2**bits`` normal quantiles scaled to ``[-1, 1]``, ascending."""
+    return torch.tensor(_nf_levels(bits), dtype=torch.float32)
+
+
+def kmeans_1d(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
+    """Sorted 1-D k-means centroids for each row of ``x`` ``(N, n)`` -> ``(N, k)``.
+
+    An empty cluster keeps its previous centroid, so every row keeps ``k`` levels.
+    """
+    n = x.shape[-1]
+    srt = x.sort(dim=-1).values
+    pos = ((torch.arange(k, dtype=torch.float32) + 0.5) / k * n).long().clamp_(max=n - 1)
+    c = srt[:, pos]  # (N, k) quantile start
+    for _ in range(iters):
+        idx = nearest_sorted(x, c)  # (N, n)
+        sums = torch.zeros_like(c).scatter_add_(1, idx, x)
+        counts = torch.zeros_like(c).scatter_add_(1, idx, torch.ones_like(x))
+        c = torch.where(counts > 0, sums / counts.clamp(min=1), c).sort(dim=-1).values
+    return c
+
+
+@register_format
+class Lloyd(Format):
+    name = "lloyd"
+    bits_range = (1, 8)
+    options = {"preset": str}
+
+    def validate(self, setting: QuantSetting) -> None:
+        super().validate(setting)
+        preset = setting.options.get("preset")
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"option 'preset' of format 'lloyd' must be one of {PRESETS}, got {preset!r}")
+        if preset == "nf" and setting.bits < 2:
+            raise ValueError("lloyd preset 'nf' needs bits >= 2: one bit would give the levels +-absmax; "
+                             "use lloyd without a preset for 1 bit")
+        if preset is None and setting.group_size is not None and 2**setting.bits > setting.group_size:
+            raise ValueError(f"lloyd with {2**setting.bits} centroids per group needs a group of at least "
+                             f"that many weights, got group_size {setting.group_size}; lower bits, "
+                             f"raise group_size or use options {{'preset': 'nf'}}")
+
+    def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
+        w = group_view(weight, setting.group_size)  # (out, G, g)
+        out_features, groups, g = w.shape
+        if setting.options.get("preset") == "nf":
+            scale = w.abs().amax(-1, keepdim=True).half()  # (out, G, 1)
+            s = scale.float().masked_fill(scale == 0, 1.0)
+            codes = nearest_sorted(w / s, nf_levels(setting.bits).to(w.device))
+            buffers = {"scale": scale.squeeze(-1)}
+        else:
+            centroids = kmeans_1d(w.reshape(-1, g), 2**setting.bits).half()  # (out*G, K)
+            # Code against the fp16 centroids actually stored, so decoding sees no drift.
+            codes = nearest_sorted(w.reshape(-1, g), centroids.float()).view(out_features, groups, g)
+            buffers = {"centroids": centroids.view(out_features, groups, -1)}
+        buffers["codes"] = pack_bits(codes.to(torch.uint8), setting.bits)
+        return PackedTensor(setting=setting, shape=tuple(weight.shape), buffers=buffers)
+
+    def _decode(self, packed: PackedTensor, rows: torch.Tensor | None) -> torch.Tensor:
+        setting = packed.setting
+        out_features, in_features = packed.shape
+        in_p = padded_in_features(in_features, setting.group_size)
+        codes = unpack_rows(packed.buffers["codes"], setting.bits, out_features, in_p, rows).long()
+        groups = n_groups(in_features, setting.group_size)
+        codes = codes.view(codes.shape[0], groups, -1)  # (R, G, g)
+        if "scale" in packed.buffers:
+            scale = packed.buffers["scale"] if rows is None else packed.buffers["scale"][rows.reshape(-1)]
+            w = nf_levels(setting.bits).to(scale.device)[codes] * scale.float().unsqueeze(-1)
+        else:
+            cents = packed.buffers["centroids"]
+            cents = (cents if rows is None else cents[rows.reshape(-1)]).float()  # (R, G, K)
+            w = torch.gather(cents, 2, codes)
+        return ungroup(w, in_features)
+
+    def dequantize(self, packed: PackedTensor) -> torch.Tensor:
+        return self._decode(packed, None)
+
+    def dequantize_rows(self, packed: PackedTensor, rows: torch.Tensor) -> torch.Tensor:
+        return self._decode(packed, rows)
+
+    def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:
+        out_features, in_features = shape
+        in_p = padded_in_features(in_features, setting.group_size)
+        groups = out_features * n_groups(in_features, setting.group_size)
+        per_group = 2 if setting.options.get("preset") == "nf" else 2 * 2**setting.bits
+        return packed_size(out_features * in_p, setting.bits) + groups * per_group

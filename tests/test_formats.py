@@ -1,0 +1,201 @@
+"""Conformance suite run against every registered format, plus each format's known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import quant
+from quant.formats import format_names, get_format
+from quant.formats.ternary import pack_trits, trit_bytes, unpack_trits
+from quant.formats.turbo import fwht, lloyd_max_gaussian
+from quant.outliers import outlier_count
+from quant.settings import QuantSetting
+
+# (setting, bound on relative MSE = MSE / variance on i.i.d. Gaussian weights).
+# Bounds sit ~15-30% above what each case measures, so a regression trips them.
+CASES: dict[str, list[tuple[dict, float]]] = {
+    "rtn": [
+        ({"bits": 4, "group_size": 128}, 0.012),
+        ({"bits": 3, "group_size": 64, "options": {"symmetric": True}}, 0.075),
+        ({"bits": 3, "group_size": 128, "options": {"outlier_frac": 0.01}}, 0.042),
+        ({"bits": 3, "group_size": None, "options": {"outlier_frac": 0.02, "symmetric": True}}, 0.058),
+    ],
+    "turbo": [
+        ({"bits": 2, "group_size": 128}, 0.125),
+        ({"bits": 4, "group_size": 64, "options": {"seed": 7}}, 0.0105),
+        ({"bits": 3, "group_size": 256, "options": {"qjl": True}}, 0.07),
+        ({"bits": 1, "group_size": 32}, 0.38),
+    ],
+    "lloyd": [
+        ({"bits": 2, "group_size": 128}, 0.13),
+        ({"bits": 3, "group_size": None}, 0.04),
+        ({"bits": 4, "group_size": 64, "options": {"preset": "nf"}}, 0.011),
+        ({"bits": 2, "group_size": 32, "options": {"preset": "nf"}}, 0.21),
+    ],
+    "ternary": [
+        ({"bits": 2, "group_size": 128}, 0.24),
+        ({"bits": 2, "group_size": 32}, 0.23),
+    ],
+    "vq": [
+        ({"bits": 4, "group_size": 128}, 0.13),
+        ({"bits": 5, "group_size": 64, "options": {"dim": 2}}, 0.075),
+        ({"bits": 8, "group_size": 128, "options": {"dim": 4}}, 0.11),
+    ],
+}
+
+PARAMS = [pytest.param(name, s, bound, id=QuantSetting.from_dict({"format": name, **s}).describe())
+          for name, cases in CASES.items() for s, bound in cases]
+
+
+def gaussian(out: int = 48, inp: int = 576, seed: int = 0) -> torch.Tensor:
+    # 576 = SmolLM2's hidden size: groups of 128 / 256 leave a padded last group.
+    return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_mse(w: torch.Tensor, d: torch.Tensor) -> float:
+    return float((w - d).pow(2).mean() / w.var())
+
+
+def test_every_registered_format_has_cases() -> None:
+    assert sorted(CASES) == format_names()
+
+
+@pytest.mark.parametrize("name,setting,bound", PARAMS)
+def test_round_trip_error(name: str, setting: dict, bound: float) -> None:
+    w = gaussian()
+    packed = quant.quantize(w, {"format": name, **setting})
+    d = packed.dequantize()
+    assert d.shape == w.shape and d.dtype == torch.float32
+    assert rel_mse(w, d) < bound
+
+
+@pytest.mark.parametrize("name,setting,bound", PARAMS)
+@pytest.mark.parametrize("shape", [(48, 576), (7, 256)])
+def test_nbytes_are_the_buffers(name: str, setting: dict, bound: float, shape: tuple[int, int]) -> None:
+    w = gaussian(*shape)
+    packed = quant.quantize(w, {"format": name, **setting})
+    buffer_bytes = sum(b.numel() * b.element_size() for b in packed.buffers.values())
+    assert packed.nbytes == buffer_bytes == get_format(name).expected_nbytes(shape, packed.setting)
+
+
+@pytest.mark.parametrize("name,setting,bound", PARAMS)
+def test_dequantize_rows_matches_dequantize(name: str, setting: dict, bound: float) -> None:
+    w = gaussian()
+    packed = quant.quantize(w, {"format": name, **setting})
+    rows = torch.tensor([5, 0, 47, 5, 12])  # repeats and any order, as token ids come
+    torch.testing.assert_close(packed.dequantize_rows(rows), packed.dequantize()[rows], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,setting,bound", PARAMS)
+def test_quantize_is_deterministic(name: str, setting: dict, bound: float) -> None:
+    w = gaussian(16, 256)
+    a = quant.quantize(w, {"format": name, **setting})
+    b = quant.quantize(w, {"format": name, **setting})
+    assert a.buffers.keys() == b.buffers.keys()
+    assert all(torch.equal(a.buffers[k], b.buffers[k]) for k in a.buffers)
+
+
+@pytest.mark.parametrize("setting", [
+    {"format": "turbo", "bits": 4, "group_size": None},  # Hadamard needs a power of two
+    {"format": "turbo", "bits": 4, "group_size": 128, "options": {"seed": -1}},
+    {"format": "ternary", "bits": 3, "group_size": 128},
+    {"format": "lloyd", "bits": 4, "group_size": 128, "options": {"preset": "fp4"}},
+    {"format": "lloyd", "bits": 6, "group_size": 32},  # 64 centroids for 32 weights
+    {"format": "lloyd", "bits": 1, "group_size": 32, "options": {"preset": "nf"}},  # +-absmax is useless
+    {"format": "vq", "bits": 4, "group_size": 128, "options": {"dim": 3}},
+    {"format": "rtn", "bits": 4, "group_size": 128, "options": {"outlier_frac": 0.5}},
+    {"format": "rtn", "bits": 4, "group_size": 128, "options": {"outlier_frac": 1}},  # int, not float
+])
+def test_invalid_settings_are_rejected(setting: dict) -> None:
+    with pytest.raises(ValueError):
+        QuantSetting.from_dict(setting)
+
+
+# --- turbo: Lloyd-Max known answers -------------------------------------------------------
+
+LLOYD_MAX_MSE = {1: 0.3634, 2: 0.1175, 3: 0.03454, 4: 0.009497}  # MSE of the optimal N(0,1) quantizer
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_lloyd_max_codebook_matches_known_mse(bits: int) -> None:
+    levels, mse = lloyd_max_gaussian(bits)
+    assert len(levels) == 2**bits and (levels[1:] > levels[:-1]).all()
+    assert mse == pytest.approx(LLOYD_MAX_MSE[bits], rel=1e-3)
+    assert levels[-1] == pytest.approx(-levels[0])  # symmetric
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("group", [128, 256])
+def test_turbo_reaches_lloyd_max_on_gaussian(bits: int, group: int) -> None:
+    w = gaussian(256, 1024, seed=1)
+    d = quant.quantize(w, {"format": "turbo", "bits": bits, "group_size": group}).dequantize()
+    assert rel_mse(w, d) == pytest.approx(LLOYD_MAX_MSE[bits], rel=0.05)
+
+
+def test_fwht_is_orthonormal_and_self_inverse() -> None:
+    x = gaussian(3, 64)
+    y = fwht(x)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(fwht(y), x, rtol=0, atol=1e-5)
+    e0 = torch.zeros(8)
+    e0[0] = 1
+    torch.testing.assert_close(fwht(e0), torch.full((8,), 1 / math.sqrt(8)))
+
+
+def test_turbo_rotation_depends_on_seed_only() -> None:
+    w = gaussian(8, 256)
+    a = quant.quantize(w, {"format": "turbo", "bits": 3, "group_size": 128, "options": {"seed": 1}})
+    b = quant.quantize(w, {"format": "turbo", "bits": 3, "group_size": 128, "options": {"seed": 2}})
+    assert not torch.equal(a.buffers["codes"], b.buffers["codes"])
+    assert set(a.buffers) == {"codes", "scale"}  # no rotation matrix is stored
+
+
+def test_turbo_qjl_is_unbiased_for_inner_products() -> None:
+    # QJL trades weight MSE for unbiasedness: averaged over seeds, <w_hat, x> -> <w, x>.
+    w, x = gaussian(1, 128, seed=3), gaussian(1, 128, seed=4)[0]
+    true = float(w[0] @ x)
+    est = [float(quant.quantize(w, {"format": "turbo", "bits": 1, "group_size": 128,
+                                    "options": {"qjl": True, "seed": s}}).dequantize()[0] @ x) for s in range(200)]
+    assert sum(est) / len(est) == pytest.approx(true, abs=0.15 * w.norm().item() * x.norm().item() / 128**0.5)
+
+
+# --- ternary: the 5-trits-per-byte layout --------------------------------------------------
+
+@pytest.mark.parametrize("n", list(range(1, 13)) + [128, 576])
+def test_trit_packing_round_trips_exactly(n: int) -> None:
+    trits = torch.randint(0, 3, (4, n), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+    data = pack_trits(trits)
+    assert data.dtype == torch.uint8 and data.shape == (4, trit_bytes(n)) and int(data.max()) < 243
+    assert torch.equal(unpack_trits(data, n), trits)
+
+
+def test_trit_packing_known_byte() -> None:
+    # t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4 for (2, 1, 0, 2, 1) = 2 + 3 + 0 + 54 + 81 = 140.
+    assert pack_trits(torch.tensor([[2, 1, 0, 2, 1]])).tolist() == [[140]]
+    assert pack_trits(torch.full((1, 5), 2)).tolist() == [[242]]
+
+
+def test_ternary_costs_1_6_bits_plus_scales() -> None:
+    packed = quant.quantize(gaussian(10, 640), {"format": "ternary", "bits": 2, "group_size": 128})
+    assert packed.bits_per_weight == pytest.approx(1.6 + 16 / 128)
+    assert set(packed.dequantize().unique().abs().tolist()) - {0.0} != set()
+
+
+# --- outliers ------------------------------------------------------------------------------
+
+def test_outliers_are_stored_exactly_and_help_heavy_tails() -> None:
+    w = gaussian(32, 512)
+    spikes = torch.randperm(w.numel(), generator=torch.Generator().manual_seed(0))[:80]
+    w.view(-1)[spikes] = w.view(-1)[spikes].sign() * 25  # a few huge weights, as in real LLM matrices
+    plain = quant.quantize(w, {"format": "rtn", "bits": 4, "group_size": 128})
+    setting = {"format": "rtn", "bits": 4, "group_size": 128, "options": {"outlier_frac": 0.01}}
+    packed = quant.quantize(w, setting)
+    d = packed.dequantize()
+    assert packed.buffers["outlier_idx"].dtype == torch.int32
+    assert packed.buffers["outlier_idx"].numel() == outlier_count(tuple(w.shape), 0.01) == 163
+    assert torch.equal(d.view(-1)[spikes], w.view(-1)[spikes].half().float())  # every spike kept
+    assert rel_mse(w, d) < 0.25 * rel_mse(w, plain.dequantize())
+    assert packed.nbytes == plain.nbytes + 6 * 163
