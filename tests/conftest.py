@@ -53,3 +53,15 @@ def local_ray():
     init_ray(None, num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A running PostgreSQL on loopback (installed from Debian's packages if missing)."""
+    from tests.pg import PostgresServer
+
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+    server.remove()
