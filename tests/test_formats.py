@@ -23,6 +23,10 @@ CASES: dict[str, list[tuple[dict, float]]] = {
         ({"bits": 3, "group_size": 128, "options": {"outlier_frac": 0.01}}, 0.042),
         ({"bits": 3, "group_size": None, "options": {"outlier_frac": 0.02, "symmetric": True}}, 0.058),
     ],
+    "gptq": [  # no calibration here: identity Hessian, so rtn's numbers
+        ({"bits": 4, "group_size": 128}, 0.012),
+        ({"bits": 3, "group_size": None, "options": {"symmetric": True, "damp": 0.05}}, 0.12),
+    ],
     "turbo": [
         ({"bits": 2, "group_size": 128}, 0.125),
         ({"bits": 4, "group_size": 64, "options": {"seed": 7}}, 0.0105),
@@ -112,6 +116,36 @@ def test_quantize_is_deterministic(name: str, setting: dict, bound: float) -> No
 def test_invalid_settings_are_rejected(setting: dict) -> None:
     with pytest.raises(ValueError):
         QuantSetting.from_dict(setting)
+
+
+# --- gptq -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting", [{"bits": 3, "group_size": 128}, {"bits": 4, "group_size": None},
+                                     {"bits": 2, "group_size": 32, "options": {"symmetric": True}}])
+def test_gptq_without_calibration_is_rtn_bit_for_bit(setting: dict) -> None:
+    w = gaussian()
+    a = quant.quantize(w, {"format": "rtn", **setting})
+    b = quant.quantize(w, {"format": "gptq", **setting})
+    assert a.buffers.keys() == b.buffers.keys()
+    assert all(torch.equal(a.buffers[k], b.buffers[k]) for k in a.buffers)
+
+
+@pytest.mark.parametrize("setting", [{"bits": 4, "group_size": 64}, {"bits": 3, "group_size": None}])
+def test_gptq_lowers_output_error_on_its_calibration_inputs(setting: dict) -> None:
+    gen = torch.Generator().manual_seed(5)
+    w = gaussian(64, 256)
+    # Correlated inputs with uneven channel scales: where error feedback has something to exploit.
+    x = torch.randn(2048, 256, generator=gen) @ (torch.eye(256) + torch.randn(256, 256, generator=gen) / 16)
+    x = x * (0.2 + 2 * torch.rand(256, generator=gen))
+    rtn = quant.quantize(w, {"format": "rtn", **setting}).dequantize()
+    gptq = quant.quantize(w, {"format": "gptq", **setting}, hessian=x.T @ x).dequantize()
+    out_err = lambda d: float((x @ (d - w).T).pow(2).mean())  # noqa: E731
+    assert out_err(gptq) < 0.85 * out_err(rtn)
+
+
+def test_gptq_rejects_a_hessian_of_the_wrong_shape() -> None:
+    with pytest.raises(ValueError, match="hessian must be"):
+        quant.quantize(gaussian(8, 64), {"format": "gptq", "bits": 4, "group_size": 32}, hessian=torch.eye(32))
 
 
 # --- turbo: Lloyd-Max known answers -------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from quant.formats._base import Format, format_names, get_format, register_format
 from quant.formats import rtn  # noqa: F401  (registers "rtn")
+from quant.formats import gptq  # noqa: F401  (registers "gptq")
 from quant.formats import lloyd  # noqa: F401  (registers "lloyd")
 from quant.formats import ternary  # noqa: F401  (registers "ternary")
 from quant.formats import turbo  # noqa: F401  (registers "turbo")

@@ -25,9 +25,9 @@ from quant.settings import QuantSetting
 __all__ = ["VQ", "kmeans", "nearest_vectors"]
 
 DIMS = (2, 4)
-FIT_SAMPLE = 1 << 16  # vectors used to fit the codebook: plenty for <= 256 entries
-FIT_ITERS = 20
-_CHUNK = 1 << 16  # vectors per distance block, so an embedding never needs an (N, K) table
+FIT_SAMPLE = 1 << 15  # vectors used to fit the codebook: >= 128 per entry even at 256 entries
+FIT_ITERS = 15
+_CHUNK = 1 << 13  # vectors per distance block, so an embedding never needs an (N, K) table
 
 
 def nearest_vectors(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def nearest_vectors(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     for i in range(0, x.shape[0], _CHUNK):
         xc = x[i:i + _CHUNK]
         # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 does not change the argmin.
-        out[i:i + _CHUNK] = (norms - 2 * xc @ codebook.T).argmin(-1)
+        out[i:i + _CHUNK] = torch.addmm(norms, xc, codebook.T, alpha=-2).argmin(-1)
     return out
 
 

@@ -1,0 +1,109 @@
+"""``gptq``: RTN's grid, with each column's rounding error pushed onto the columns not yet quantized.
+
+The layout is exactly ``rtn``'s (codes, fp16 scale and, unless symmetric, offset
+per group), so decoding is RTN's; only the choice of codes differs. Columns are
+quantized left to right; after each one, its error, weighted by the inverse
+Hessian of the layer's calibration inputs ``H = X^T X``, is subtracted from the
+remaining columns, so the layer's *output* error on those inputs shrinks (GPTQ,
+Frantar et al. 2022, written here from the paper's equations).
+
+Calibration: ``quant.quantize(w, setting, hessian=H)`` with ``H`` the
+``(in, in)`` sum of ``x x^T`` over calibration inputs. Without it the Hessian is
+the identity: nothing is propagated and the result equals ``rtn`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from quant.formats._base import register_format
+from quant.formats.rtn import RTN
+from quant.packed import PackedTensor
+from quant.packing import pack_bits
+from quant.primitives import padded_in_features
+from quant.settings import QuantSetting
+
+__all__ = ["GPTQ"]
+
+BLOCK = 128  # columns per lazy update when per channel (grouped: one group per block)
+
+
+@register_format
+class GPTQ(RTN):
+    name = "gptq"
+    # Not RTN's "outlier_frac": outliers would need to be chosen inside the error feedback.
+    options = {"symmetric": bool, "damp": float}
+
+    def validate(self, setting: QuantSetting) -> None:
+        super().validate(setting)
+        damp = setting.options.get("damp", 0.01)
+        if not 0.0 < damp <= 1.0:
+            raise ValueError(f"option 'damp' of format 'gptq' must be in (0, 1] (a fraction of the mean "
+                             f"Hessian diagonal added for stability), got {damp!r}")
+
+    def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
+        unknown = set(calibration) - {"hessian"}
+        if unknown:
+            raise ValueError(f"gptq takes calibration 'hessian' ((in, in) sum of x x^T), got {sorted(unknown)}")
+        out_features, in_features = weight.shape
+        w = weight.float().clone()
+        h = calibration.get("hessian")
+        if h is None:
+            h = torch.eye(in_features, device=w.device)
+        elif tuple(h.shape) != (in_features, in_features):
+            raise ValueError(f"hessian must be ({in_features}, {in_features}) for a weight of shape "
+                             f"{tuple(weight.shape)}, got {tuple(h.shape)}")
+        h = h.float().clone()
+        dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+        h += setting.options.get("damp", 0.01) * torch.diag(h).mean() * torch.eye(in_features, device=w.device)
+        # Upper Cholesky factor of H^-1: row i holds the weights that spread column i's error.
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+        g = setting.group_size
+        symmetric = setting.options.get("symmetric", False)
+        levels = 2**setting.bits - 1
+        half = 2 ** (setting.bits - 1)
+        block = g or BLOCK
+        codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=w.device)
+        scales, offsets = [], []
+        for b0 in range(0, in_features, block):
+            b1 = min(b0 + block, in_features)
+            if g is not None or b0 == 0:
+                # Blocks are whole groups, so a group's grid sees every error pushed onto it.
+                span = w[:, b0:b1] if g is not None else w
+                if symmetric:
+                    scale = (span.abs().amax(-1) / (half - 1 if half > 1 else 1)).half()
+                    offset = None
+                else:
+                    lo = span.amin(-1)
+                    scale, offset = ((span.amax(-1) - lo) / levels).half(), lo.half()
+                    offsets.append(offset)
+                scales.append(scale)
+                s = scale.float().masked_fill(scale == 0, 1.0)
+            wb = w[:, b0:b1].clone()  # (out, B), updated column by column
+            err = torch.zeros_like(wb)
+            for j in range(b1 - b0):
+                col = wb[:, j]
+                if offset is None:
+                    q = (torch.round(col / s) + half).clamp_(0, levels)
+                    deq = (q - half) * scale.float()
+                else:
+                    q = torch.round((col - offset.float()) / s).clamp_(0, levels)
+                    deq = q * scale.float() + offset.float()
+                codes[:, b0 + j] = q.to(torch.uint8)
+                e = (col - deq) / u[b0 + j, b0 + j]
+                wb[:, j:] -= e.unsqueeze(1) * u[b0 + j, b0 + j:b1].unsqueeze(0)
+                err[:, j] = e
+            w[:, b1:] -= err @ u[b0:b1, b1:]  # the block's errors reach the later columns at once
+
+        pad = padded_in_features(in_features, g) - in_features
+        # Pad like group_view (repeat the last column) so an identity Hessian gives rtn's bytes.
+        codes = torch.cat([codes, codes[:, -1:].expand(-1, pad)], dim=1)
+        buffers = {"scale": torch.stack(scales, dim=1), "codes": pack_bits(codes, setting.bits)}
+        if not symmetric:
+            buffers["offset"] = torch.stack(offsets, dim=1)
+        return PackedTensor(setting=setting, shape=tuple(weight.shape), buffers=buffers)
