@@ -25,10 +25,17 @@ from search.samplers import make_sampler
 from search.space import DEFAULT_BITS, DEFAULT_GROUPS, SearchSpace
 from search.workers import TrialWorker, init_ray
 from studies import DEFAULT_STORAGE, Store, StoreError
+from studies.retry import DB_ERRORS, with_db_retry
 
 __all__ = ["SearchConfig", "run_search", "FULL_PRECISION_BITS"]
 
 log = logging.getLogger(__name__)
+# Optuna wraps database failures in its own error; both mean "try again shortly".
+_RETRY_ON = DB_ERRORS + (optuna.exceptions.StorageInternalError,)
+
+
+def _db(fn, what: str):
+    return with_db_retry(fn, what, retry_on=_RETRY_ON)
 FULL_PRECISION_BITS = 16  # a bf16/fp16 checkpoint: budgets at or above it need no quantization
 
 
@@ -157,8 +164,8 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     try:
         while done + len(pending) < cfg.trials or pending:
             while idle and done + len(pending) < cfg.trials and failed <= cfg.trials:
-                trial = study.ask()
-                policy = space.suggest(trial).to_dict()
+                trial = _db(study.ask, "asking for a trial")
+                policy = _db(lambda: space.suggest(trial).to_dict(), "sampling a policy")
                 w = idle.pop()
                 pending[workers[w].evaluate.remote(policy)] = _Pending(trial, policy, w)
             if not pending:
@@ -202,16 +209,17 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
 def _record(study: optuna.Study, store: Store, row: Any, job: _Pending, result: dict[str, Any]) -> None:
     timings = {"seconds": time.perf_counter() - job.started, "quantize": result["seconds_quantize"],
                "forward": result["seconds_forward"], "attempts": job.attempts}
-    store.record_trial(row, job.trial.number, state="complete", policy=job.policy, bytes=result["bytes"],
-                       bpw=result["bpw"], kl=result["kl"], ppl=result["ppl"], top1=result["top1"],
-                       logit_err=result["logit_err"], seed=job.trial.user_attrs.get("seed"), timings=timings,
-                       worker=result.get("worker"))
-    job.trial.set_constraint("bytes", float(result["bytes"] - row.budget_bytes))
-    study.tell(job.trial, [result["kl"], float(result["bytes"])])
+    _db(lambda: store.record_trial(row, job.trial.number, state="complete", policy=job.policy,
+                                   bytes=result["bytes"], bpw=result["bpw"], kl=result["kl"], ppl=result["ppl"],
+                                   top1=result["top1"], logit_err=result["logit_err"],
+                                   seed=job.trial.user_attrs.get("seed"), timings=timings,
+                                   worker=result.get("worker")), f"recording trial {job.trial.number}")
+    _db(lambda: job.trial.set_constraint("bytes", float(result["bytes"] - row.budget_bytes)), "telling Optuna")
+    _db(lambda: study.tell(job.trial, [result["kl"], float(result["bytes"])]), "telling Optuna")
 
 
 def _fail(study: optuna.Study, store: Store, row: Any, job: _Pending, reason: str) -> None:
     log.warning("trial %d failed: %s", job.trial.number, reason)
-    store.record_trial(row, job.trial.number, state="failed", policy=job.policy, error=reason,
-                       seed=job.trial.user_attrs.get("seed"))
-    study.tell(job.trial, state=TrialState.FAIL)
+    _db(lambda: store.record_trial(row, job.trial.number, state="failed", policy=job.policy, error=reason,
+                                   seed=job.trial.user_attrs.get("seed")), f"recording trial {job.trial.number}")
+    _db(lambda: study.tell(job.trial, state=TrialState.FAIL), "telling Optuna")
