@@ -8,6 +8,7 @@ Public API::
 """
 
 from quant.apply import apply_policy, quantize
+from quant.checkpoint import PackedCheckpoint, load_checkpoint, read_packed_tensors, save_checkpoint
 from quant.formats import Format, format_names, get_format, register_format
 from quant.modules import QuantEmbedding, QuantLinear
 from quant.packed import PackedTensor
@@ -16,7 +17,7 @@ from quant.policy import POLICY_VERSION, Policy, PolicyError, weight_matrices
 from quant.settings import QuantSetting
 
 __all__ = [
-    "Format", "POLICY_VERSION", "PackedTensor", "Policy", "PolicyError", "QuantEmbedding", "QuantLinear",
-    "QuantSetting", "apply_policy", "format_names", "get_format", "pack_bits", "packed_size", "quantize",
+    "Format", "POLICY_VERSION", "PackedCheckpoint", "PackedTensor", "Policy", "PolicyError", "QuantEmbedding", "QuantLinear",
+    "QuantSetting", "apply_policy", "load_checkpoint", "read_packed_tensors", "save_checkpoint", "format_names", "get_format", "pack_bits", "packed_size", "quantize",
     "register_format", "unpack_bits", "weight_matrices",
 ]

@@ -1,0 +1,48 @@
+"""Measuring a packed checkpoint: reload it and score it against the float model it came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import quant
+from evaluators.context import DataConfig
+from evaluators.errors import UserError
+from evaluators.evaluator import reference_logprobs
+from evaluators.metrics import MetricSums
+
+__all__ = ["evaluate_checkpoint"]
+
+
+@torch.inference_mode()
+def evaluate_checkpoint(folder: str | Path, *, batch_size: int = 2) -> tuple[dict[str, Any], quant.PackedCheckpoint]:
+    """Reloads ``folder`` and measures it on the data named in its provenance.
+
+    The reference comes from the float model named in the provenance (rebuilt as the
+    search built it); the scored model is the reloaded checkpoint itself, so this checks
+    the file, not a re-quantization.
+    """
+    try:
+        ckpt = quant.load_checkpoint(folder)
+    except quant.PolicyError as exc:
+        raise UserError(str(exc)) from None
+    provenance = ckpt.policy.meta.get("provenance")
+    if not isinstance(provenance, dict) or "model" not in provenance:
+        raise UserError(f"checkpoint {folder} has no provenance (model and data) to measure it against")
+    data = DataConfig.from_dict(provenance)
+    loaded, tokens = data.load()
+    if provenance.get("data_fingerprint") not in (None, tokens.fingerprint):
+        raise UserError("the evaluation tokens differ from those the checkpoint was measured on (corpus changed?)")
+    reference = reference_logprobs(loaded.model, tokens, batch_size)
+    del loaded  # the float model is only needed for the reference
+    sums = MetricSums()
+    ids = torch.from_numpy(tokens.eval)
+    for i in range(0, len(ids), batch_size):
+        batch = ids[i:i + batch_size]
+        logits = ckpt.model(input_ids=batch, use_cache=False).logits[:, :-1]
+        sums.add(torch.log_softmax(logits.float(), dim=-1), torch.from_numpy(reference[i:i + batch_size]),
+                 batch[:, 1:])
+    numel = sum(p.numel for p in ckpt.packed.values())
+    return {**sums.result(), "bytes": ckpt.nbytes, "bpw": 8.0 * ckpt.nbytes / numel}, ckpt
