@@ -53,6 +53,7 @@ class SearchConfig:
     ray_address: str | None = None
     max_retries: int = 2
     progress: bool = True
+    memory_limit: int | None = None  # bytes the search may use; default: the machine's available memory
 
 
 @dataclass
@@ -143,6 +144,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     done = complete()
     if done >= cfg.trials:
         return {"ran": 0, "complete": done, "failed": 0, "seconds": 0.0}
+    _check_memory(cfg, loaded.model, tokens)
     reference = reference_logprobs(loaded.model, tokens)
     del loaded  # the workers load their own copies
     init_ray(cfg.ray_address, cfg.workers)
@@ -204,6 +206,26 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         for w in workers:
             ray.kill(w)
     return {"ran": ran, "complete": done, "failed": failed, "seconds": time.perf_counter() - t_start}
+
+
+def _check_memory(cfg: SearchConfig, model: Any, tokens: Any) -> None:
+    """Refuses up front a search whose workers cannot fit in memory, saying the estimate.
+
+    Per worker: the float model, a float copy of its matrices, their decoded weights
+    (cached for speed) and a batch of logits; once: the driver's model and the reference.
+    """
+    import psutil
+
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    vocab = int(model.config.vocab_size)
+    reference = tokens.eval.shape[0] * (tokens.seq_len - 1) * vocab * 4
+    batch_logits = 2 * tokens.seq_len * vocab * 4 * 3  # logits, log-probs, reference slice
+    estimate = cfg.workers * (3 * params + batch_logits) + params + 2 * reference
+    limit = cfg.memory_limit or psutil.virtual_memory().available
+    if estimate > limit:
+        raise UserError(f"this search needs about {estimate / 2**30:.2f} GiB ({cfg.workers} workers x "
+                        f"{3 * params / 2**30:.2f} GiB model copies + {2 * reference / 2**30:.2f} GiB reference) "
+                        f"but {limit / 2**30:.2f} GiB is available; use fewer --workers or --eval-seqs")
 
 
 def _record(study: optuna.Study, store: Store, row: Any, job: _Pending, result: dict[str, Any]) -> None:
