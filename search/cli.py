@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 __all__ = ["main"]
@@ -61,9 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--budget", help="best point within this budget, e.g. 3.0bpw or 60MB")
     p.add_argument("--out", required=True, help="policy JSON to write")
 
-    p = sub.add_parser("eval", help="re-measure a policy on the data it was measured on")
-    p.add_argument("policy")
+    p = sub.add_parser("eval", help="re-measure a policy (or a packed checkpoint folder) on the data it was measured on")
+    p.add_argument("policy", help="policy JSON, or a checkpoint folder written by turboquant apply")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("apply", help="quantize the model with a policy and write a packed safetensors checkpoint")
+    p.add_argument("policy", help="policy JSON from turboquant export")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
     return parser
 
 
@@ -134,6 +139,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from evaluators import Evaluator, UserError
     from evaluators.context import DataConfig
 
+    if Path(args.policy).is_dir():
+        return _cmd_eval_checkpoint(args)
     policy = quant.Policy.load(args.policy)
     provenance = policy.meta.get("provenance")
     if not isinstance(provenance, dict) or "model" not in provenance:
@@ -155,6 +162,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for k, v in metrics.items():
             extra = f"   (stored {stored[k]:.6g})" if isinstance(stored.get(k), (int, float)) else ""
             print(f"{k:>10} {v:.6g}{extra}")
+    return 0
+
+
+def _print_metrics(metrics: dict, stored: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+        return
+    for k, v in metrics.items():
+        extra = f"   (stored {stored[k]:.6g})" if isinstance(stored.get(k), (int, float)) else ""
+        print(f"{k:>10} {v:.6g}{extra}")
+
+
+def _cmd_eval_checkpoint(args: argparse.Namespace) -> int:
+    from evaluators.checkpoint import evaluate_checkpoint
+
+    result, ckpt = evaluate_checkpoint(args.policy)
+    metrics = {k: result[k] for k in ("kl", "ppl", "top1", "logit_err", "bytes", "bpw")}
+    _print_metrics(metrics, ckpt.policy.meta.get("metrics", {}), args.json)
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    import quant
+    from evaluators import UserError, load_model
+
+    policy = quant.Policy.load(args.policy)
+    provenance = policy.meta.get("provenance")
+    model_name = provenance.get("model") if isinstance(provenance, dict) else policy.meta.get("model")
+    if not model_name:
+        raise UserError(f"policy {args.policy} names no model; export it with turboquant export")
+    loaded = load_model(model_name, trust_remote_code=bool((provenance or {}).get("trust_remote_code")))
+    try:
+        packed = quant.apply_policy(loaded.model, policy)
+    except quant.PolicyError as exc:
+        raise UserError(f"policy {args.policy} does not fit model {model_name}: {exc}") from None
+    out = quant.save_checkpoint(loaded.model, policy, args.out)
+    nbytes = sum(p.nbytes for p in packed.values())
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out}: {len(packed)} packed matrices, {nbytes:,} packed bytes; {size:,} bytes on disk "
+          f"with float tensors and metadata")
     return 0
 
 
@@ -180,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_export(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "apply":
+            return _cmd_apply(args)
     except (UserError, PolicyError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
