@@ -32,21 +32,25 @@ CASES: dict[str, list[tuple[dict, float]]] = {
         ({"bits": 4, "group_size": 64, "options": {"seed": 7}}, 0.0105),
         ({"bits": 3, "group_size": 256, "options": {"qjl": True}}, 0.07),
         ({"bits": 1, "group_size": 32}, 0.38),
+        ({"bits": 3, "group_size": 128, "options": {"outlier_frac": 0.01, "seed": 1}}, 0.04),
     ],
     "lloyd": [
         ({"bits": 2, "group_size": 128}, 0.13),
         ({"bits": 3, "group_size": None}, 0.04),
         ({"bits": 4, "group_size": 64, "options": {"preset": "nf"}}, 0.011),
         ({"bits": 2, "group_size": 32, "options": {"preset": "nf"}}, 0.21),
+        ({"bits": 3, "group_size": 64, "options": {"preset": "nf", "outlier_frac": 0.01}}, 0.04),
     ],
     "ternary": [
         ({"bits": 2, "group_size": 128}, 0.24),
         ({"bits": 2, "group_size": 32}, 0.23),
+        ({"bits": 2, "group_size": 64, "options": {"outlier_frac": 0.02}}, 0.21),
     ],
     "vq": [
         ({"bits": 4, "group_size": 128}, 0.13),
         ({"bits": 5, "group_size": 64, "options": {"dim": 2}}, 0.075),
         ({"bits": 8, "group_size": 128, "options": {"dim": 4}}, 0.11),
+        ({"bits": 4, "group_size": 128, "options": {"dim": 2, "outlier_frac": 0.01}}, 0.12),
     ],
 }
 

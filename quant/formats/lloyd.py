@@ -23,6 +23,7 @@ from scipy.special import ndtri
 
 from quant.formats._base import Format, register_format
 from quant.formats._common import n_groups, nearest_sorted, unpack_rows
+from quant.outliers import supports_outliers
 from quant.packed import PackedTensor
 from quant.packing import pack_bits, packed_size
 from quant.primitives import group_view, padded_in_features, ungroup
@@ -64,6 +65,7 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tenso
 
 
 @register_format
+@supports_outliers  # option "outlier_frac": sparse fp16 outliers (quant/outliers.py)
 class Lloyd(Format):
     name = "lloyd"
     bits_range = (1, 8)

@@ -14,6 +14,7 @@ import torch
 
 from quant.formats._base import Format, register_format
 from quant.formats._common import n_groups
+from quant.outliers import supports_outliers
 from quant.packed import PackedTensor
 from quant.primitives import group_view, padded_in_features, ungroup
 from quant.settings import QuantSetting
@@ -45,6 +46,7 @@ def unpack_trits(data: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @register_format
+@supports_outliers  # option "outlier_frac": sparse fp16 outliers (quant/outliers.py)
 class Ternary(Format):
     """Ternary weights; ``bits`` must be 2 (the search's slot), effective rate 1.6 bits.
 

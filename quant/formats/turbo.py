@@ -30,6 +30,7 @@ from scipy.special import ndtr, ndtri
 
 from quant.formats._base import Format, register_format
 from quant.formats._common import n_groups, nearest_sorted, unpack_rows
+from quant.outliers import supports_outliers
 from quant.packed import PackedTensor
 from quant.packing import pack_bits, packed_size
 from quant.primitives import group_view, padded_in_features, ungroup
@@ -104,6 +105,7 @@ def _qjl_matrix(seed: int, g: int) -> torch.Tensor:
 
 
 @register_format
+@supports_outliers  # option "outlier_frac": sparse fp16 outliers (quant/outliers.py)
 class Turbo(Format):
     name = "turbo"
     bits_range = (1, 8)

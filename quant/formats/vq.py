@@ -17,6 +17,7 @@ import torch
 
 from quant.formats._base import Format, register_format
 from quant.formats._common import n_groups, unpack_rows
+from quant.outliers import supports_outliers
 from quant.packed import PackedTensor
 from quant.packing import pack_bits, packed_size
 from quant.primitives import group_view, padded_in_features, ungroup
@@ -69,6 +70,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = FIT_ITERS, seed: int = 0) -> to
 
 
 @register_format
+@supports_outliers  # option "outlier_frac": sparse fp16 outliers (quant/outliers.py)
 class VQ(Format):
     name = "vq"
     bits_range = (2, 8)
