@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
+    p.add_argument("--plot", default=None, help="also write the front as a picture: front.png or front.html")
 
     p = sub.add_parser("export", help="write the policy of a chosen front point")
     p.add_argument("study")
@@ -60,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=int)
     which.add_argument("--budget", help="best point within this budget, e.g. 3.0bpw or 60MB")
-    p.add_argument("--out", required=True, help="policy JSON to write")
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--format", default="json", choices=["json", "gptqmodel", "llamacpp", "torchao"],
+                   help="json (TurboQuant policy), gptqmodel (dynamic overrides), llamacpp "
+                        "(--tensor-type-file), torchao (FqnToConfig JSON)")
 
     p = sub.add_parser("eval", help="re-measure a policy (or a packed checkpoint folder) on the data it was measured on")
     p.add_argument("policy", help="policy JSON, or a checkpoint folder written by turboquant apply")
@@ -69,7 +73,24 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="quantize the model with a policy and write a packed safetensors checkpoint")
     p.add_argument("policy", help="policy JSON from turboquant export")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP API and web page: launch searches, fronts, exports")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///turboquant.db)")
+    p.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN (or set TURBOQUANT_TOKEN)")
+    p.add_argument("--ray-address", default=None, help="run searches on this Ray cluster (default: local Ray)")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from search.service import serve
+
+    serve(args.host, args.port, _storage(args), args.token, args.ray_address)
+    return 0
 
 
 def _storage(args: argparse.Namespace) -> str:
@@ -126,6 +147,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.budget is not None:
         budget = parse_budget(args.budget, store.get_study(args.study).numel)
     doc = export_policy(store, args.study, trial=args.trial, budget_bytes=budget)
+    if getattr(args, "format", "json") != "json":
+        return _write_runtime_export(doc, args.format, args.out)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2)
     m = doc["metrics"]
@@ -172,6 +195,38 @@ def _print_metrics(metrics: dict, stored: dict, as_json: bool) -> None:
     for k, v in metrics.items():
         extra = f"   (stored {stored[k]:.6g})" if isinstance(stored.get(k), (int, float)) else ""
         print(f"{k:>10} {v:.6g}{extra}")
+
+
+def _plot_front(storage: str, study: str, path: str) -> None:
+    from evaluators.errors import UserError
+    from search.plots import write_front_plot
+    from studies import Store
+
+    store = Store(storage)
+    row = store.get_study(study)
+    try:
+        out = write_front_plot(store.front(row), f"{study}: front within {row.budget_bpw:.2f} bpw", path)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {out}", file=sys.stderr)  # stderr: keeps --json / --csv output clean
+
+
+def _write_runtime_export(doc: dict, fmt: str, out: str) -> int:
+    from evaluators.errors import UserError
+    from studies.export_runtimes import export_runtime
+
+    try:
+        result = export_runtime(doc, fmt)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    with open(out, "w") as f:
+        f.write(result.text)
+    m = doc["metrics"]
+    print(f"wrote {out} ({fmt}): trial {doc['provenance']['trial']}, measured {m['bpw']:.3f} bpw, KL {m['kl']:.5f} "
+          f"in TurboQuant; {len(result.approximations)} approximation(s) for {fmt}:")
+    for line in result.approximations:
+        print(f"  ~ {line}")
+    return 0
 
 
 def _cmd_eval_checkpoint(args: argparse.Namespace) -> int:
@@ -222,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(frame.to_string(index=False) if not frame.empty else "no studies yet")
             return 0
         if args.command == "front":
+            if args.plot:
+                _plot_front(_storage(args), args.study, args.plot)
             return _print_front(_storage(args), args.study, "json" if args.json else "csv" if args.csv else "table")
         if args.command == "export":
             return _cmd_export(args)
@@ -229,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_eval(args)
         if args.command == "apply":
             return _cmd_apply(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
     except (UserError, PolicyError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

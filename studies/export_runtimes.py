@@ -1,0 +1,236 @@
+"""Writing a policy in other runtimes' per-module forms: GPTQModel, llama.cpp and torchao.
+
+Each runtime supports fewer settings than TurboQuant's search space, so every
+exporter maps each matrix to the nearest setting the runtime has and returns, next to
+the document, a list of notes naming what was approximated. No torch here: this works
+on the policy document alone (as written by :func:`studies.export_policy`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+__all__ = ["RUNTIME_FORMATS", "RuntimeExport", "export_runtime", "llamacpp_name"]
+
+
+@dataclass
+class RuntimeExport:
+    """A policy in a runtime's form.
+
+    Attributes:
+        text: the file contents to write.
+        approximations: one human-readable line per setting that had to change.
+        skipped: matrices the runtime keeps unquantized (or cannot name).
+    """
+
+    text: str
+    approximations: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _matrices(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    matrices = doc.get("matrices")
+    if not isinstance(matrices, Mapping) or not matrices:
+        raise ValueError("policy document has no 'matrices'; export one with turboquant export")
+    return {str(k): dict(v) for k, v in matrices.items()}
+
+
+def _effective_bits(setting: Mapping[str, Any]) -> float:
+    """Code bits per weight: a vector codebook spends ``bits`` on ``dim`` weights, ternary 1.58."""
+    fmt, bits = setting.get("format", "rtn"), int(setting.get("bits", 4))
+    if fmt == "vq":
+        return bits / int((setting.get("options") or {}).get("dim", 2))
+    if fmt == "ternary":
+        return 1.58
+    return float(bits)
+
+
+def _nearest(value: float, allowed: tuple[int, ...]) -> int:
+    # Ties go to the larger width: losing quality silently is worse than spending a few bytes.
+    return min(allowed, key=lambda a: (abs(a - value), -a))
+
+
+def _is_embedding(name: str) -> bool:
+    return name.endswith("embed_tokens") or name.endswith("wte") or name.endswith("embeddings")
+
+
+# GPTQModel ---------------------------------------------------------------------------------------
+
+_GPTQ_BITS = (2, 3, 4, 8)
+_GPTQ_GROUPS = (16, 32, 64, 128)
+
+
+def _gptq_setting(name: str, s: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    eff = _effective_bits(s)
+    bits = _nearest(eff, _GPTQ_BITS)
+    group = s.get("group_size")
+    g = -1 if group is None else _nearest(group, _GPTQ_GROUPS) if group not in _GPTQ_GROUPS else group
+    sym = bool((s.get("options") or {}).get("symmetric", False))
+    what = []
+    if s.get("format", "rtn") != "rtn":
+        what.append(f"format {s.get('format')} -> GPTQ integer")
+    if bits != eff:
+        what.append(f"{eff:g} bits -> {bits}")
+    if group is not None and g != group:
+        what.append(f"group {group} -> {g}")
+    if (s.get("options") or {}).get("outlier_frac"):
+        what.append("sparse fp16 outliers dropped")
+    if what:
+        notes.append(f"{name}: " + ", ".join(what))
+    return {"bits": bits, "group_size": g, "sym": sym}
+
+
+def _to_gptqmodel(doc: Mapping[str, Any]) -> RuntimeExport:
+    notes: list[str] = []
+    skipped: list[str] = []
+    per_module: dict[str, dict[str, Any]] = {}
+    for name, s in _matrices(doc).items():
+        if _is_embedding(name):
+            skipped.append(name)  # GPTQModel quantizes linear layers only
+            continue
+        per_module[name] = _gptq_setting(name, s, notes)
+    if not per_module:
+        raise ValueError("policy has no linear layer that GPTQModel can quantize")
+    # The most common setting becomes the base config; only the others need an override.
+    base = Counter(json.dumps(v, sort_keys=True) for v in per_module.values()).most_common(1)[0][0]
+    base_cfg = json.loads(base)
+    dynamic: dict[str, dict[str, Any]] = {}
+    for name, cfg in per_module.items():
+        if json.dumps(cfg, sort_keys=True) != base:
+            dynamic[f"+:^{re.escape(name)}$"] = cfg
+    for name in skipped:
+        dynamic[f"-:^{re.escape(name)}$"] = {}
+    lm_head = any(n.endswith("lm_head") for n in per_module)
+    out = {"bits": base_cfg["bits"], "group_size": base_cfg["group_size"], "sym": base_cfg["sym"],
+           "desc_act": False, "lm_head": lm_head, "dynamic": dynamic}
+    if skipped:
+        notes.append(f"{len(skipped)} embedding(s) stay 16-bit in GPTQModel: {', '.join(skipped)}")
+    return RuntimeExport(json.dumps(out, indent=2) + "\n", notes, skipped)
+
+
+# llama.cpp ---------------------------------------------------------------------------------------
+
+_LLAMA_MODULES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+# Code bits -> the GGML type that stores that many bits per weight (K-quants, super-blocks of 256).
+_GGML_BY_BITS = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0"}
+# Each type's own sub-block: its scale granularity, fixed by the type.
+_GGML_BLOCK = {"q2_k": 16, "q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16, "q8_0": 32, "tq1_0": 256}
+
+
+def llamacpp_name(name: str) -> str | None:
+    """The GGUF tensor name of a transformers matrix name (Llama-style models), or ``None``."""
+    if name.endswith("embed_tokens"):
+        return "token_embd.weight"
+    if name.endswith("lm_head"):
+        return "output.weight"
+    m = _LAYER.search(name)
+    if m and m.group(2) in _LLAMA_MODULES:
+        return f"blk.{m.group(1)}.{_LLAMA_MODULES[m.group(2)]}.weight"
+    return None
+
+
+def _to_llamacpp(doc: Mapping[str, Any]) -> RuntimeExport:
+    notes: list[str] = []
+    skipped: list[str] = []
+    lines: list[str] = []
+    for name, s in _matrices(doc).items():
+        target = llamacpp_name(name)
+        if target is None:
+            skipped.append(name)
+            notes.append(f"{name}: no GGUF tensor name known for it; left to llama-quantize's default type")
+            continue
+        eff = _effective_bits(s)
+        if s.get("format") == "ternary":
+            ggml = "tq1_0"
+        else:
+            ggml = _GGML_BY_BITS[_nearest(eff, tuple(_GGML_BY_BITS))]
+        what = []
+        if s.get("format", "rtn") not in ("rtn", "ternary"):
+            what.append(f"format {s.get('format')} -> {ggml}")
+        if s.get("format") != "ternary" and float(int(ggml[1])) != eff:
+            what.append(f"{eff:g} bits -> {ggml[1]}")
+        if s.get("group_size") != _GGML_BLOCK[ggml]:
+            group = "per channel" if s.get("group_size") is None else f"group {s.get('group_size')}"
+            what.append(f"{group} -> {ggml}'s blocks of {_GGML_BLOCK[ggml]}")
+        if (s.get("options") or {}).get("outlier_frac"):
+            what.append("sparse fp16 outliers dropped")
+        if what:
+            notes.append(f"{name} ({target}): " + ", ".join(what))
+        lines.append(f"{target}={ggml}")
+    notes.append("K-quant types need rows of a multiple of 256 weights; llama-quantize falls back to "
+                 "another type for tensors that are not")
+    return RuntimeExport("\n".join(lines) + "\n", notes, skipped)
+
+
+# torchao -----------------------------------------------------------------------------------------
+
+_TORCHAO_BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # IntxWeightOnlyConfig: torch.int1 .. torch.int8
+_TORCHAO_GROUPS = (32, 64, 128, 256)
+
+
+def _to_torchao(doc: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]] | None = None) -> RuntimeExport:
+    notes: list[str] = []
+    fqn: dict[str, Any] = {}
+    for name, s in _matrices(doc).items():
+        eff = _effective_bits(s)
+        bits = _nearest(eff, _TORCHAO_BITS)
+        group = s.get("group_size")
+        g = None if group is None else group if group in _TORCHAO_GROUPS else _nearest(group, _TORCHAO_GROUPS)
+        if g is not None and shapes and name in shapes and shapes[name][1] % g:
+            # TurboQuant pads a short last group; torchao needs groups that divide the row.
+            fits = [c for c in _TORCHAO_GROUPS if c <= g and shapes[name][1] % c == 0]
+            g = max(fits) if fits else None
+        # torchao's own serialized form (torchao.core.config.config_to_dict), so config_from_dict reads it.
+        granularity = ({"_type": "PerAxis", "_version": 1, "_data": {"axis": 0}} if g is None
+                       else {"_type": "PerGroup", "_version": 1, "_data": {"group_size": g}})
+        what = []
+        if s.get("format", "rtn") != "rtn":
+            what.append(f"format {s.get('format')} -> affine int{bits}")
+        if bits != eff:
+            what.append(f"{eff:g} bits -> {bits}")
+        if group is not None and g != group:
+            what.append(f"group {group} -> {'per channel' if g is None else g}")
+        if (s.get("options") or {}).get("outlier_frac"):
+            what.append("sparse fp16 outliers dropped")
+        if what:
+            notes.append(f"{name}: " + ", ".join(what))
+        sym = bool((s.get("options") or {}).get("symmetric", False))
+        fqn[name] = {"_type": "IntxWeightOnlyConfig", "_version": 2, "_data": {
+            "weight_dtype": {"_type": "torch.dtype", "_data": f"int{bits}"}, "granularity": granularity,
+            "mapping_type": {"_type": "MappingType", "_data": "SYMMETRIC" if sym else "ASYMMETRIC"}}}
+    if not shapes:
+        notes.append("matrix shapes unknown: torchao needs each group size to divide its row; "
+                     "rows shorter than their group must be set to per channel by hand")
+    # Exact FQNs take precedence over regexes in FqnToConfig; load with torchao.core.config.config_from_dict.
+    out = {"_type": "FqnToConfig", "_version": 1, "_data": {"fqn_to_config": fqn}}
+    return RuntimeExport(json.dumps(out, indent=2) + "\n", notes, [])
+
+
+def _to_json(doc: Mapping[str, Any]) -> RuntimeExport:
+    _matrices(doc)
+    return RuntimeExport(json.dumps(doc, indent=2) + "\n")
+
+
+RUNTIME_FORMATS: dict[str, Callable[..., RuntimeExport]] = {
+    "json": _to_json, "gptqmodel": _to_gptqmodel, "llamacpp": _to_llamacpp, "torchao": _to_torchao,
+}
+
+
+def export_runtime(doc: Mapping[str, Any], fmt: str,
+                   shapes: Mapping[str, tuple[int, int]] | None = None) -> RuntimeExport:
+    """``doc`` (a policy document) in runtime format ``fmt`` (one of :data:`RUNTIME_FORMATS`).
+
+    ``shapes`` (matrix -> ``(out, in)``), when known, lets torchao's export pick group
+    sizes that divide each row, which torchao requires and TurboQuant (padding) does not.
+    """
+    try:
+        exporter = RUNTIME_FORMATS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(RUNTIME_FORMATS)}") from None
+    return exporter(doc, shapes) if fmt == "torchao" else exporter(doc)

@@ -1,0 +1,149 @@
+"""Runtime exports: structure of GPTQModel `dynamic`, llama.cpp tensor-type files and torchao FQN configs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from search.cli import main
+from studies.export_runtimes import export_runtime, llamacpp_name
+
+LAYERS = 2
+MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def _doc() -> dict:
+    matrices = {"model.embed_tokens": {"format": "rtn", "bits": 8, "group_size": None, "options": {}},
+                "lm_head": {"format": "rtn", "bits": 6, "group_size": 64, "options": {}}}
+    for i in range(LAYERS):
+        for m in MODULES:
+            matrices[f"model.layers.{i}.{m}"] = {"format": "rtn", "bits": 4, "group_size": 32, "options": {}}
+    matrices["model.layers.1.self_attn.v_proj"] = {"format": "rtn", "bits": 3, "group_size": 128,
+                                                   "options": {"symmetric": True}}
+    matrices["model.layers.0.mlp.down_proj"] = {"format": "turbo", "bits": 5, "group_size": 256, "options": {}}
+    return {"format_version": 1, "matrices": matrices, "model": "tiny-random-llama",
+            "metrics": {"kl": 0.1, "bytes": 1000, "bpw": 4.1, "ppl": 3.0, "top1": 0.9, "logit_err": 0.1},
+            "provenance": {"study": "s", "trial": 3, "model": "tiny-random-llama"}}
+
+
+def test_gptqmodel_dynamic_overrides_resolve_every_linear_to_its_setting() -> None:
+    out = export_runtime(_doc(), "gptqmodel")
+    cfg = json.loads(out.text)
+    assert {"bits", "group_size", "dynamic"} <= set(cfg)
+    assert all(k[:2] in ("+:", "-:") for k in cfg["dynamic"])
+
+    def resolve(name: str) -> dict | None:  # GPTQModel: re.match, first match wins; '-:' skips
+        for key, override in cfg["dynamic"].items():
+            if re.match(key[2:], name):
+                return None if key.startswith("-:") else {**cfg, **override}
+        return cfg
+
+    assert resolve("model.embed_tokens") is None and "model.embed_tokens" in out.skipped
+    assert resolve("model.layers.0.self_attn.q_proj")["bits"] == 4
+    v = resolve("model.layers.1.self_attn.v_proj")
+    assert (v["bits"], v["group_size"], v["sym"]) == (3, 128, True)
+    assert resolve("model.layers.0.self_attn.v_proj")["group_size"] == 32  # the exact regex does not leak
+    head = resolve("lm_head")
+    assert head["bits"] in (4, 8) and head["group_size"] == 64 and cfg["lm_head"] is True
+    down = resolve("model.layers.0.mlp.down_proj")
+    assert down["bits"] == 4 and down["group_size"] == 128  # 5-bit turbo, group 256: both approximated
+    assert any("down_proj" in line and "turbo" in line for line in out.approximations)
+    assert any("6 bits" in line and "lm_head" in line for line in out.approximations)
+
+
+def test_llamacpp_tensor_type_file_names_and_types() -> None:
+    out = export_runtime(_doc(), "llamacpp")
+    lines = out.text.split()
+    pairs = dict(line.split("=") for line in lines)
+    assert len(pairs) == 2 + LAYERS * len(MODULES)
+    assert pairs["token_embd.weight"] == "q8_0" and pairs["output.weight"] == "q6_k"
+    assert pairs["blk.1.attn_v.weight"] == "q3_k" and pairs["blk.0.attn_q.weight"] == "q4_k"
+    assert pairs["blk.0.ffn_down.weight"] == "q5_k" and pairs["blk.1.attn_output.weight"] == "q4_k"
+    valid = {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "tq1_0"}
+    assert set(pairs.values()) <= valid
+    assert all(re.fullmatch(r"(token_embd|output|blk\.\d+\.(attn_[qkv]|attn_output|ffn_(gate|up|down)))\.weight", k)
+               for k in pairs)
+    assert any("blk.0.ffn_down" in line and "turbo" in line for line in out.approximations)
+
+
+def test_llamacpp_names() -> None:
+    assert llamacpp_name("model.layers.12.self_attn.v_proj") == "blk.12.attn_v.weight"
+    assert llamacpp_name("model.layers.3.mlp.gate_proj") == "blk.3.ffn_gate.weight"
+    assert llamacpp_name("model.embed_tokens") == "token_embd.weight" and llamacpp_name("lm_head") == "output.weight"
+    assert llamacpp_name("model.something.else") is None
+
+
+def test_torchao_fqn_config_covers_every_matrix() -> None:
+    doc = _doc()
+    cfg = json.loads(export_runtime(doc, "torchao").text)
+    fqn = cfg["_data"]["fqn_to_config"]
+    assert cfg["_type"] == "FqnToConfig" and set(fqn) == set(doc["matrices"])
+    q = fqn["model.layers.0.self_attn.q_proj"]["_data"]
+    assert fqn["model.layers.0.self_attn.q_proj"]["_type"] == "IntxWeightOnlyConfig"
+    assert q["weight_dtype"]["_data"] == "int4" and q["granularity"]["_data"] == {"group_size": 32}
+    assert fqn["model.embed_tokens"]["_data"]["granularity"]["_type"] == "PerAxis"
+    assert fqn["model.layers.1.self_attn.v_proj"]["_data"]["mapping_type"]["_data"] == "SYMMETRIC"
+
+
+def test_torchao_reads_the_export_and_quantizes_a_model_with_it() -> None:
+    pytest.importorskip("torchao")
+    import torch
+    from torchao.core.config import config_from_dict
+    from torchao.quantization import FqnToConfig, quantize_
+
+    import quant
+    from evaluators import load_model
+
+    config = config_from_dict(json.loads(export_runtime(_doc(), "torchao").text))
+    assert isinstance(config, FqnToConfig)
+    v = config.fqn_to_config["model.layers.1.self_attn.v_proj"]
+    assert v.weight_dtype == torch.int3 and v.granularity.group_size == 128
+    model = load_model("tiny-random-llama").model
+    # The tiny model's rows (64 and 128 wide) are shorter than some groups: with shapes, the export fits them.
+    out = export_runtime(_doc(), "torchao", shapes=quant.weight_matrices(model))
+    config = config_from_dict(json.loads(out.text))
+    assert config.fqn_to_config["model.layers.1.self_attn.v_proj"].granularity.group_size == 64
+    assert any("v_proj" in line and "group 128 -> 64" in line for line in out.approximations)
+    linear_only = FqnToConfig({k: c for k, c in config.fqn_to_config.items() if "embed" not in k})
+    quantize_(model, linear_only, filter_fn=None)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_llamacpp_types_are_real_ggml_types() -> None:
+    gguf = pytest.importorskip("gguf")
+    pairs = dict(line.split("=") for line in export_runtime(_doc(), "llamacpp").text.split())
+    for ggml in pairs.values():
+        assert gguf.GGMLQuantizationType[ggml.upper()]
+
+
+def test_unknown_format_and_empty_policy_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_runtime(_doc(), "onnx")
+    with pytest.raises(ValueError, match="no 'matrices'"):
+        export_runtime({"format_version": 1}, "llamacpp")
+
+
+def test_studies_never_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, studies.export_runtimes, studies; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_cli_export_format_writes_file_and_reports_approximations(tmp_path, capsys, monkeypatch) -> None:
+    import search.cli as cli
+
+    monkeypatch.setattr("studies.export_policy", lambda store, name, trial=None, budget_bytes=None: _doc())
+    storage = f"sqlite:///{tmp_path}/e.db"
+    out = tmp_path / "types.txt"
+    assert cli.main(["export", "s", "--storage", storage, "--trial", "3", "--format", "llamacpp",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "approximation" in printed and "~ model.layers.0.mlp.down_proj" in printed
+    assert "blk.1.attn_v.weight=q3_k" in out.read_text()

@@ -1,0 +1,165 @@
+"""The HTTP service against a real uvicorn server on loopback and SQLite: launch, progress, fronts, export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from studies import Store, export_policy
+
+TOKEN = "s3cret-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, local_ray):
+    import uvicorn
+
+    from search.service import create_app
+
+    storage = f"sqlite:///{tmp_path_factory.mktemp('svc') / 's.db'}"
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(storage, token=TOKEN), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"},
+                          timeout=60)
+    yield client, storage, port
+    client.close()
+    srv.should_exit = True
+    thread.join(10)
+
+
+def _wait(client: httpx.Client, study: str, timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = client.get(f"/studies/{study}")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["status"] != "running":
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"study {study} still running after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def searched(server, corpus):
+    client, storage, _ = server
+    body = {"study": "api", "model": "tiny-random-llama", "budget": "5bpw", "trials": 6, "workers": 1,
+            "sampler": "nsga2", "dataset": corpus, "seq_len": 64, "eval_seqs": 4, "calib_seqs": 4,
+            "bits": [2, 3, 4, 8], "groups": [32, None]}
+    r = client.post("/studies", json=body)
+    assert r.status_code == 202, r.text
+    bad = client.post("/studies", json={**body, "study": "broken", "model": "nope-model"})
+    assert bad.status_code == 202  # the model is only found to be unknown once the search starts
+    progress = _wait(client, "api")
+    assert progress["status"] == "done", progress
+    return client, storage
+
+
+def test_search_through_the_api_completes_and_reports_progress(searched) -> None:
+    client, _ = searched
+    p = client.get("/studies/api").json()
+    assert p["complete"] == 6 and p["failed"] == 0 and p["running"] == 0
+    assert p["best_kl"] is not None and p["best_kl"] >= 0 and p["elapsed_s"] > 0 and p["trials_per_min"] > 0
+    names = {s["study"] for s in client.get("/studies").json()}
+    assert {"api", "broken"} <= names
+
+
+def test_a_failed_search_is_recorded_and_the_service_survives(searched) -> None:
+    client, _ = searched
+    p = _wait(client, "broken", 60)
+    assert p["status"] == "failed" and "unknown model 'nope-model'" in p["error"]
+    assert client.get("/studies/api").status_code == 200
+
+
+def test_front_endpoints_show_the_same_points_as_the_store(searched) -> None:
+    client, storage = searched
+    store = Store(storage)
+    expected = store.front(store.get_study("api"))
+    points = client.get("/studies/api/front").json()
+    assert [p["trial"] for p in points] == list(expected["trial"])
+    assert [p["bytes"] for p in points] == list(expected["bytes"])
+    assert [p["kl"] for p in points] == pytest.approx(list(expected["kl"]), rel=0, abs=0)
+    rows = list(csv.DictReader(io.StringIO(client.get("/studies/api/front.csv").text)))
+    assert [int(r["trial"]) for r in rows] == list(expected["trial"])
+    png = client.get("/studies/api/front.png")
+    assert png.headers["content-type"] == "image/png" and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_returns_the_policy_document(searched) -> None:
+    client, storage = searched
+    store = Store(storage)
+    trial = int(store.front(store.get_study("api")).iloc[0]["trial"])
+    doc = client.post("/studies/api/export", json={"trial": trial}).json()
+    assert doc == export_policy(store, "api", trial=trial)
+    by_budget = client.post("/studies/api/export", json={"budget": "5bpw"}).json()
+    assert by_budget["metrics"]["bpw"] <= 5.0
+    llama = client.post("/studies/api/export", json={"trial": trial, "format": "llamacpp"}).json()
+    assert "blk.0.attn_q.weight=" in llama["text"] and isinstance(llama["approximations"], list)
+
+
+def test_auth_is_required_when_a_token_is_set(server) -> None:
+    _, _, port = server
+    base = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{base}/studies").status_code == 401
+    assert httpx.get(f"{base}/studies", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(f"{base}/studies", json={}).status_code == 401
+    page = httpx.get(f"{base}/")  # the page holds no data; it calls the API with the token
+    assert page.status_code == 200 and "plotly" in page.text
+    assert httpx.get(f"{base}/static/plotly.min.js").status_code == 200
+
+
+@pytest.mark.parametrize("method, path, body, status, reason", [
+    ("get", "/studies/nope", None, 404, "no study named 'nope'"),
+    ("get", "/studies/nope/front", None, 404, "no study named 'nope'"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "colour": "red"}, 422, "colour"),
+    ("post", "/studies", {"study": "x", "budget": "3bitz"}, 422, "malformed budget"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "sampler": "magic"}, 422, "unknown sampler"),
+    ("post", "/studies", {"study": "../x", "budget": "3bpw"}, 422, "study names"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "trials": 0}, 422, "trials"),
+    ("post", "/studies/api/export", {"trial": 1, "budget": "3bpw"}, 422, "exactly one"),
+    ("post", "/studies/api/export", {"trial": 9999}, 404, "no complete trial 9999"),
+    ("post", "/studies/api/export", {"budget": "0.1bpw"}, 404, "no finished trial within"),
+])
+def test_bad_requests_get_4xx_with_a_reason(searched, method, path, body, status, reason) -> None:
+    client, _ = searched
+    r = getattr(client, method)(path, **({"json": body} if body is not None else {}))
+    assert r.status_code == status, r.text
+    assert reason in r.text
+
+
+def test_cli_front_plot_writes_png_and_html_of_the_same_points(searched, tmp_path, capsys) -> None:
+    import json as _json
+
+    from search.cli import main
+
+    _, storage = searched
+    capsys.readouterr()
+    assert main(["front", "api", "--storage", storage, "--json", "--plot", str(tmp_path / "f.png")]) == 0
+    points = _json.loads(capsys.readouterr().out)  # --plot leaves stdout to the JSON
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["front", "api", "--storage", storage, "--plot", str(tmp_path / "f.html")]) == 0
+    html = (tmp_path / "f.html").read_text()
+    assert "plotly" in html.lower()
+    for p in points:
+        assert f"trial {p['trial']}\\u003cbr" in html or f"trial {p['trial']}<br>" in html
+    capsys.readouterr()
+    assert main(["front", "api", "--storage", storage, "--plot", str(tmp_path / "f.gif")]) == 2
+    assert "use a .png or .html" in capsys.readouterr().err
