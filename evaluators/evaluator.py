@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ import quant
 from evaluators.data import TokenSets
 from evaluators.metrics import MetricSums
 from evaluators.models import LoadedModel
+from quant.modules import QuantEmbedding, QuantLinear
 
 __all__ = ["Evaluator", "reference_logprobs"]
 
@@ -83,6 +84,71 @@ class Evaluator:
         self.numel = sum(h * w for h, w in self.matrices.values())
         self.reference = reference_logprobs(self.model, tokens, batch_size) if reference is None else reference
         self.cache = PackedCache(cache_bytes)
+        # Biases of every linear layer (a tied LM head included), so float modules can be rebuilt
+        # after a policy replaced them: a partial policy needs the unnamed matrices float.
+        self._biases = {name: None if m.bias is None else m.bias.detach().clone()
+                        for name, m in modules.items() if isinstance(m, nn.Linear)}
+
+    def _measure(self) -> dict[str, float]:
+        sums = MetricSums()
+        ids = torch.from_numpy(self.tokens.eval)
+        for i in range(0, len(ids), self.batch_size):
+            batch = ids[i:i + self.batch_size]
+            logprobs = _forward_logprobs(self.model, batch)
+            sums.add(logprobs, torch.from_numpy(self.reference[i:i + self.batch_size]), batch[:, 1:])
+        return sums.result()
+
+    def _float_module(self, name: str, module: nn.Module, params: dict[str, nn.Parameter]) -> nn.Module:
+        """A float module equivalent to ``module`` (quantized or not) sharing the kept float weight."""
+        source = getattr(module, "tied_to", None) or name
+        weight = params.setdefault(source, nn.Parameter(self.weights[source], requires_grad=False))
+        if isinstance(module, (QuantEmbedding, nn.Embedding)):
+            new: nn.Module = nn.Embedding(*weight.shape, padding_idx=module.padding_idx, device="meta")
+        else:
+            bias = self._biases.get(name)
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+            if bias is not None:
+                new.bias = nn.Parameter(bias, requires_grad=False)
+        new.weight = weight
+        return new
+
+    def _set_module(self, name: str, module: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, module)
+
+    def restore_float(self) -> None:
+        """Puts every quantized module back to float (around the kept weights; nothing is copied)."""
+        params: dict[str, nn.Parameter] = {}
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, (QuantLinear, QuantEmbedding)):
+                self._set_module(name, self._float_module(name, module, params))
+
+    @torch.inference_mode()
+    def evaluate_partial(self, settings: Mapping[str, quant.QuantSetting]) -> dict[str, Any]:
+        """Metrics with only the named matrices quantized; every other matrix runs in float.
+
+        A full :class:`quant.Policy` cannot say "float", yet per-matrix sensitivity needs exactly
+        that. The model is first put back to float (modules rebuilt around the kept float weights,
+        so nothing is copied), then the named modules — and a tied head with its embedding — are
+        swapped for quantized ones; :meth:`evaluate` works as before afterwards.
+        """
+        self.restore_float()
+        modules = dict(self.model.named_modules())
+        packed_all = {}
+        for name, setting in settings.items():
+            packed = self.cache.get(name, self.weights[name], setting)
+            packed_all[name] = packed
+            module = modules[name]
+            if isinstance(module, nn.Embedding):
+                self._set_module(name, QuantEmbedding(packed, module.padding_idx))
+                for other, m in modules.items():  # a tied LM head reads the same (now quantized) table
+                    if isinstance(m, nn.Linear) and m.weight is module.weight:
+                        self._set_module(other, QuantLinear(packed, m.bias, cache_dense=True, tied_to=name))
+            else:
+                self._set_module(name, QuantLinear(packed, module.bias, cache_dense=True))
+        result = self._measure()
+        nbytes = sum(p.nbytes for p in packed_all.values())
+        return {**result, "bytes": nbytes}
 
     @torch.inference_mode()
     def evaluate(self, policy: quant.Policy) -> dict[str, Any]:
@@ -91,13 +157,8 @@ class Evaluator:
         packed = quant.apply_policy(self.model, policy, weights=self.weights, cache_dense=True,
                                     quantizer=lambda n, w, s: self.cache.get(n, w, s))
         t1 = time.perf_counter()
-        sums = MetricSums()
-        ids = torch.from_numpy(self.tokens.eval)
-        for i in range(0, len(ids), self.batch_size):
-            batch = ids[i:i + self.batch_size]
-            logprobs = _forward_logprobs(self.model, batch)
-            sums.add(logprobs, torch.from_numpy(self.reference[i:i + self.batch_size]), batch[:, 1:])
+        result = self._measure()
         t2 = time.perf_counter()
         nbytes = sum(p.nbytes for p in packed.values())
-        return {**sums.result(), "bytes": nbytes, "bpw": 8.0 * nbytes / self.numel,
+        return {**result, "bytes": nbytes, "bpw": 8.0 * nbytes / self.numel,
                 "seconds_quantize": t1 - t0, "seconds_forward": t2 - t1}

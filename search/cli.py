@@ -74,7 +74,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("policy", help="policy JSON from turboquant export")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     _add_serve_parser(sub)
+    _add_sensitivity_parser(sub)
     return parser
+
+
+def _add_sensitivity_parser(sub) -> None:
+    p = sub.add_parser("sensitivity", help="KL per (weight matrix, setting) with only that matrix quantized; "
+                                           "stored and reused by later studies")
+    _data_args(p)
+    p.add_argument("--granularity", default="matrix", choices=["matrix"], help="unit measured on its own")
+    p.add_argument("--bits", default="2,3,4,5,6,8", help="allowed bit-widths")
+    p.add_argument("--groups", default="32,64,128", help="allowed group sizes; 'ch' = per output channel")
+    p.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///turboquant.db)")
+    p.add_argument("--top", type=int, default=10, help="print the N most sensitive matrices")
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from evaluators.context import DataConfig
+    from search.sensitivity import run_sensitivity
+
+    data = DataConfig(model=args.model, dataset=args.dataset, seq_len=args.seq_len, n_eval=args.eval_seqs,
+                      n_calib=args.calib_seqs, seed=args.seed, trust_remote_code=args.trust_remote_code)
+    try:
+        bits = tuple(int(b) for b in args.bits.split(","))
+        groups = _groups(args.groups)
+    except ValueError:
+        raise SystemExit("error: --bits and --groups take comma-separated integers (groups may use 'ch')")
+    table = run_sensitivity(data, bits, groups, _storage(args), granularity=args.granularity)
+    pairs = table.computed + table.reused
+    per = f", {table.seconds / table.computed:.3f} s per pair" if table.computed else ""
+    print(f"sensitivity of {args.model}: {len(table.matrices)} matrices x {len(table.settings)} settings = {pairs} "
+          f"pairs; measured {table.computed} in {table.seconds:.1f} s{per}; reused {table.reused} from {_storage(args)}")
+    print(f"most sensitive at their cheapest setting (KL with only that matrix quantized):")
+    for name, kl in table.most_sensitive(args.top):
+        print(f"  {kl:10.5f}  {name}")
+    return 0
 
 
 def _add_serve_parser(sub) -> None:
@@ -288,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_apply(args)
         if args.command == "serve":
             return _cmd_serve(args)
+        if args.command == "sensitivity":
+            return _cmd_sensitivity(args)
     except (UserError, PolicyError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

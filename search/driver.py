@@ -54,6 +54,8 @@ class SearchConfig:
     max_retries: int = 2
     progress: bool = True
     memory_limit: int | None = None  # bytes the search may use; default: the machine's available memory
+    sensitivity: bool = True  # measure (or reuse) the sensitivity table and enqueue solved seeds
+    seed_budgets: int = 8  # budgets, from the smallest policy to the study's, at which seeds are solved
 
 
 @dataclass
@@ -82,7 +84,8 @@ def _open_study(cfg: SearchConfig, store: Store, space: SearchSpace, budget_byte
         raise StoreError(f"cannot open storage {cfg.storage}: {str(exc).splitlines()[0]}") from None
     n_params = len(space.matrices) * (2 + (len(space.formats) > 1))
     study = optuna.create_study(study_name=cfg.study, storage=storage, directions=["minimize", "minimize"],
-                                sampler=make_sampler(cfg.sampler, cfg.data.seed, n_params), load_if_exists=True)
+                                sampler=make_sampler(cfg.sampler, cfg.data.seed, n_params, space=space,
+                                                    budget_bytes=budget_bytes), load_if_exists=True)
     row = existing or store.create_study(
         name=cfg.study, model=cfg.data.model, dataset=cfg.data.dataset, budget_bytes=budget_bytes,
         numel=space.numel, sampler=cfg.sampler, space=space.to_dict(), provenance=provenance)
@@ -96,6 +99,23 @@ def _enqueue_seeds(study: optuna.Study, space: SearchSpace, budget_bytes: int) -
     for _, label, policy in seeds:
         study.enqueue_trial(space.params(policy), user_attrs={"seed": f"uniform:{label}"})
     return len(seeds)
+
+
+def _enqueue_solved(cfg: SearchConfig, study: optuna.Study, store: Store, loaded: Any, tokens: Any,
+                    space: SearchSpace, budget_bytes: int) -> Any:
+    """Sensitivity table (measured in-process, or reused from the store), then DP / greedy seeds at
+    several budgets ahead of the uniform ones. Returns the reference it computed on the way."""
+    from evaluators import Evaluator
+    from search.seeds import enqueue_solved_seeds
+    from search.sensitivity import measure_sensitivity
+
+    evaluator = Evaluator(loaded, tokens)
+    table = measure_sensitivity(evaluator, space.settings(), store=store, model_fingerprint=loaded.fingerprint,
+                                data_fingerprint=tokens.fingerprint, progress=cfg.progress)
+    log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
+    seeds = enqueue_solved_seeds(study, table, space, budget_bytes, cfg.seed_budgets)
+    log.info("enqueued %d solved seeds", len(seeds))
+    return evaluator.reference
 
 
 def _reconcile(study: optuna.Study, store: Store, row: Any) -> None:
@@ -134,7 +154,10 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     provenance = {**cfg.data.to_dict(), "model_fingerprint": loaded.fingerprint,
                   "data_fingerprint": tokens.fingerprint, "budget": cfg.budget}
     study, row, created = _open_study(cfg, store, space, budget_bytes, provenance)
+    reference = None
     if created:
+        if cfg.sensitivity:
+            reference = _enqueue_solved(cfg, study, store, loaded, tokens, space, budget_bytes)
         _enqueue_seeds(study, space, budget_bytes)
     _reconcile(study, store, row)
 
@@ -145,7 +168,8 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     if done >= cfg.trials:
         return {"ran": 0, "complete": done, "failed": 0, "seconds": 0.0}
     _check_memory(cfg, loaded.model, tokens)
-    reference = reference_logprobs(loaded.model, tokens)
+    if reference is None:
+        reference = reference_logprobs(loaded.model, tokens)
     del loaded  # the workers load their own copies
     init_ray(cfg.ray_address, cfg.workers)
     reference_ref = ray.put(reference)

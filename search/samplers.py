@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import optuna
 
@@ -11,33 +11,43 @@ from evaluators.errors import UserError
 __all__ = ["make_sampler", "SAMPLERS"]
 
 
-def _nsga2(seed: int, n_params: int) -> optuna.samplers.BaseSampler:
+def _nsga2(seed: int, n_params: int, **_: Any) -> optuna.samplers.BaseSampler:
     return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
 
 
-def _tpe(seed: int, n_params: int) -> optuna.samplers.BaseSampler:
+def _tpe(seed: int, n_params: int, **_: Any) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
                                       warn_independent_sampling=False)
 
 
-def _random(seed: int, n_params: int) -> optuna.samplers.BaseSampler:
+def _random(seed: int, n_params: int, **_: Any) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def _gp(seed: int, n_params: int) -> optuna.samplers.BaseSampler:
+def _gp(seed: int, n_params: int, **_: Any) -> optuna.samplers.BaseSampler:
     if n_params > 60:
         raise UserError(f"the gp sampler copes with up to ~60 parameters; this space has {n_params} "
                         "(use nsga2 or tpe, or a coarser space)")
     return optuna.samplers.GPSampler(seed=seed)
 
 
-SAMPLERS: dict[str, Callable[[int, int], optuna.samplers.BaseSampler]] = {
-    "nsga2": _nsga2, "tpe": _tpe, "random": _random, "gp": _gp}
+def _evo(seed: int, n_params: int, space: Any = None, budget_bytes: int | None = None,
+         **_: Any) -> optuna.samplers.BaseSampler:
+    from search.evo import EvoSampler
+
+    if space is None or budget_bytes is None:
+        raise UserError("the evo sampler needs the search space and the budget")
+    return EvoSampler(space, budget_bytes, seed=seed)
 
 
-def make_sampler(name: str, seed: int, n_params: int) -> optuna.samplers.BaseSampler:
+SAMPLERS: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+    "nsga2": _nsga2, "tpe": _tpe, "random": _random, "gp": _gp, "evo": _evo}
+
+
+def make_sampler(name: str, seed: int, n_params: int, **context: Any) -> optuna.samplers.BaseSampler:
+    """``context`` carries what budget-aware samplers need (``space``, ``budget_bytes``); others ignore it."""
     try:
         factory = SAMPLERS[name]
     except KeyError:
         raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
-    return factory(seed, n_params)
+    return factory(seed, n_params, **context)

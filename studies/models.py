@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "StudyRow", "TrialRow"]
+__all__ = ["Base", "StudyRow", "TrialRow", "SensitivityRow"]
 
 
 def _now() -> datetime:
@@ -65,3 +65,25 @@ class TrialRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     study: Mapped[StudyRow] = relationship(back_populates="trials")
+
+
+class SensitivityRow(Base):
+    """KL to the float model when only ``matrix`` is quantized with ``setting`` (all else float).
+
+    Keyed by what the number depends on (weights, evaluation tokens, setting, matrix), not by a
+    study, so every later study on the same model and data reuses it.
+    """
+
+    __tablename__ = "tq_sensitivity"
+    __table_args__ = (UniqueConstraint("model_fingerprint", "data_fingerprint", "setting", "matrix"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_fingerprint: Mapped[str] = mapped_column(String(128), index=True)
+    data_fingerprint: Mapped[str] = mapped_column(String(128), index=True)
+    setting: Mapped[str] = mapped_column(String(512))  # QuantSetting.key()
+    matrix: Mapped[str] = mapped_column(String(512))
+    kl: Mapped[float] = mapped_column(Float)
+    ppl: Mapped[float | None] = mapped_column(Float, nullable=True)
+    bytes: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

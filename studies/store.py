@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from studies.models import Base, StudyRow, TrialRow
+from studies.models import Base, SensitivityRow, StudyRow, TrialRow
 from studies.pareto import non_dominated
 
 __all__ = ["Store", "StoreError", "DEFAULT_STORAGE", "FRONT_COLUMNS"]
@@ -150,3 +150,38 @@ class Store:
                                     TrialRow.bytes <= limit)).all()
         points = non_dominated((r.bytes, r.kl, r) for r in rows)
         return pd.DataFrame([dict(zip(FRONT_COLUMNS, p[2])) for p in points], columns=FRONT_COLUMNS)
+
+    # Sensitivity ------------------------------------------------------------------------------
+
+    def sensitivity(self, model_fingerprint: str, data_fingerprint: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """Stored sensitivity measurements: (matrix, setting key) -> {kl, ppl, bytes, seconds}."""
+        with self.session() as s:
+            rows = s.scalars(select(SensitivityRow).where(SensitivityRow.model_fingerprint == model_fingerprint,
+                                                          SensitivityRow.data_fingerprint == data_fingerprint))
+            return {(r.matrix, r.setting): {"kl": r.kl, "ppl": r.ppl, "bytes": r.bytes, "seconds": r.seconds}
+                    for r in rows}
+
+    def record_sensitivity(self, model_fingerprint: str, data_fingerprint: str,
+                           rows: list[dict[str, Any]]) -> None:
+        """Adds measurements (dicts with matrix, setting, kl, ppl, bytes, seconds); existing keys are kept."""
+        if not rows:
+            return
+        values = [{"model_fingerprint": model_fingerprint, "data_fingerprint": data_fingerprint, **r} for r in rows]
+        dialect = self.engine.dialect.name
+        if dialect in ("sqlite", "postgresql"):
+            # Two searches may measure the same pairs at once: the first writer wins, the other's
+            # identical numbers are dropped instead of failing on the unique key.
+            if dialect == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert
+            else:
+                from sqlalchemy.dialects.postgresql import insert
+            with self.engine.begin() as conn:
+                conn.execute(insert(SensitivityRow).on_conflict_do_nothing(), values)
+            return
+        for value in values:
+            with self.session() as s:
+                s.add(SensitivityRow(**value))
+                try:
+                    s.commit()
+                except IntegrityError:
+                    s.rollback()

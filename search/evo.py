@@ -1,0 +1,199 @@
+"""``evo``: a budget-aware evolutionary sampler behind Optuna's ``BaseSampler``.
+
+Generic samplers treat the byte budget as a constraint they learn about after the fact, so many
+of their proposals are infeasible or waste bytes. Here a child is a parent's policy with bits
+*moved* between matrices: one matrix is raised a step and another of similar size lowered a step,
+so the bytes barely change; a repair step then brings any child back under the budget and tops
+it up towards it. Parents are the best feasible trials (tournament), optionally crossed over.
+
+Lifecycle (Optuna): ``infer_relative_search_space`` names every parameter of the space,
+``sample_relative`` returns a whole child at once, ``sample_independent`` is only reached for a
+parameter outside the space (it falls back to random).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+import quant
+from search.space import SearchSpace, _group_label
+
+__all__ = ["EvoSampler"]
+
+
+class EvoSampler(optuna.samplers.BaseSampler):
+    """Args:
+        space: the search space (matrix shapes and allowed settings).
+        budget_bytes: children are kept at or below it.
+        seed: random seed.
+        population: how many of the best feasible trials can be parents.
+        tolerance: children are topped up until within this fraction below the budget (when they can be).
+        crossover: probability of crossing two parents before mutating.
+    """
+
+    def __init__(self, space: SearchSpace, budget_bytes: int, seed: int | None = None, population: int = 12,
+                 tolerance: float = 0.03, crossover: float = 0.3):
+        self.space = space
+        self.budget = int(budget_bytes)
+        self.population = population
+        self.tolerance = tolerance
+        self.crossover = crossover
+        self._rng = np.random.default_rng(seed)
+        self._fallback = optuna.samplers.RandomSampler(seed=seed)
+        self.names = list(space.matrices)
+        self.labels = [_group_label(g) for g in space.groups]
+        self.formats = list(space.formats)
+        n_b, n_g, n_f = len(space.bits), len(space.groups), len(space.formats)
+        # cost[i, b, g, f]: exact bytes of matrix i at that setting, so a child's size needs no policy.
+        self.cost = np.zeros((len(self.names), n_b, n_g, n_f), dtype=np.int64)
+        for i, name in enumerate(self.names):
+            shape = space.matrices[name]
+            for b, bits in enumerate(space.bits):
+                for g, group in enumerate(space.groups):
+                    for f, fmt in enumerate(space.formats):
+                        s = quant.QuantSetting(fmt, bits, group)
+                        self.cost[i, b, g, f] = quant.get_format(fmt).expected_nbytes(shape, s)
+        numel = np.array([h * w for h, w in space.matrices.values()], dtype=np.float64)
+        # Partners for a move: matrices within a factor 2 in size, so one step up and one down cancel.
+        ratio = numel[:, None] / numel[None, :]
+        self.partners = [np.flatnonzero((ratio[i] <= 2.0) & (ratio[i] >= 0.5) & (np.arange(len(numel)) != i))
+                         for i in range(len(numel))]
+        self._seen: set[bytes] = set()
+
+    # Optuna's interface --------------------------------------------------------------------------
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        space: dict[str, BaseDistribution] = {}
+        for name in self.names:
+            space[f"{name}:bits"] = IntDistribution(0, len(self.space.bits) - 1)
+            space[f"{name}:group"] = CategoricalDistribution(self.labels)
+            if len(self.formats) > 1:
+                space[f"{name}:format"] = CategoricalDistribution(self.formats)
+        return space
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space or "fixed_params" in trial.system_attrs:
+            return {}  # an enqueued seed: its params are fixed already
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+            if len(t.params) == len(search_space):
+                self._seen.add(self._encode(t.params).tobytes())
+        parents = self._parents(trials)
+        for _ in range(20):  # a few tries for a child not measured yet
+            child = self._child(parents)
+            if child.tobytes() not in self._seen:
+                break
+        self._seen.add(child.tobytes())
+        return self._decode(child)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def reseed_rng(self) -> None:
+        self._rng = np.random.default_rng()
+        self._fallback.reseed_rng()
+
+    # The evolution -------------------------------------------------------------------------------
+
+    def nbytes(self, genome: np.ndarray) -> int:
+        """Bytes of a genome: ``(n_matrices, 3)`` rows of (bits index, group index, format index)."""
+        return int(self.cost[np.arange(len(self.names)), genome[:, 0], genome[:, 1], genome[:, 2]].sum())
+
+    def _encode(self, params: dict[str, Any]) -> np.ndarray:
+        g = np.zeros((len(self.names), 3), dtype=np.int64)
+        for i, name in enumerate(self.names):
+            g[i, 0] = int(params[f"{name}:bits"])
+            g[i, 1] = self.labels.index(params[f"{name}:group"])
+            g[i, 2] = self.formats.index(params[f"{name}:format"]) if len(self.formats) > 1 else 0
+        return g
+
+    def _decode(self, g: np.ndarray) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for i, name in enumerate(self.names):
+            out[f"{name}:bits"] = int(g[i, 0])
+            out[f"{name}:group"] = self.labels[int(g[i, 1])]
+            if len(self.formats) > 1:
+                out[f"{name}:format"] = self.formats[int(g[i, 2])]
+        return out
+
+    def _parents(self, trials: list[FrozenTrial]) -> list[np.ndarray]:
+        feasible = [t for t in trials if t.values is not None and t.values[1] <= self.budget
+                    and all(f"{n}:bits" in t.params for n in self.names)]
+        feasible.sort(key=lambda t: t.values[0])
+        return [self._encode(t.params) for t in feasible[:self.population]]
+
+    def _child(self, parents: list[np.ndarray]) -> np.ndarray:
+        rng = self._rng
+        if not parents:
+            child = np.stack([rng.integers(0, len(self.space.bits), len(self.names)),
+                              rng.integers(0, len(self.labels), len(self.names)),
+                              rng.integers(0, len(self.formats), len(self.names))], axis=1)
+            return self.repair(child)
+        # Binary tournament on rank (parents are sorted best first).
+        pick = lambda: parents[min(rng.integers(0, len(parents), 2))]  # noqa: E731
+        child = pick().copy()
+        if len(parents) > 1 and rng.random() < self.crossover:
+            other = pick()
+            mask = rng.random(len(self.names)) < 0.5
+            child[mask] = other[mask]
+        for _ in range(int(rng.integers(1, 4))):
+            self._move(child)
+        if rng.random() < 0.2 and len(self.labels) > 1:
+            i = int(rng.integers(len(self.names)))
+            child[i, 1] = int(np.clip(child[i, 1] + rng.choice([-1, 1]), 0, len(self.labels) - 1))
+        if rng.random() < 0.1 and len(self.formats) > 1:
+            i = int(rng.integers(len(self.names)))
+            child[i, 2] = int(rng.integers(len(self.formats)))
+        return self.repair(child)
+
+    def _move(self, g: np.ndarray) -> None:
+        """Raise one matrix a bit step and lower a similar-sized one a step (bytes roughly unchanged)."""
+        top = len(self.space.bits) - 1
+        up = np.flatnonzero(g[:, 0] < top)
+        if not len(up):
+            return
+        i = int(self._rng.choice(up))
+        partners = [j for j in self.partners[i] if g[j, 0] > 0]
+        g[i, 0] += 1
+        if partners:
+            g[int(self._rng.choice(partners)), 0] -= 1
+
+    def repair(self, g: np.ndarray) -> np.ndarray:
+        """Lowers random matrices until the genome fits the budget, then raises random ones while they
+        fit and the genome is more than ``tolerance`` below it."""
+        rng = self._rng
+        while self.nbytes(g) > self.budget:
+            down = np.flatnonzero(g[:, 0] > 0)
+            if len(down):
+                g[int(rng.choice(down)), 0] -= 1
+                continue
+            coarse = np.flatnonzero(self.cost[np.arange(len(g)), 0, g[:, 1], g[:, 2]]
+                                    > self.cost[np.arange(len(g)), 0].min(axis=(1, 2)))
+            if not len(coarse):
+                break  # the smallest policy itself is over the budget: nothing fits
+            i = int(rng.choice(coarse))
+            grp, f = np.unravel_index(int(self.cost[i, 0].argmin()), self.cost[i, 0].shape)
+            g[i, 1], g[i, 2] = grp, f
+        floor = (1.0 - self.tolerance) * self.budget
+        top = len(self.space.bits) - 1
+        rows = np.arange(len(g))
+        used = self.nbytes(g)
+        while used < floor:
+            # One step up for a random matrix whose next step still fits: spreads the spare bytes.
+            step = np.where(g[:, 0] < top,
+                            self.cost[rows, np.minimum(g[:, 0] + 1, top), g[:, 1], g[:, 2]]
+                            - self.cost[rows, g[:, 0], g[:, 1], g[:, 2]], np.iinfo(np.int64).max)
+            fits = np.flatnonzero(step <= self.budget - used)
+            if not len(fits):
+                break
+            i = int(rng.choice(fits))
+            g[i, 0] += 1
+            used += int(step[i])
+        return g

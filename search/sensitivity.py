@@ -1,0 +1,108 @@
+"""Per-matrix sensitivity: the KL to the float model when only one matrix is quantized.
+
+The table is the input of the solved seeds (:mod:`search.seeds`): assuming the losses of
+different matrices add up, it predicts any policy's KL without a forward pass. It costs one
+forward per (matrix, setting) pair, so it is stored in the database, keyed by model and data
+fingerprints, and later studies on the same model and data reuse every pair already measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import quant
+from evaluators import Evaluator, UserError
+from evaluators.context import DataConfig
+from studies import Store
+
+__all__ = ["SensitivityTable", "measure_sensitivity", "run_sensitivity", "GRANULARITIES"]
+
+log = logging.getLogger(__name__)
+GRANULARITIES = ("matrix",)
+_FLUSH_EVERY = 32  # rows per database write: an interrupted run keeps most of its work
+
+
+@dataclass
+class SensitivityTable:
+    """KL and packed bytes of every (matrix, setting); ``computed`` pairs were measured now."""
+
+    matrices: dict[str, tuple[int, int]]
+    settings: list[quant.QuantSetting]
+    kl: dict[str, dict[str, float]] = field(default_factory=dict)  # matrix -> setting key -> KL
+    nbytes: dict[str, dict[str, int]] = field(default_factory=dict)  # matrix -> setting key -> bytes
+    computed: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+
+    def arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Matrix names and ``(n_matrices, n_settings)`` arrays of KL and bytes, settings in order."""
+        names = list(self.matrices)
+        keys = [s.key() for s in self.settings]
+        kl = np.array([[self.kl[n][k] for k in keys] for n in names], dtype=np.float64)
+        nb = np.array([[self.nbytes[n][k] for k in keys] for n in names], dtype=np.int64)
+        return names, kl, nb
+
+    def most_sensitive(self, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` matrices with the largest KL at their cheapest setting."""
+        names, kl, nb = self.arrays()
+        cheapest = nb.argmin(axis=1)
+        worst = [(names[i], float(kl[i, cheapest[i]])) for i in range(len(names))]
+        return sorted(worst, key=lambda t: -t[1])[:k]
+
+
+def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSetting], *,
+                        store: Store | None = None, model_fingerprint: str = "", data_fingerprint: str = "",
+                        progress: bool = True) -> SensitivityTable:
+    """Fills the table, measuring only pairs the store does not hold yet (and storing them)."""
+    settings = list(settings)
+    table = SensitivityTable(dict(evaluator.matrices), settings)
+    known = store.sensitivity(model_fingerprint, data_fingerprint) if store is not None else {}
+    todo: list[tuple[str, quant.QuantSetting]] = []
+    for name in table.matrices:
+        table.kl[name], table.nbytes[name] = {}, {}
+        for s in settings:
+            hit = known.get((name, s.key()))
+            if hit is None:
+                todo.append((name, s))
+            else:
+                table.kl[name][s.key()], table.nbytes[name][s.key()] = hit["kl"], hit["bytes"]
+    table.reused = len(table.matrices) * len(settings) - len(todo)
+    t0 = time.perf_counter()
+    pending: list[dict[str, Any]] = []
+    for name, s in tqdm(todo, desc="sensitivity", unit="pair", disable=not progress or not todo,
+                        dynamic_ncols=True):
+        t = time.perf_counter()
+        r = evaluator.evaluate_partial({name: s})
+        table.kl[name][s.key()], table.nbytes[name][s.key()] = r["kl"], int(r["bytes"])
+        pending.append({"matrix": name, "setting": s.key(), "kl": r["kl"], "ppl": r["ppl"],
+                        "bytes": int(r["bytes"]), "seconds": time.perf_counter() - t})
+        if store is not None and len(pending) >= _FLUSH_EVERY:
+            store.record_sensitivity(model_fingerprint, data_fingerprint, pending)
+            pending = []
+    if store is not None:
+        store.record_sensitivity(model_fingerprint, data_fingerprint, pending)
+    evaluator.restore_float()  # callers (the driver) go on using the model as the float reference
+    table.computed = len(todo)
+    table.seconds = time.perf_counter() - t0
+    return table
+
+
+def run_sensitivity(data: DataConfig, bits: tuple[int, ...], groups: tuple[int | None, ...], storage: str, *,
+                    granularity: str = "matrix", progress: bool = True) -> SensitivityTable:
+    """Loads model and data, then measures (or reuses) the table for the space's settings."""
+    from search.space import SearchSpace
+
+    if granularity not in GRANULARITIES:
+        raise UserError(f"granularity {granularity!r} is not supported yet; use one of {', '.join(GRANULARITIES)}")
+    store = Store(storage)
+    loaded, tokens = data.load()
+    space = SearchSpace(quant.weight_matrices(loaded.model), bits, groups)
+    evaluator = Evaluator(loaded, tokens)
+    return measure_sensitivity(evaluator, space.settings(), store=store, model_fingerprint=loaded.fingerprint,
+                               data_fingerprint=tokens.fingerprint, progress=progress)
