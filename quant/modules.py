@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.kernels import Kernel
+from quant.kernels import prepare as prepare_kernel
 from quant.packed import PackedTensor
 
 __all__ = ["QuantLinear", "QuantEmbedding"]
@@ -18,6 +20,10 @@ class QuantLinear(nn.Module):
     workers do, for speed) the decoded weight is kept until the packed tensor is
     swapped. Both paths compute ``x @ dequantize(packed).T + bias``, so what the
     search measures is what an exported checkpoint computes.
+
+    A single token (decode) without ``cache_dense`` goes through a packed kernel
+    (:mod:`quant.kernels`, prepared lazily on first use and dropped with the packed
+    tensor): same product, without materializing the float weight.
     """
 
     def __init__(self, packed: PackedTensor, bias: torch.Tensor | None = None, cache_dense: bool = False,
@@ -28,6 +34,7 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.cache_dense = cache_dense
         self._dense: torch.Tensor | None = None
+        self._kernel: Kernel | None = None
         self.packed = packed
 
     @property
@@ -40,6 +47,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"packed shape {value.shape} does not fit ({self.out_features}, {self.in_features})")
         self._packed = value
         self._dense = None
+        self._kernel = None
 
     def weight_dense(self) -> torch.Tensor:
         if not self.cache_dense:
@@ -49,6 +57,13 @@ class QuantLinear(nn.Module):
         return self._dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        if x.numel() == self.in_features and not self.cache_dense:  # one token: decode from packed data
+            if self._kernel is None:
+                self._kernel = prepare_kernel(self._packed)
+            y = self._kernel(x.reshape(1, -1))
+            if self.bias is not None:
+                y = y + self.bias
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         w = self.weight_dense()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

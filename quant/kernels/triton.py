@@ -1,0 +1,96 @@
+"""Triton GPU kernel for rtn: unpack b-bit codes, apply scale/offset, multiply.
+
+Imported only when a CUDA tensor asks for a kernel (see :func:`quant.kernels.prepare`),
+so CPU machines never need triton. It reads the stored buffers as they are (no
+repacking): codes in the lsb-first layout of :mod:`quant.packing`, fp16 ``scale``
+and ``offset`` of shape ``(out, n_groups)``, and accumulates in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quant.kernels.cpu import Kernel
+from quant.packed import PackedTensor
+from quant.primitives import padded_in_features
+
+__all__ = ["TritonRTNKernel", "prepare_cuda", "available"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: prepare_cuda answers None, callers fall back
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rtn_gemv(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr,
+                  N, K, K_P, N_GROUPS, GROUP, N_BYTES,
+                  BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One program: BLOCK_N output rows of one input row m; loop over K in BLOCK_K steps.
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        row_ok = rows < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+            col_ok = cols < K
+            x = tl.load(x_ptr + m * K + cols, mask=col_ok, other=0.0).to(tl.float32)
+            # Code i of the flat stream sits at bit (i % 8) * BITS of the 8*BITS-bit word
+            # i // 8, i.e. at bit i * BITS of the byte stream: at most two bytes hold it.
+            flat = rows[:, None].to(tl.int64) * K_P + cols[None, :]  # (BN, BK)
+            bit = flat * BITS
+            byte = bit // 8
+            shift = (bit % 8).to(tl.int32)
+            ok = row_ok[:, None] & col_ok[None, :]
+            lo = tl.load(codes_ptr + byte, mask=ok, other=0).to(tl.int32)
+            hi = tl.load(codes_ptr + byte + 1, mask=ok & (byte + 1 < N_BYTES), other=0).to(tl.int32)
+            q = (((hi << 8) | lo) >> shift) & ((1 << BITS) - 1)
+            g = rows[:, None] * N_GROUPS + cols[None, :] // GROUP
+            s = tl.load(scale_ptr + g, mask=ok, other=0.0).to(tl.float32)
+            if HAS_OFFSET:
+                o = tl.load(offset_ptr + g, mask=ok, other=0.0).to(tl.float32)
+                w = q.to(tl.float32) * s + o
+            else:
+                w = (q - (1 << (BITS - 1))).to(tl.float32) * s
+            acc += tl.sum(w * x[None, :], axis=1)
+        tl.store(y_ptr + m * N + rows, acc, mask=row_ok)
+
+
+class TritonRTNKernel(Kernel):
+    """rtn at any width 2..8, any group size (per channel included), on CUDA."""
+
+    def __init__(self, packed: PackedTensor, block_n: int = 32, block_k: int = 128):
+        self.packed = packed
+        out_features, in_features = packed.shape
+        self.in_p = padded_in_features(in_features, packed.setting.group_size)
+        self.group = packed.setting.group_size or in_features
+        self.block_n, self.block_k = block_n, block_k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
+        b = self.packed.buffers
+        out_features, in_features = self.packed.shape
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], out_features, device=x.device, dtype=torch.float32)
+        offset = b.get("offset")
+        grid = (triton.cdiv(out_features, self.block_n), x.shape[0])
+        _rtn_gemv[grid](x, b["codes"], b["scale"], b["scale"] if offset is None else offset, y,
+                        out_features, in_features, self.in_p, b["scale"].shape[1], self.group, b["codes"].numel(),
+                        BITS=self.packed.setting.bits, HAS_OFFSET=offset is not None,
+                        BLOCK_N=self.block_n, BLOCK_K=self.block_k)
+        return y
+
+
+def prepare_cuda(packed: PackedTensor) -> Kernel | None:
+    """The Triton kernel for rtn without outliers; None when it does not apply (or no triton)."""
+    if not available() or packed.setting.format != "rtn" or "outlier_idx" in packed.buffers:
+        return None
+    return TritonRTNKernel(packed)

@@ -1,0 +1,129 @@
+"""Kernels compute what dequantize-then-matmul computes: every rtn width, every format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quant
+from quant.formats import format_names
+from quant.kernels import GenericKernel, Int4Kernel, Int8Kernel, RTNTiledKernel, prepare
+from tests.test_formats import CASES
+
+GROUPS = [32, 128, None]  # 128 does not divide 576: a padded last group; None: per channel
+
+
+def _weight(out: int, inp: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed))
+
+
+def _x(m: int, inp: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(m, inp, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    # Tolerance relative to the output's magnitude: a dot of 576 terms has no per-element scale.
+    err = float((y - ref).abs().max())
+    assert err <= rel * float(ref.abs().max()), f"max error {err:.3g} vs output max {float(ref.abs().max()):.3g}"
+
+
+def _tolerance(kernel: object) -> float:
+    # The int kernels run bfloat16 activations (see quant/kernels/cpu.py); the rest is float32.
+    return 1e-2 if isinstance(kernel, (Int4Kernel, Int8Kernel)) else 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("m", [1, 3])
+def test_rtn_kernel_matches_dequantize(bits: int, group: int | None, symmetric: bool, m: int) -> None:
+    packed = quant.quantize(_weight(96, 576), {"bits": bits, "group_size": group,
+                                                "options": {"symmetric": symmetric}})
+    kernel = prepare(packed)
+    x = _x(m, 576)
+    _close(kernel(x), x @ packed.dequantize().t(), _tolerance(kernel))
+
+
+def test_int_kernels_chosen_where_they_fit() -> None:
+    def kind(out: int, bits: int, group: int | None) -> type:
+        return type(prepare(quant.quantize(_weight(out, 576), {"bits": bits, "group_size": group})))
+
+    assert kind(96, 4, 32) is Int4Kernel and kind(96, 4, None) is Int4Kernel  # per channel: groups of 64
+    assert kind(90, 4, 32) is RTNTiledKernel  # the int4 op needs out % 16 == 0
+    assert kind(96, 8, None) is Int8Kernel and kind(96, 8, 32) is RTNTiledKernel
+    assert kind(96, 3, 32) is RTNTiledKernel
+    with_outliers = quant.quantize(_weight(96, 576), {"bits": 4, "group_size": 32, "options": {"outlier_frac": 0.01}})
+    assert type(prepare(with_outliers)) is GenericKernel
+
+
+def test_rtn_tiled_kernel_ragged_tiles() -> None:
+    packed = quant.quantize(_weight(50, 576), {"bits": 5, "group_size": 128})
+    x = _x(2, 576)
+    torch.testing.assert_close(RTNTiledKernel(packed, tile_rows=16)(x), x @ packed.dequantize().t(),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_generic_path_matches_int_kernels_exactly_where_both_apply() -> None:
+    # The generic path is float32-exact; it pins the int kernels' bfloat16 error.
+    packed = quant.quantize(_weight(96, 576), {"bits": 4, "group_size": 64})
+    x = _x(1, 576)
+    exact = GenericKernel(packed, tile_rows=16)(x)
+    torch.testing.assert_close(exact, x @ packed.dequantize().t(), rtol=1e-5, atol=1e-4)
+    _close(prepare(packed)(x), exact, 1e-2)
+
+
+@pytest.mark.parametrize("name,setting", [(n, s) for n, cases in CASES.items() for s, _ in cases],
+                         ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("m", [1, 2])
+def test_every_format_through_its_kernel(name: str, setting: dict, m: int) -> None:
+    assert name in format_names()
+    packed = quant.quantize(_weight(48, 576), {"format": name, **setting})
+    kernel = prepare(packed)
+    x = _x(m, 576)
+    _close(kernel(x), x @ packed.dequantize().t(), _tolerance(kernel))
+
+
+def test_generic_tiles_cover_ragged_rows() -> None:
+    packed = quant.quantize(_weight(50, 576), {"format": "lloyd", "bits": 3, "group_size": 64})
+    x = _x(2, 576)
+    torch.testing.assert_close(GenericKernel(packed, tile_rows=16)(x), x @ packed.dequantize().t(),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_quant_linear_dispatch(bias: bool) -> None:
+    w = _weight(64, 576)
+    packed = quant.quantize(w, {"bits": 3, "group_size": 32})  # tiled path: float32-exact
+    b = torch.randn(64) if bias else None
+    layer = quant.QuantLinear(packed, b)
+    ref = F.linear(_x(5, 576), packed.dequantize(), b)
+    assert layer._kernel is None
+    one = layer(_x(5, 576)[:1].view(1, 1, 576))  # decode: the kernel path, prepared lazily
+    assert layer._kernel is not None and one.shape == (1, 1, 64)
+    torch.testing.assert_close(one.view(1, 64), ref[:1], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer(_x(5, 576).view(1, 5, 576)).view(5, 64), ref)  # prefill: dense path
+    layer.packed = quant.quantize(w, {"bits": 4, "group_size": 32})
+    assert layer._kernel is None  # a swapped packed tensor drops the runtime layout
+    cached = quant.QuantLinear(packed, b, cache_dense=True)
+    cached(_x(1, 576))
+    assert cached._kernel is None  # the search workers' cache_dense keeps the dense path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("m", [1, 3])
+def test_triton_kernel_matches_dequantize(bits: int, group: int | None, symmetric: bool, m: int) -> None:
+    pytest.importorskip("triton")
+    from quant.kernels.triton import TritonRTNKernel
+
+    packed = quant.quantize(_weight(96, 576), {"bits": bits, "group_size": group,
+                                                "options": {"symmetric": symmetric}})
+    ref = (_x(m, 576) @ packed.dequantize().t()).cuda()  # quant.packing unpacks on the CPU
+    on_gpu = quant.PackedTensor(packed.setting, packed.shape, {k: v.cuda() for k, v in packed.buffers.items()})
+    kernel = prepare(on_gpu)
+    assert isinstance(kernel, TritonRTNKernel)
+    x = _x(m, 576).cuda()
+    torch.testing.assert_close(kernel(x), ref, rtol=1e-4, atol=1e-3 * float(ref.abs().max()))
