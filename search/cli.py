@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", default="32,64,128", help="allowed group sizes; 'ch' = per output channel")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local Ray)")
     p.add_argument("--memory-limit", default=None, help="memory the search may use, e.g. 8GB (default: available)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="measure (or reuse) per-matrix sensitivity first and enqueue DP/greedy seeds "
+                        "(one forward per matrix and setting; reused by later studies)")
 
     p = sub.add_parser("studies", help="list studies")
     p.add_argument("--storage", default=None)
@@ -149,7 +152,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     cfg = SearchConfig(study=study, data=data, budget=args.budget, trials=args.trials, sampler=args.sampler,
                        workers=args.workers, storage=_storage(args), bits=bits, groups=groups,
                        ray_address=args.ray_address,
-                       memory_limit=None if args.memory_limit is None else parse_budget(args.memory_limit, 8))
+                       memory_limit=None if args.memory_limit is None else parse_budget(args.memory_limit, 8),
+                       sensitivity=args.sensitivity)
     summary = run_search(cfg)
     print(f"study {study}: {summary['complete']} complete trials ({summary['ran']} run now, "
           f"{summary['failed']} failed) in {summary['seconds']:.0f} s")

@@ -96,3 +96,15 @@ def test_search_that_cannot_fit_in_memory_is_refused_with_the_estimate(corpus, t
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "needs about" in err and "GiB is available" in err
+
+
+def test_sensitivity_seeds_are_enqueued_when_asked(corpus, local_ray, tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path}/s.db"
+    argv = ["search", "--model", "tiny-random-llama", "--dataset", corpus, "--seq-len", "64", "--eval-seqs", "4",
+            "--budget", "3.5bpw", "--bits", "2,4", "--groups", "32", "--workers", "2", "--trials", "6",
+            "--sensitivity", "--storage", storage, "--study", "sens"]
+    assert main(argv) == 0
+    store = Store(storage)
+    frame = store.trials_frame(store.get_study("sens"))
+    solved = frame[frame["seed"].fillna("").str.startswith(("dp:", "greedy:"))]
+    assert len(solved) >= 1 and (solved["bpw"] <= 3.5 + 1e-9).all()
