@@ -19,11 +19,17 @@ from studies import Store
 
 def _kill_first_busy_worker(stop: threading.Event, killed: list[int]) -> None:
     """SIGKILLs the first Ray actor process caught running ``TrialWorker.evaluate``."""
+    me = psutil.Process()
     while not stop.is_set() and not killed:
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if "TrialWorker.evaluate" in " ".join(proc.info["cmdline"] or []):
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                killed.append(proc.info["pid"])
+        # Only this test's own Ray (started by this process): never another run's workers.
+        for proc in me.children(recursive=True):
+            try:
+                busy = "TrialWorker.evaluate" in " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            if busy:
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc.pid)
                 return
         time.sleep(0.005)
 
