@@ -92,9 +92,9 @@ def _add_sensitivity_parser(sub) -> None:
     p.add_argument("--top", type=int, default=10, help="print the N most sensitive matrices")
 
 
-def _cmd_sensitivity(args: argparse.Namespace) -> int:
+def _data_and_space(args: argparse.Namespace):
+    """The data options (shared by search and sensitivity) and the allowed bits and groups."""
     from evaluators.context import DataConfig
-    from search.sensitivity import run_sensitivity
 
     data = DataConfig(model=args.model, dataset=args.dataset, seq_len=args.seq_len, n_eval=args.eval_seqs,
                       n_calib=args.calib_seqs, seed=args.seed, trust_remote_code=args.trust_remote_code)
@@ -103,6 +103,13 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
         groups = _groups(args.groups)
     except ValueError:
         raise SystemExit("error: --bits and --groups take comma-separated integers (groups may use 'ch')")
+    return data, bits, groups
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from search.sensitivity import run_sensitivity
+
+    data, bits, groups = _data_and_space(args)
     table = run_sensitivity(data, bits, groups, _storage(args), granularity=args.granularity)
     pairs = table.computed + table.reused
     per = f", {table.seconds / table.computed:.3f} s per pair" if table.computed else ""
@@ -137,17 +144,10 @@ def _storage(args: argparse.Namespace) -> str:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from evaluators.context import DataConfig
     from search.budget import parse_budget
     from search.driver import SearchConfig, run_search
 
-    data = DataConfig(model=args.model, dataset=args.dataset, seq_len=args.seq_len, n_eval=args.eval_seqs,
-                      n_calib=args.calib_seqs, seed=args.seed, trust_remote_code=args.trust_remote_code)
-    try:
-        bits = tuple(int(b) for b in args.bits.split(","))
-        groups = _groups(args.groups)
-    except ValueError:
-        raise SystemExit("error: --bits and --groups take comma-separated integers (groups may use 'ch')")
+    data, bits, groups = _data_and_space(args)
     study = args.study or f"{args.model.replace('/', '_')}-{args.budget}"
     cfg = SearchConfig(study=study, data=data, budget=args.budget, trials=args.trials, sampler=args.sampler,
                        workers=args.workers, storage=_storage(args), bits=bits, groups=groups,
