@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", default="32,64,128", help="allowed group sizes; 'ch' = per output channel")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local Ray)")
     p.add_argument("--memory-limit", default=None, help="memory the search may use, e.g. 8GB (default: available)")
+    p.add_argument("--granularity", default="matrix", help="what shares one setting: matrix, block "
+                   "(each layer's attention and MLP) or layer")
     p.add_argument("--sensitivity", action="store_true",
                    help="measure (or reuse) per-matrix sensitivity first and enqueue DP/greedy seeds "
                         "(one forward per matrix and setting; reused by later studies)")
@@ -85,7 +87,8 @@ def _add_sensitivity_parser(sub) -> None:
     p = sub.add_parser("sensitivity", help="KL per (weight matrix, setting) with only that matrix quantized; "
                                            "stored and reused by later studies")
     _data_args(p)
-    p.add_argument("--granularity", default="matrix", choices=["matrix"], help="unit measured on its own")
+    p.add_argument("--granularity", default="matrix", help="unit measured on its own: matrix, block "
+                   "(each layer's attention and MLP) or layer")
     p.add_argument("--bits", default="2,3,4,5,6,8", help="allowed bit-widths")
     p.add_argument("--groups", default="32,64,128", help="allowed group sizes; 'ch' = per output channel")
     p.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///turboquant.db)")
@@ -113,9 +116,9 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     table = run_sensitivity(data, bits, groups, _storage(args), granularity=args.granularity)
     pairs = table.computed + table.reused
     per = f", {table.seconds / table.computed:.3f} s per pair" if table.computed else ""
-    print(f"sensitivity of {args.model}: {len(table.matrices)} matrices x {len(table.settings)} settings = {pairs} "
+    print(f"sensitivity of {args.model}: {len(table.units)} units ({args.granularity}) x {len(table.settings)} settings = {pairs} "
           f"pairs; measured {table.computed} in {table.seconds:.1f} s{per}; reused {table.reused} from {_storage(args)}")
-    print(f"most sensitive at their cheapest setting (KL with only that matrix quantized):")
+    print("most sensitive at their cheapest setting (KL with only that unit quantized):")
     for name, kl in table.most_sensitive(args.top):
         print(f"  {kl:10.5f}  {name}")
     return 0
@@ -153,7 +156,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                        workers=args.workers, storage=_storage(args), bits=bits, groups=groups,
                        ray_address=args.ray_address,
                        memory_limit=None if args.memory_limit is None else parse_budget(args.memory_limit, 8),
-                       sensitivity=args.sensitivity)
+                       sensitivity=args.sensitivity, granularity=args.granularity)
     summary = run_search(cfg)
     print(f"study {study}: {summary['complete']} complete trials ({summary['ran']} run now, "
           f"{summary['failed']} failed) in {summary['seconds']:.0f} s")

@@ -21,8 +21,8 @@ import quant
 from evaluators import UserError, reference_logprobs
 from evaluators.context import DataConfig
 from search.budget import parse_budget
-from search.samplers import make_sampler
-from search.space import DEFAULT_BITS, DEFAULT_GROUPS, SearchSpace
+from search.samplers import SAMPLERS, make_sampler
+from search.space import DEFAULT_BITS, DEFAULT_GROUPS, SearchSpace, check_granularity
 from search.workers import TrialWorker, init_ray
 from studies import DEFAULT_STORAGE, Store, StoreError
 from studies.retry import DB_ERRORS, with_db_retry
@@ -50,6 +50,7 @@ class SearchConfig:
     storage: str = DEFAULT_STORAGE
     bits: tuple[int, ...] = DEFAULT_BITS
     groups: tuple[int | None, ...] = DEFAULT_GROUPS
+    granularity: str = "matrix"  # what shares one setting: matrix, block (attention / MLP) or layer
     ray_address: str | None = None
     max_retries: int = 2
     progress: bool = True
@@ -75,6 +76,8 @@ def _open_study(cfg: SearchConfig, store: Store, space: SearchSpace, budget_byte
     if existing is not None:
         mismatch = [k for k in ("model", "dataset", "seq_len", "n_eval", "seed")
                     if existing.provenance.get(k) != provenance.get(k)]
+        if existing.space.get("granularity", "matrix") != space.granularity:
+            mismatch.append("granularity")
         if mismatch or existing.budget_bytes != budget_bytes:
             what = ", ".join(mismatch) or "budget"
             raise UserError(f"study {cfg.study!r} already exists with a different {what}; "
@@ -84,7 +87,7 @@ def _open_study(cfg: SearchConfig, store: Store, space: SearchSpace, budget_byte
         storage = optuna.storages.RDBStorage(cfg.storage)
     except Exception as exc:  # Optuna wraps driver errors in several types
         raise StoreError(f"cannot open storage {cfg.storage}: {str(exc).splitlines()[0]}") from None
-    n_params = len(space.matrices) * (2 + (len(space.formats) > 1))
+    n_params = len(space.units) * (2 + (len(space.formats) > 1))
     study = optuna.create_study(study_name=cfg.study, storage=storage, directions=["minimize", "minimize"],
                                 sampler=make_sampler(cfg.sampler, cfg.data.seed, n_params, space=space,
                                                     budget_bytes=budget_bytes), load_if_exists=True)
@@ -112,8 +115,9 @@ def _enqueue_solved(cfg: SearchConfig, study: optuna.Study, store: Store, loaded
     from search.sensitivity import measure_sensitivity
 
     evaluator = Evaluator(loaded, tokens)
-    table = measure_sensitivity(evaluator, space.settings(), store=store, model_fingerprint=loaded.fingerprint,
-                                data_fingerprint=tokens.fingerprint, progress=cfg.progress)
+    table = measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
+                                model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
+                                progress=cfg.progress)
     log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
     seeds = enqueue_solved_seeds(study, table, space, budget_bytes, cfg.seed_budgets)
     log.info("enqueued %d solved seeds", len(seeds))
@@ -141,9 +145,12 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     """
     if cfg.trials < 1 or cfg.workers < 1:
         raise UserError("--trials and --workers must be at least 1")
+    check_granularity(cfg.granularity)  # both before minutes of loading
+    if cfg.sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     store = Store(cfg.storage)
     loaded, tokens = cfg.data.load()
-    space = SearchSpace(quant.weight_matrices(loaded.model), cfg.bits, cfg.groups)
+    space = SearchSpace(quant.weight_matrices(loaded.model), cfg.bits, cfg.groups, granularity=cfg.granularity)
     budget_bytes = parse_budget(cfg.budget, space.numel)
     min_bytes = space.min_bytes()
     if budget_bytes < min_bytes:

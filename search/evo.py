@@ -45,21 +45,20 @@ class EvoSampler(optuna.samplers.BaseSampler):
         self.crossover = crossover
         self._rng = np.random.default_rng(seed)
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
-        self.names = list(space.matrices)
+        self.names = list(space.units)  # a genome row per unit (a matrix, block or layer)
         self.labels = [_group_label(g) for g in space.groups]
         self.formats = list(space.formats)
         n_b, n_g, n_f = len(space.bits), len(space.groups), len(space.formats)
-        # cost[i, b, g, f]: exact bytes of matrix i at that setting, so a child's size needs no policy.
+        # cost[i, b, g, f]: exact bytes of unit i at that setting, so a child's size needs no policy.
         self.cost = np.zeros((len(self.names), n_b, n_g, n_f), dtype=np.int64)
         for i, name in enumerate(self.names):
-            shape = space.matrices[name]
             for b, bits in enumerate(space.bits):
                 for g, group in enumerate(space.groups):
                     for f, fmt in enumerate(space.formats):
-                        s = quant.QuantSetting(fmt, bits, group)
-                        self.cost[i, b, g, f] = quant.get_format(fmt).expected_nbytes(shape, s)
-        numel = np.array([h * w for h, w in space.matrices.values()], dtype=np.float64)
-        # Partners for a move: matrices within a factor 2 in size, so one step up and one down cancel.
+                        self.cost[i, b, g, f] = space.unit_nbytes(name, quant.QuantSetting(fmt, bits, group))
+        numel = np.array([sum(h * w for h, w in (space.matrices[m] for m in space.units[u])) for u in self.names],
+                         dtype=np.float64)
+        # Partners for a move: units within a factor 2 in size, so one step up and one down cancel.
         ratio = numel[:, None] / numel[None, :]
         self.partners = [np.flatnonzero((ratio[i] <= 2.0) & (ratio[i] >= 0.5) & (np.arange(len(numel)) != i))
                          for i in range(len(numel))]

@@ -105,7 +105,7 @@ def solved_policies(table: SensitivityTable, space: SearchSpace, budget_bytes: i
             if cols is None or tuple(cols) in seen:
                 continue
             seen.add(tuple(cols))
-            policy = quant.Policy({n: settings[j] for n, j in zip(names, cols)})
+            policy = space.expand({n: settings[j] for n, j in zip(names, cols)})
             out.append((f"{method}:{8.0 * b / space.numel:.2f}bpw", policy,
                         int(nb[np.arange(len(names)), cols].sum())))
     return out

@@ -1,9 +1,10 @@
-"""Per-matrix sensitivity: the KL to the float model when only one matrix is quantized.
+"""Sensitivity: the KL to the float model when only one unit (a matrix, block or layer) is quantized.
 
 The table is the input of the solved seeds (:mod:`search.seeds`): assuming the losses of
-different matrices add up, it predicts any policy's KL without a forward pass. It costs one
-forward per (matrix, setting) pair, so it is stored in the database, keyed by model and data
+different units add up, it predicts any policy's KL without a forward pass. It costs one
+forward per (unit, setting) pair, so it is stored in the database, keyed by model and data
 fingerprints, and later studies on the same model and data reuse every pair already measured.
+A unit is stored under its own name (a block's is its module path), so granularities never mix.
 """
 
 from __future__ import annotations
@@ -17,39 +18,38 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import quant
-from evaluators import Evaluator, UserError
+from evaluators import Evaluator
 from evaluators.context import DataConfig
 from studies import Store
 
-__all__ = ["SensitivityTable", "measure_sensitivity", "run_sensitivity", "GRANULARITIES"]
+__all__ = ["SensitivityTable", "measure_sensitivity", "run_sensitivity"]
 
 log = logging.getLogger(__name__)
-GRANULARITIES = ("matrix",)
 _FLUSH_EVERY = 32  # rows per database write: an interrupted run keeps most of its work
 
 
 @dataclass
 class SensitivityTable:
-    """KL and packed bytes of every (matrix, setting); ``computed`` pairs were measured now."""
+    """KL and packed bytes of every (unit, setting); ``computed`` pairs were measured now."""
 
-    matrices: dict[str, tuple[int, int]]
+    units: dict[str, list[str]]  # unit name -> its matrices
     settings: list[quant.QuantSetting]
-    kl: dict[str, dict[str, float]] = field(default_factory=dict)  # matrix -> setting key -> KL
-    nbytes: dict[str, dict[str, int]] = field(default_factory=dict)  # matrix -> setting key -> bytes
+    kl: dict[str, dict[str, float]] = field(default_factory=dict)  # unit -> setting key -> KL
+    nbytes: dict[str, dict[str, int]] = field(default_factory=dict)  # unit -> setting key -> bytes
     computed: int = 0
     reused: int = 0
     seconds: float = 0.0
 
     def arrays(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """Matrix names and ``(n_matrices, n_settings)`` arrays of KL and bytes, settings in order."""
-        names = list(self.matrices)
+        """Unit names and ``(n_units, n_settings)`` arrays of KL and bytes, settings in order."""
+        names = list(self.units)
         keys = [s.key() for s in self.settings]
         kl = np.array([[self.kl[n][k] for k in keys] for n in names], dtype=np.float64)
         nb = np.array([[self.nbytes[n][k] for k in keys] for n in names], dtype=np.int64)
         return names, kl, nb
 
     def most_sensitive(self, k: int = 10) -> list[tuple[str, float]]:
-        """The ``k`` matrices with the largest KL at their cheapest setting."""
+        """The ``k`` units with the largest KL at their cheapest setting."""
         names, kl, nb = self.arrays()
         cheapest = nb.argmin(axis=1)
         worst = [(names[i], float(kl[i, cheapest[i]])) for i in range(len(names))]
@@ -57,14 +57,19 @@ class SensitivityTable:
 
 
 def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSetting], *,
-                        store: Store | None = None, model_fingerprint: str = "", data_fingerprint: str = "",
+                        units: dict[str, list[str]] | None = None, store: Store | None = None,
+                        model_fingerprint: str = "", data_fingerprint: str = "",
                         progress: bool = True) -> SensitivityTable:
-    """Fills the table, measuring only pairs the store does not hold yet (and storing them)."""
+    """Fills the table, measuring only pairs the store does not hold yet (and storing them).
+
+    Args:
+        units: unit name -> matrices quantized together (default: every matrix alone).
+    """
     settings = list(settings)
-    table = SensitivityTable(dict(evaluator.matrices), settings)
+    table = SensitivityTable(units or {m: [m] for m in evaluator.matrices}, settings)
     known = store.sensitivity(model_fingerprint, data_fingerprint) if store is not None else {}
     todo: list[tuple[str, quant.QuantSetting]] = []
-    for name in table.matrices:
+    for name in table.units:
         table.kl[name], table.nbytes[name] = {}, {}
         for s in settings:
             hit = known.get((name, s.key()))
@@ -72,13 +77,13 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
                 todo.append((name, s))
             else:
                 table.kl[name][s.key()], table.nbytes[name][s.key()] = hit["kl"], hit["bytes"]
-    table.reused = len(table.matrices) * len(settings) - len(todo)
+    table.reused = len(table.units) * len(settings) - len(todo)
     t0 = time.perf_counter()
     pending: list[dict[str, Any]] = []
     for name, s in tqdm(todo, desc="sensitivity", unit="pair", disable=not progress or not todo,
                         dynamic_ncols=True):
         t = time.perf_counter()
-        r = evaluator.evaluate_partial({name: s})
+        r = evaluator.evaluate_partial(dict.fromkeys(table.units[name], s))
         table.kl[name][s.key()], table.nbytes[name][s.key()] = r["kl"], int(r["bytes"])
         pending.append({"matrix": name, "setting": s.key(), "kl": r["kl"], "ppl": r["ppl"],
                         "bytes": int(r["bytes"]), "seconds": time.perf_counter() - t})
@@ -96,13 +101,13 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
 def run_sensitivity(data: DataConfig, bits: tuple[int, ...], groups: tuple[int | None, ...], storage: str, *,
                     granularity: str = "matrix", progress: bool = True) -> SensitivityTable:
     """Loads model and data, then measures (or reuses) the table for the space's settings."""
-    from search.space import SearchSpace
+    from search.space import SearchSpace, check_granularity
 
-    if granularity not in GRANULARITIES:
-        raise UserError(f"granularity {granularity!r} is not supported yet; use one of {', '.join(GRANULARITIES)}")
+    check_granularity(granularity)  # before minutes of loading
     store = Store(storage)
     loaded, tokens = data.load()
-    space = SearchSpace(quant.weight_matrices(loaded.model), bits, groups)
+    space = SearchSpace(quant.weight_matrices(loaded.model), bits, groups, granularity=granularity)
     evaluator = Evaluator(loaded, tokens)
-    return measure_sensitivity(evaluator, space.settings(), store=store, model_fingerprint=loaded.fingerprint,
-                               data_fingerprint=tokens.fingerprint, progress=progress)
+    return measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
+                               model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
+                               progress=progress)

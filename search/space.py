@@ -1,38 +1,72 @@
-"""The search space: per weight matrix, a choice of setting. The only place that maps Optuna params to policies."""
+"""The search space: per unit (a weight matrix, or a block or layer of them), a choice of setting.
+
+The only place that maps Optuna params to policies.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 
 import quant
+from evaluators.errors import UserError
 
-__all__ = ["SearchSpace", "DEFAULT_BITS", "DEFAULT_GROUPS"]
+__all__ = ["SearchSpace", "DEFAULT_BITS", "DEFAULT_GROUPS", "GRANULARITIES", "check_granularity", "units_of"]
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUPS: tuple[int | None, ...] = (32, 64, 128)
+GRANULARITIES = ("matrix", "block", "layer")
+# "model.layers.12.self_attn.q_proj" -> layer "model.layers.12", block "model.layers.12.self_attn".
+_LAYER = re.compile(r"^(?P<layer>.*?\.(?:layers|h|blocks|block|layer)\.\d+)\.(?P<block>[^.]+)\.")
 
 
 def _group_label(group: int | None) -> str:
     return "ch" if group is None else str(group)
 
 
+def check_granularity(granularity: str) -> str:
+    if granularity not in GRANULARITIES:
+        raise UserError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    return granularity
+
+
+def units_of(matrices: dict[str, tuple[int, int]], granularity: str = "matrix") -> dict[str, list[str]]:
+    """Unit name -> the matrices that share one setting.
+
+    ``matrix``: every matrix alone. ``block``: the sub-blocks of each transformer layer (attention,
+    MLP). ``layer``: each transformer layer whole. Matrices outside the layers (embedding, LM head)
+    stay units of their own at every granularity.
+    """
+    check_granularity(granularity)
+    units: dict[str, list[str]] = {}
+    for name in matrices:
+        m = _LAYER.match(name) if granularity != "matrix" else None
+        unit = name if m is None else m["layer"] + ("." + m["block"] if granularity == "block" else "")
+        units.setdefault(unit, []).append(name)
+    return units
+
+
 @dataclass
 class SearchSpace:
-    """Per-matrix settings: bits from ``bits`` (an ordered integer index, so NSGA-II's
+    """Per-unit settings: bits from ``bits`` (an ordered integer index, so NSGA-II's
     mutation and crossover respect order), group size and format as categoricals.
 
     Attributes:
         matrices: name -> (out, in) of every weight matrix the policy covers.
         bits, groups, formats: the allowed values.
+        granularity: what shares one setting (see :func:`units_of`).
+        units: unit name -> its matrices (derived).
     """
 
     matrices: dict[str, tuple[int, int]]
     bits: tuple[int, ...] = DEFAULT_BITS
     groups: tuple[int | None, ...] = DEFAULT_GROUPS
     formats: tuple[str, ...] = ("rtn",)
+    granularity: str = "matrix"
+    units: dict[str, list[str]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.bits = tuple(sorted(self.bits))
@@ -40,9 +74,11 @@ class SearchSpace:
             for b in self.bits:
                 for g in self.groups:
                     quant.QuantSetting(fmt, b, g).validate()
+        self.units = units_of(self.matrices, self.granularity)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits": list(self.bits), "groups": list(self.groups), "formats": list(self.formats)}
+        return {"bits": list(self.bits), "groups": list(self.groups), "formats": list(self.formats),
+                "granularity": self.granularity}
 
     @property
     def numel(self) -> int:
@@ -54,18 +90,24 @@ class SearchSpace:
     def suggest(self, trial: optuna.Trial) -> quant.Policy:
         labels = [_group_label(g) for g in self.groups]
         settings = {}
-        for name in self.matrices:
-            bits = self.bits[trial.suggest_int(f"{name}:bits", 0, len(self.bits) - 1)]
-            group = self.groups[labels.index(trial.suggest_categorical(f"{name}:group", labels))]
-            fmt = trial.suggest_categorical(f"{name}:format", list(self.formats)) if len(self.formats) > 1 \
+        for unit, members in self.units.items():
+            bits = self.bits[trial.suggest_int(f"{unit}:bits", 0, len(self.bits) - 1)]
+            group = self.groups[labels.index(trial.suggest_categorical(f"{unit}:group", labels))]
+            fmt = trial.suggest_categorical(f"{unit}:format", list(self.formats)) if len(self.formats) > 1 \
                 else self.formats[0]
-            settings[name] = quant.QuantSetting(fmt, bits, group)
+            settings.update(dict.fromkeys(members, quant.QuantSetting(fmt, bits, group)))
         return quant.Policy(settings)
 
+    def expand(self, per_unit: dict[str, quant.QuantSetting]) -> quant.Policy:
+        """The policy giving every matrix its unit's setting."""
+        return quant.Policy({m: s for unit, s in per_unit.items() for m in self.units[unit]})
+
     def params(self, policy: quant.Policy) -> dict[str, Any]:
-        """The Optuna params that :meth:`suggest` maps to ``policy`` (for enqueueing seeds)."""
+        """The Optuna params that :meth:`suggest` maps to ``policy`` (for enqueueing seeds).
+        A unit takes the setting of its first matrix."""
         out: dict[str, Any] = {}
-        for name, s in policy.settings.items():
+        for name, members in self.units.items():
+            s = policy.settings[members[0]]
             out[f"{name}:bits"] = self.bits.index(s.bits)
             out[f"{name}:group"] = _group_label(s.group_size)
             if len(self.formats) > 1:
@@ -75,10 +117,14 @@ class SearchSpace:
     def nbytes(self, policy: quant.Policy) -> int:
         return policy.expected_nbytes(self.matrices)
 
+    def unit_nbytes(self, unit: str, setting: quant.QuantSetting) -> int:
+        """Exact packed bytes of a unit's matrices at ``setting``."""
+        fmt = quant.get_format(setting.format)
+        return sum(fmt.expected_nbytes(self.matrices[m], setting) for m in self.units[unit])
+
     def min_bytes(self) -> int:
-        """Bytes of the smallest policy in the space (each matrix at its smallest setting)."""
-        return sum(min(quant.get_format(s.format).expected_nbytes(shape, s) for s in self.settings())
-                   for shape in self.matrices.values())
+        """Bytes of the smallest policy in the space (each unit at its smallest setting)."""
+        return sum(min(self.unit_nbytes(u, s) for s in self.settings()) for u in self.units)
 
     def uniform_policies(self) -> list[tuple[str, quant.Policy]]:
         return [(s.describe(), quant.Policy.uniform(list(self.matrices), s)) for s in self.settings()]
