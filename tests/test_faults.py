@@ -9,8 +9,10 @@ import sys
 import threading
 import time
 
-import psutil
+import math
 
+import optuna
+import psutil
 
 from evaluators.context import DataConfig
 from search.driver import SearchConfig, run_search
@@ -53,6 +55,72 @@ def test_worker_killed_mid_trial_is_retried_and_nothing_is_lost(corpus, local_ra
     assert summary["complete"] == 8 and (frame["state"] == "complete").sum() == 8
     attempts = [store.trial(store.get_study("f"), n).timings["attempts"] for n in frame["trial"]]
     assert max(attempts) == 2  # the killed trial ran again on a replacement worker
+
+
+def _kill_one_trial_on_every_attempt(stop: threading.Event, killed: list[int], times: int) -> None:
+    """SIGKILLs the first busy ``TrialWorker``, then each replacement actor that takes up its retry.
+
+    When a worker dies the driver starts a replacement and hands it the same trial first, so
+    sparing every actor alive at the time of a kill means the next busy newcomer runs that
+    trial again; the other worker (and its trials) is never touched.
+    """
+    me = psutil.Process()
+    spared: set[int] = set()
+    while not stop.is_set() and len(killed) < times:
+        actors = []
+        for proc in me.children(recursive=True):  # only this test's own Ray
+            try:
+                cmd = " ".join(proc.cmdline())
+            except psutil.Error:
+                continue
+            if "TrialWorker" in cmd:
+                actors.append((proc, "TrialWorker.evaluate" in cmd))
+        for proc, busy in actors:
+            if busy and proc.pid not in spared:
+                spared |= {p.pid for p, _ in actors if p.pid != proc.pid}
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc.pid)
+                break
+        time.sleep(0.005)
+
+
+def test_trial_whose_worker_always_dies_is_failed_after_max_retries(corpus, local_ray, tmp_path) -> None:
+    data = DataConfig(model="tiny-random-llama", dataset=corpus, seq_len=256, n_eval=32, n_calib=2)
+    storage = f"sqlite:///{tmp_path}/r.db"
+    max_retries, trials = 2, 6
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_one_trial_on_every_attempt, args=(stop, killed, max_retries + 1))
+    killer.start()
+    try:
+        summary = run_search(SearchConfig(study="r", data=data, budget="4.5bpw", trials=trials, workers=2,
+                                          storage=storage, max_retries=max_retries, progress=False))
+    finally:
+        stop.set()
+        killer.join()
+    assert len(killed) == max_retries + 1, f"only {len(killed)} kills landed"
+    store = Store(storage)
+    study_row = store.get_study("r")
+    frame = store.trials_frame(study_row)
+    assert frame["trial"].is_unique
+    failed = frame[frame["state"] == "failed"]
+    complete = frame[frame["state"] == "complete"]
+    # The doomed trial: failed once, after 1 + max_retries attempts, with the reason stored.
+    assert summary["failed"] == 1 and len(failed) == 1
+    doomed = store.trial(study_row, int(failed["trial"].iloc[0]))
+    assert doomed.error.startswith(f"worker died {max_retries + 1} times: The actor died unexpectedly")
+    assert doomed.policy.get("matrices"), "the failed trial's policy is kept for inspection"
+    # Every other trial ran once, on a worker that was never killed, and is complete and measured.
+    assert summary["complete"] == trials and len(complete) == trials
+    for n in complete["trial"]:
+        row = store.trial(study_row, int(n))
+        assert row.timings["attempts"] == 1 and int(row.worker.rsplit(":", 1)[1]) not in killed
+        assert math.isfinite(row.kl) and row.kl >= 0 and row.bytes > 0
+    # Optuna agrees with the store: the same trial FAILed, the same values COMPLETE.
+    study = optuna.load_study(study_name="r", storage=storage)
+    states = {t.number: t.state for t in study.trials}
+    assert states[doomed.number] == optuna.trial.TrialState.FAIL
+    told = {t.number: t.values for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert told == {int(r.trial): [r.kl, float(r.bytes)] for r in complete.itertuples()}
 
 
 def test_driver_sigkill_then_resume_keeps_every_finished_trial(corpus, tmp_path) -> None:
