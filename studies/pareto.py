@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-__all__ = ["non_dominated", "hypervolume"]
+import numpy as np
+
+__all__ = ["non_dominated", "front_indices", "hypervolume"]
 
 
 def non_dominated(points: Iterable[tuple[float, float, object]]) -> list[tuple[float, float, object]]:
@@ -20,6 +22,21 @@ def non_dominated(points: Iterable[tuple[float, float, object]]) -> list[tuple[f
             front.append(point)
             best_kl = point[1]
     return front
+
+
+def front_indices(nbytes: np.ndarray, kl: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated points in (bytes, kl), both minimized, sorted by bytes.
+
+    The vectorized form of :func:`non_dominated` (same answer, ties included): a point survives
+    when its KL is below that of every point sorted before it.
+    """
+    nbytes, kl = np.asarray(nbytes, dtype=np.float64), np.asarray(kl, dtype=np.float64)
+    if nbytes.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((kl, nbytes))  # by bytes, then KL; stable, so ties keep their first
+    sorted_kl = kl[order]
+    best_before = np.minimum.accumulate(np.concatenate(([np.inf], sorted_kl[:-1])))
+    return order[sorted_kl < best_before]
 
 
 def hypervolume(front: Sequence[tuple[float, float]], reference: tuple[float, float]) -> float:

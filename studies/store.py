@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+import json
+import math
+import threading
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import and_, bindparam, create_engine, event, func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from studies.models import Base, SensitivityRow, StudyRow, TrialRow
-from studies.pareto import non_dominated
+from studies.models import FRONT_INDEX, Base, SensitivityRow, StudyRow, TrialRow
+from studies.pareto import front_indices
 
 __all__ = ["Store", "StoreError", "DEFAULT_STORAGE", "FRONT_COLUMNS"]
 
 DEFAULT_STORAGE = "sqlite:///turboquant.db"
 FRONT_COLUMNS = ["trial", "bytes", "bpw", "kl", "ppl", "top1", "logit_err", "seed"]
+
+
+# What a front depends on, summarised in one aggregate over the study's complete trials (answered
+# from the covering index ``FRONT_INDEX``). Trials are only added or overwritten: an addition changes
+# the count and the largest row id; an overwrite changes the count or the sums of bytes and KL.
+_VERSION_COLUMNS = (func.count(TrialRow.id), func.max(TrialRow.id), func.sum(TrialRow.bytes), func.sum(TrialRow.kl))
+_COMPLETE = and_(TrialRow.study_id == StudyRow.id, TrialRow.state == "complete")
+_FRONT_HEAD = (select(StudyRow.id, StudyRow.budget_bytes, *_VERSION_COLUMNS).select_from(StudyRow)
+               .outerjoin(TrialRow, _COMPLETE).where(StudyRow.name == bindparam("name"))
+               .group_by(StudyRow.id, StudyRow.budget_bytes))
+_FRONT_VERSION = select(*_VERSION_COLUMNS).where(TrialRow.study_id == bindparam("study_id"),
+                                                 TrialRow.state == "complete")
+_FRONT_ROWS = (select(TrialRow.number, TrialRow.bytes, TrialRow.bpw, TrialRow.kl, TrialRow.ppl, TrialRow.top1,
+                      TrialRow.logit_err, TrialRow.seed)
+               .where(TrialRow.study_id == bindparam("study_id"), TrialRow.state == "complete",
+                      TrialRow.bytes <= bindparam("limit")))
 
 
 class StoreError(ValueError):
@@ -36,7 +56,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 def make_engine(url: str) -> Engine:
     """An engine for ``url``, with SQLite tuned for one writer and many readers."""
     try:
-        engine = create_engine(url, pool_pre_ping=True)
+        # A ping per checkout notices a restarted PostgreSQL; a SQLite file cannot go away like that,
+        # and the extra round trip is a fifth of a cached front read.
+        engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
     except (ArgumentError, ImportError, ValueError) as exc:
         raise StoreError(f"cannot use storage URL {url!r}: {exc}") from None
     if engine.dialect.name == "sqlite":
@@ -59,6 +81,13 @@ class Store:
         except OperationalError as exc:
             raise StoreError(f"cannot open storage {url}: {str(exc.orig).strip().splitlines()[0]}") from None
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        try:  # databases made before the index existed get it now (create_all skips existing tables)
+            FRONT_INDEX.create(self.engine, checkfirst=True)
+        except DBAPIError:  # another process created it at the same moment
+            pass
+        # Fronts by (study id, byte limit): (version, frame, JSON). See :meth:`_front_version`.
+        self._fronts: dict[tuple[int, int], tuple[tuple, pd.DataFrame, bytes | None]] = {}
+        self._fronts_lock = threading.Lock()
 
     def session(self) -> Session:
         return self._session()
@@ -143,13 +172,45 @@ class Store:
         ``budget_bytes`` narrows the front to a smaller budget than the study's.
         """
         limit = study.budget_bytes if budget_bytes is None else min(budget_bytes, study.budget_bytes)
-        with self.session() as s:
-            rows = s.execute(select(TrialRow.number, TrialRow.bytes, TrialRow.bpw, TrialRow.kl, TrialRow.ppl,
-                                    TrialRow.top1, TrialRow.logit_err, TrialRow.seed)
-                             .where(TrialRow.study_id == study.id, TrialRow.state == "complete",
-                                    TrialRow.bytes <= limit)).all()
-        points = non_dominated((r.bytes, r.kl, r) for r in rows)
-        return pd.DataFrame([dict(zip(FRONT_COLUMNS, p[2])) for p in points], columns=FRONT_COLUMNS)
+        with self.engine.connect() as conn:
+            version = tuple(conn.execute(_FRONT_VERSION, {"study_id": study.id}).one())
+            return self._cached_front(conn, study.id, limit, version)[0].copy()
+
+    def front_json(self, name: str) -> bytes:
+        """The study's front as a JSON array of records (``turboquant front --json``), for the API.
+
+        One indexed query finds the study and whether its trials changed since the last call;
+        if not, the encoded answer is reused, so a read costs that query and nothing else.
+        """
+        with self.engine.connect() as conn:
+            head = conn.execute(_FRONT_HEAD, {"name": name}).first()
+            if head is None:
+                self.get_study(name)  # raises, naming the known studies
+            return self._cached_front(conn, head[0], head[1], tuple(head[2:]), encode=True)[1]
+
+    def _cached_front(self, conn: Any, study_id: int, limit: int, version: tuple,
+                      encode: bool = False) -> tuple[pd.DataFrame, bytes | None]:
+        key = (study_id, int(limit))
+        hit = self._fronts.get(key)
+        if hit is not None and hit[0] == version and (hit[2] is not None or not encode):
+            return hit[1], hit[2]
+        frame = hit[1] if hit is not None and hit[0] == version else self._compute_front(conn, study_id, limit)
+        body = _front_json(frame) if encode else None
+        with self._fronts_lock:
+            if len(self._fronts) > 256:  # many ad-hoc budgets: start over rather than grow
+                self._fronts.clear()
+            self._fronts[key] = (version, frame, body)
+        return frame, body
+
+    @staticmethod
+    def _compute_front(conn: Any, study_id: int, limit: int) -> pd.DataFrame:
+        # Only the front's columns of the study's complete trials within the limit, in one query.
+        rows = conn.execute(_FRONT_ROWS, {"study_id": study_id, "limit": limit}).all()
+        frame = pd.DataFrame(rows, columns=FRONT_COLUMNS)
+        if frame.empty:
+            return frame
+        keep = front_indices(frame["bytes"].to_numpy(dtype=np.float64), frame["kl"].to_numpy(dtype=np.float64))
+        return frame.iloc[keep].reset_index(drop=True)
 
     # Sensitivity ------------------------------------------------------------------------------
 
@@ -185,3 +246,16 @@ class Store:
                     s.commit()
                 except IntegrityError:
                     s.rollback()
+
+
+def _front_json(frame: pd.DataFrame) -> bytes:
+    # JSON has no NaN: a missing metric is null, as in the API's other answers.
+    records = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+               for r in frame.astype(object).to_dict(orient="records")]
+    return json.dumps(records, default=_plain).encode()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")

@@ -1,6 +1,12 @@
+import json
+
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from studies import Store, StoreError, export_policy, hypervolume, non_dominated
+from studies.pareto import front_indices
 
 
 def _study(store: Store, name: str = "s", budget: int = 1000):
@@ -63,3 +69,31 @@ def test_non_dominated_and_hypervolume_known_answers() -> None:
     assert [p[2] for p in front] == ["a", "c", "e"]
     # Rectangles: (5-1)*(4-3) + (5-2)*(3-1) + (5-4)*(1-0.5) = 4 + 6 + 0.5
     assert hypervolume([(p[0], p[1]) for p in front], (5, 4)) == pytest.approx(10.5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(points=st.lists(st.tuples(st.integers(0, 20), st.sampled_from([0.0, 0.5, 1.0, 2.0]) | st.floats(0, 5)),
+                       max_size=40))
+def test_vectorized_front_matches_the_reference(points) -> None:
+    reference = [p[2] for p in non_dominated((b, k, i) for i, (b, k) in enumerate(points))]
+    indices = front_indices(np.array([p[0] for p in points]), np.array([p[1] for p in points]))
+    assert list(indices) == reference
+
+
+def test_cached_front_follows_every_write(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    reader, writer = Store(url), Store(url)  # as the service and a driver in another process
+    study = _study(writer)
+    writer.record_trial(study, 0, state="complete", policy={}, bytes=900, bpw=3.6, kl=0.5, ppl=2.0)
+    assert [p["trial"] for p in json.loads(reader.front_json("s"))] == [0]
+    assert json.loads(reader.front_json("s")) == json.loads(reader.front_json("s"))  # served from the cache
+    writer.record_trial(study, 1, state="complete", policy={}, bytes=800, bpw=3.2, kl=0.4)  # dominates 0
+    points = json.loads(reader.front_json("s"))
+    assert [p["trial"] for p in points] == [1] and points[0]["ppl"] is None
+    writer.record_trial(study, 1, state="complete", policy={}, bytes=950, bpw=3.8, kl=0.1)  # overwritten
+    assert [p["trial"] for p in json.loads(reader.front_json("s"))] == [0, 1]
+    writer.record_trial(study, 2, state="failed", policy={}, error="boom")
+    assert json.loads(reader.front_json("s")) == reader.front(reader.get_study("s")).replace(
+        {np.nan: None}).to_dict(orient="records")
+    with pytest.raises(StoreError, match="no study named 'nope'"):
+        reader.front_json("nope")
