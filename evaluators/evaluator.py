@@ -89,14 +89,24 @@ class Evaluator:
         self._biases = {name: None if m.bias is None else m.bias.detach().clone()
                         for name, m in modules.items() if isinstance(m, nn.Linear)}
 
-    def _measure(self) -> dict[str, float]:
+    def _measure(self, prune_above: float | None = None) -> dict[str, Any]:
+        """Metrics over the evaluation windows; ``kl_low`` is the KL over the first batch alone.
+
+        Multi-fidelity: with ``prune_above``, a policy whose first-batch KL exceeds it stops there
+        (``pruned``), costing one batch instead of the whole evaluation.
+        """
         sums = MetricSums()
         ids = torch.from_numpy(self.tokens.eval)
+        kl_low = None
         for i in range(0, len(ids), self.batch_size):
             batch = ids[i:i + self.batch_size]
             logprobs = _forward_logprobs(self.model, batch)
             sums.add(logprobs, torch.from_numpy(self.reference[i:i + self.batch_size]), batch[:, 1:])
-        return sums.result()
+            if kl_low is None:
+                kl_low = sums.result()["kl"]
+                if prune_above is not None and kl_low > prune_above and len(ids) > len(batch):
+                    return {"pruned": True, "kl_low": kl_low, "windows": len(batch)}
+        return {**sums.result(), "pruned": False, "kl_low": kl_low, "windows": len(ids)}
 
     def _float_module(self, name: str, module: nn.Module, params: dict[str, nn.Parameter]) -> nn.Module:
         """A float module equivalent to ``module`` (quantized or not) sharing the kept float weight."""
@@ -151,13 +161,17 @@ class Evaluator:
         return {**result, "bytes": nbytes}
 
     @torch.inference_mode()
-    def evaluate(self, policy: quant.Policy) -> dict[str, Any]:
-        """Applies ``policy`` and returns metrics, bytes (of the packed buffers) and timings."""
+    def evaluate(self, policy: quant.Policy, prune_above: float | None = None) -> dict[str, Any]:
+        """Applies ``policy`` and returns metrics, bytes (of the packed buffers) and timings.
+
+        With ``prune_above``, a policy worse than that on the first batch is stopped early: the
+        result then has ``pruned=True`` and only ``kl_low`` (see :meth:`_measure`), bytes and timings.
+        """
         t0 = time.perf_counter()
         packed = quant.apply_policy(self.model, policy, weights=self.weights, cache_dense=True,
                                     quantizer=lambda n, w, s: self.cache.get(n, w, s))
         t1 = time.perf_counter()
-        result = self._measure()
+        result = self._measure(prune_above)
         t2 = time.perf_counter()
         nbytes = sum(p.nbytes for p in packed.values())
         return {**result, "bytes": nbytes, "bpw": 8.0 * nbytes / self.numel,

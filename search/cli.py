@@ -34,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="run or resume a search against a memory budget")
     _data_args(p)
     p.add_argument("--budget", required=True, help="e.g. 3.0bpw or 70MB")
-    p.add_argument("--trials", type=int, default=20, help="complete trials the study should have (resume adds up to it)")
-    p.add_argument("--sampler", default="nsga2", help="nsga2, tpe, gp or random")
+    p.add_argument("--trials", type=int, default=20, help="finished trials the study should have, complete or "
+                   "pruned by --multi-fidelity (resume adds up to it)")
+    p.add_argument("--sampler", default="nsga2", help="nsga2, tpe, gp, evo (budget-aware, ours) or random")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///turboquant.db)")
     p.add_argument("--study", default=None, help="study name (default: MODEL-BUDGET)")
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit", default=None, help="memory the search may use, e.g. 8GB (default: available)")
     p.add_argument("--granularity", default="matrix", help="what shares one setting: matrix, block "
                    "(each layer's attention and MLP) or layer")
+    p.add_argument("--multi-fidelity", action=argparse.BooleanOptionalAction, default=None,
+                   help="score children on the first batch of windows and stop the hopeless ones there "
+                        "(default: on for --sampler evo)")
     p.add_argument("--sensitivity", action="store_true",
                    help="measure (or reuse) per-matrix sensitivity first and enqueue DP/greedy seeds "
                         "(one forward per matrix and setting; reused by later studies)")
@@ -156,10 +160,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
                        workers=args.workers, storage=_storage(args), bits=bits, groups=groups,
                        ray_address=args.ray_address,
                        memory_limit=None if args.memory_limit is None else parse_budget(args.memory_limit, 8),
-                       sensitivity=args.sensitivity, granularity=args.granularity)
+                       sensitivity=args.sensitivity, granularity=args.granularity,
+                       multi_fidelity=args.multi_fidelity)
     summary = run_search(cfg)
     print(f"study {study}: {summary['complete']} complete trials ({summary['ran']} run now, "
-          f"{summary['failed']} failed) in {summary['seconds']:.0f} s")
+          f"{summary['failed']} failed, {summary['pruned']} pruned after the first batch) in {summary['seconds']:.0f} s; "
+          f"sampler {summary['sampler_seconds']:.1f} s of it")
     return _print_front(cfg.storage, study, "table")
 
 

@@ -21,6 +21,7 @@ import quant
 from evaluators import UserError, reference_logprobs
 from evaluators.context import DataConfig
 from search.budget import parse_budget
+from search.fidelity import FirstBatchGate
 from search.samplers import SAMPLERS, make_sampler
 from search.space import DEFAULT_BITS, DEFAULT_GROUPS, SearchSpace, check_granularity
 from search.workers import TrialWorker, init_ray
@@ -36,6 +37,9 @@ _RETRY_ON = DB_ERRORS + (optuna.exceptions.StorageInternalError,)
 
 def _db(fn, what: str):
     return with_db_retry(fn, what, retry_on=_RETRY_ON)
+
+
+_OVERHEAD_WARN = 0.2  # warn when proposing takes this share of the search's wall time
 FULL_PRECISION_BITS = 16  # a bf16/fp16 checkpoint: budgets at or above it need no quantization
 
 
@@ -59,6 +63,10 @@ class SearchConfig:
     # forward per (matrix, setting), minutes on the tiny model and hours on a 135M one on 2 cores.
     sensitivity: bool = False
     seed_budgets: int = 8  # budgets, from the smallest policy to the study's, at which seeds are solved
+    # Score children on the first batch of windows first and stop the hopeless ones there
+    # (search.fidelity). Default: on for evo, whose children all sit near the budget.
+    multi_fidelity: bool | None = None
+    fidelity_keep: int = 12  # a child must be among this many best first-batch KLs to be measured fully
 
 
 @dataclass
@@ -66,6 +74,7 @@ class _Pending:
     trial: optuna.Trial
     policy: dict[str, Any]
     worker: int
+    prune_above: float | None = None  # multi-fidelity bar for the first batch (None: measure fully)
     attempts: int = 1
     started: float = field(default_factory=time.perf_counter)
 
@@ -133,6 +142,9 @@ def _reconcile(study: optuna.Study, store: Store, row: Any) -> None:
             optuna.Trial(study, t._trial_id).set_constraint("bytes", float(stored.bytes - row.budget_bytes))
             study.tell(t.number, [stored.kl, float(stored.bytes)])
             continue
+        if stored is not None and stored.state == "pruned":
+            study.tell(t.number, state=TrialState.PRUNED)
+            continue
         study.tell(t.number, state=TrialState.FAIL)
         store.record_trial(row, t.number, state="failed", policy={}, error="interrupted (driver stopped)")
         study.enqueue_trial(t.params, user_attrs={**t.user_attrs, "retry_of": t.number})
@@ -163,6 +175,11 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     provenance = {**cfg.data.to_dict(), "model_fingerprint": loaded.fingerprint,
                   "data_fingerprint": tokens.fingerprint, "budget": cfg.budget}
     study, row, created = _open_study(cfg, store, space, budget_bytes, provenance)
+    gate = None
+    if cfg.multi_fidelity or (cfg.multi_fidelity is None and cfg.sampler == "evo"):
+        gate = FirstBatchGate(budget_bytes, keep=cfg.fidelity_keep)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            gate.add(t.user_attrs.get("kl_low"), t.values[1])
     reference = None
     if created:
         if cfg.sensitivity:
@@ -170,12 +187,12 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         _enqueue_seeds(study, space, budget_bytes)
     _reconcile(study, store, row)
 
-    def complete() -> int:
-        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
-    done = complete()
+    # Finished trials: measured fully, or stopped after the first batch by multi-fidelity selection.
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= cfg.trials:
-        return {"ran": 0, "complete": done, "failed": 0, "seconds": 0.0}
+        return {"ran": 0, "complete": complete, "failed": 0, "pruned": done - complete, "seconds": 0.0,
+                "sampler_seconds": 0.0}
     _check_memory(cfg, loaded.model, tokens)
     if reference is None:
         reference = reference_logprobs(loaded.model, tokens)
@@ -191,7 +208,9 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     workers = [start_worker() for _ in range(cfg.workers)]
     idle = list(range(cfg.workers))
     pending: dict[Any, _Pending] = {}
-    failed = ran = 0
+    failed = ran = pruned = 0
+    ask_seconds = 0.0  # the sampler's own time, reported beside the trials'
+    overhead_warned = False
     best = min((t.values[0] for t in study.best_trials), default=math.inf)
     t_start = time.perf_counter()
     bar = tqdm(total=cfg.trials, initial=done, desc=f"search {cfg.study}", disable=not cfg.progress,
@@ -199,10 +218,14 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     try:
         while done + len(pending) < cfg.trials or pending:
             while idle and done + len(pending) < cfg.trials and failed <= cfg.trials:
+                t_ask = time.perf_counter()
                 trial = _db(study.ask, "asking for a trial")
                 policy = _db(lambda: space.suggest(trial).to_dict(), "sampling a policy")
-                w = idle.pop()
-                pending[workers[w].evaluate.remote(policy)] = _Pending(trial, policy, w)
+                ask_seconds += time.perf_counter() - t_ask
+                seeded = "seed" in trial.user_attrs or "retry_of" in trial.user_attrs
+                job = _Pending(trial, policy, idle.pop(), prune_above=None if gate is None or seeded
+                               else gate.threshold())
+                pending[workers[job.worker].evaluate.remote(policy, job.prune_above)] = job
             if not pending:
                 break
             (ref,), _ = ray.wait(list(pending), num_returns=1)
@@ -213,7 +236,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
                 workers[job.worker] = start_worker()  # Ray does not replace dead actors
                 if job.attempts <= cfg.max_retries:
                     job.attempts += 1
-                    pending[workers[job.worker].evaluate.remote(job.policy)] = job
+                    pending[workers[job.worker].evaluate.remote(job.policy, job.prune_above)] = job
                     continue
                 _fail(study, store, row, job, f"worker died {job.attempts} times: {exc}")
                 failed += 1
@@ -225,20 +248,35 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
                 idle.append(job.worker)
                 continue
             idle.append(job.worker)
-            _record(study, store, row, job, result)
             done += 1
+            bar.update(1)
+            if result["pruned"]:
+                _prune(study, store, row, job, result)
+                pruned += 1
+                continue
+            _record(study, store, row, job, result)
+            if gate is not None:
+                gate.add(result["kl_low"], result["bytes"])
+            complete += 1
             ran += 1
             if result["bytes"] <= row.budget_bytes:
                 best = min(best, result["kl"])
-            bar.update(1)
+            share = ask_seconds / max(time.perf_counter() - t_start, 1e-9)
+            if share > _OVERHEAD_WARN and ran >= 5 and not overhead_warned:
+                overhead_warned = True
+                log.warning("the %s sampler takes %.0f%% of the search's time (%.2f s per proposal); "
+                            "a coarser --granularity or another --sampler would cut it",
+                            cfg.sampler, 100 * share, ask_seconds / (ran + pruned + failed))
             bar.set_postfix_str(f"best KL {best:.4f} | last {result['bpw']:.2f} bpw "
                                 f"KL {result['kl']:.4f} | {result['seconds_forward'] + result['seconds_quantize']:.1f}s"
+                                f" | sampler {100 * share:.0f}%" + (f" | pruned {pruned}" if pruned else "")
                                 + (f" | failed {failed}" if failed else ""))
     finally:
         bar.close()
         for w in workers:
             ray.kill(w)
-    return {"ran": ran, "complete": done, "failed": failed, "seconds": time.perf_counter() - t_start}
+    return {"ran": ran, "complete": complete, "failed": failed, "pruned": pruned,
+            "seconds": time.perf_counter() - t_start, "sampler_seconds": ask_seconds}
 
 
 def _check_memory(cfg: SearchConfig, model: Any, tokens: Any) -> None:
@@ -263,14 +301,28 @@ def _check_memory(cfg: SearchConfig, model: Any, tokens: Any) -> None:
 
 def _record(study: optuna.Study, store: Store, row: Any, job: _Pending, result: dict[str, Any]) -> None:
     timings = {"seconds": time.perf_counter() - job.started, "quantize": result["seconds_quantize"],
-               "forward": result["seconds_forward"], "attempts": job.attempts}
+               "forward": result["seconds_forward"], "attempts": job.attempts, "kl_low": result["kl_low"]}
     _db(lambda: store.record_trial(row, job.trial.number, state="complete", policy=job.policy,
                                    bytes=result["bytes"], bpw=result["bpw"], kl=result["kl"], ppl=result["ppl"],
                                    top1=result["top1"], logit_err=result["logit_err"],
                                    seed=job.trial.user_attrs.get("seed"), timings=timings,
                                    worker=result.get("worker")), f"recording trial {job.trial.number}")
     _db(lambda: job.trial.set_constraint("bytes", float(result["bytes"] - row.budget_bytes)), "telling Optuna")
+    _db(lambda: job.trial.set_user_attr("kl_low", result["kl_low"]), "telling Optuna")
     _db(lambda: study.tell(job.trial, [result["kl"], float(result["bytes"])]), "telling Optuna")
+
+
+def _prune(study: optuna.Study, store: Store, row: Any, job: _Pending, result: dict[str, Any]) -> None:
+    """A child stopped after the first batch: kept as a PRUNED trial with what was measured."""
+    timings = {"seconds": time.perf_counter() - job.started, "quantize": result["seconds_quantize"],
+               "forward": result["seconds_forward"], "attempts": job.attempts, "kl_low": result["kl_low"],
+               "windows": result["windows"], "prune_above": job.prune_above}
+    _db(lambda: store.record_trial(row, job.trial.number, state="pruned", policy=job.policy,
+                                   bytes=result["bytes"], bpw=result["bpw"], timings=timings,
+                                   seed=job.trial.user_attrs.get("seed"), worker=result.get("worker")),
+        f"recording trial {job.trial.number}")
+    _db(lambda: job.trial.set_user_attr("kl_low", result["kl_low"]), "telling Optuna")
+    _db(lambda: study.tell(job.trial, state=TrialState.PRUNED), "telling Optuna")
 
 
 def _fail(study: optuna.Study, store: Store, row: Any, job: _Pending, reason: str) -> None:

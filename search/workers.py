@@ -41,10 +41,10 @@ class TrialWorker:
         self.evaluator = Evaluator(loaded, tokens, reference=reference)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
-    def evaluate(self, policy: dict[str, Any]) -> dict[str, Any]:
+    def evaluate(self, policy: dict[str, Any], prune_above: float | None = None) -> dict[str, Any]:
         import quant
 
-        result = self.evaluator.evaluate(quant.Policy.from_dict(policy))
+        result = self.evaluator.evaluate(quant.Policy.from_dict(policy), prune_above=prune_above)
         result["worker"] = self.name
         return result
 
