@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", action="store_true",
                    help="measure (or reuse) per-matrix sensitivity first and enqueue DP/greedy seeds "
                         "(one forward per matrix and setting; reused by later studies)")
+    p.add_argument("--sensitivity-seqs", type=int, default=None,
+                   help="measure sensitivity on the first N evaluation windows only (default: all)")
 
     p = sub.add_parser("studies", help="list studies")
     p.add_argument("--storage", default=None)
@@ -97,6 +99,8 @@ def _add_sensitivity_parser(sub) -> None:
     p.add_argument("--groups", default="32,64,128", help="allowed group sizes; 'ch' = per output channel")
     p.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///turboquant.db)")
     p.add_argument("--top", type=int, default=10, help="print the N most sensitive matrices")
+    p.add_argument("--sensitivity-seqs", type=int, default=None,
+                   help="measure on the first N evaluation windows only (default: all --eval-seqs)")
 
 
 def _data_and_space(args: argparse.Namespace):
@@ -109,7 +113,9 @@ def _data_and_space(args: argparse.Namespace):
         bits = tuple(int(b) for b in args.bits.split(","))
         groups = _groups(args.groups)
     except ValueError:
-        raise SystemExit("error: --bits and --groups take comma-separated integers (groups may use 'ch')")
+        from evaluators.errors import UserError
+
+        raise UserError("--bits and --groups take comma-separated integers (groups may use 'ch')") from None
     return data, bits, groups
 
 
@@ -117,7 +123,8 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from search.sensitivity import run_sensitivity
 
     data, bits, groups = _data_and_space(args)
-    table = run_sensitivity(data, bits, groups, _storage(args), granularity=args.granularity)
+    table = run_sensitivity(data, bits, groups, _storage(args), granularity=args.granularity,
+                            windows=args.sensitivity_seqs)
     pairs = table.computed + table.reused
     per = f", {table.seconds / table.computed:.3f} s per pair" if table.computed else ""
     print(f"sensitivity of {args.model}: {len(table.units)} units ({args.granularity}) x {len(table.settings)} settings = {pairs} "
@@ -161,7 +168,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                        ray_address=args.ray_address,
                        memory_limit=None if args.memory_limit is None else parse_budget(args.memory_limit, 8),
                        sensitivity=args.sensitivity, granularity=args.granularity,
-                       multi_fidelity=args.multi_fidelity)
+                       multi_fidelity=args.multi_fidelity, sensitivity_seqs=args.sensitivity_seqs)
     summary = run_search(cfg)
     print(f"study {study}: {summary['complete']} complete trials ({summary['ran']} run now, "
           f"{summary['failed']} failed, {summary['pruned']} pruned after the first batch) in {summary['seconds']:.0f} s; "
@@ -289,6 +296,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     import quant
     from evaluators import UserError, load_model
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; the checkpoint is a folder (give a new or existing folder)")
     policy = quant.Policy.load(args.policy)
     provenance = policy.meta.get("provenance")
     model_name = provenance.get("model") if isinstance(provenance, dict) else policy.meta.get("model")
@@ -339,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_sensitivity(args)
     except (UserError, PolicyError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output path that cannot be written (missing folder, a file in the way)
+        print(f"error: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished trials are saved — run the same command to resume", file=sys.stderr)

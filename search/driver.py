@@ -62,6 +62,7 @@ class SearchConfig:
     # Measure (or reuse) the sensitivity table and enqueue solved seeds. Off by default: it costs one
     # forward per (matrix, setting), minutes on the tiny model and hours on a 135M one on 2 cores.
     sensitivity: bool = False
+    sensitivity_seqs: int | None = None  # windows the sensitivity table is measured on (default: all)
     seed_budgets: int = 8  # budgets, from the smallest policy to the study's, at which seeds are solved
     # Score children on the first batch of windows first and stop the hopeless ones there
     # (search.fidelity). Default: on for evo, whose children all sit near the budget.
@@ -126,7 +127,7 @@ def _enqueue_solved(cfg: SearchConfig, study: optuna.Study, store: Store, loaded
     evaluator = Evaluator(loaded, tokens)
     table = measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
                                 model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
-                                progress=cfg.progress)
+                                windows=cfg.sensitivity_seqs, progress=cfg.progress)
     log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
     seeds = enqueue_solved_seeds(study, table, space, budget_bytes, cfg.seed_budgets)
     log.info("enqueued %d solved seeds", len(seeds))
@@ -160,7 +161,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     check_granularity(cfg.granularity)  # both before minutes of loading
     if cfg.sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    store = Store(cfg.storage)
+    SearchSpace({}, cfg.bits, cfg.groups, granularity=cfg.granularity)  # refuses bad --bits/--groups now
     loaded, tokens = cfg.data.load()
     space = SearchSpace(quant.weight_matrices(loaded.model), cfg.bits, cfg.groups, granularity=cfg.granularity)
     budget_bytes = parse_budget(cfg.budget, space.numel)
@@ -168,6 +169,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     if budget_bytes < min_bytes:
         raise UserError(f"budget {cfg.budget} ({budget_bytes:,} bytes) is below the smallest allowed policy: "
                         f"{min_bytes:,} bytes = {8 * min_bytes / space.numel:.3f} bpw")
+    store = Store(cfg.storage)  # only now: bad input above leaves the storage untouched
     full = space.numel * FULL_PRECISION_BITS // 8
     if budget_bytes >= full:
         log.warning("budget %s is at or above the %d-bit model size (%s bytes); searching anyway",

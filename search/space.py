@@ -73,7 +73,10 @@ class SearchSpace:
         for fmt in self.formats:
             for b in self.bits:
                 for g in self.groups:
-                    quant.QuantSetting(fmt, b, g).validate()
+                    try:
+                        quant.QuantSetting(fmt, b, g).validate()
+                    except ValueError as exc:  # a user's --bits / --groups: say which, exit 2
+                        raise UserError(f"allowed bits {list(self.bits)} / groups {list(self.groups)}: {exc}") from None
         self.units = units_of(self.matrices, self.granularity)
 
     def to_dict(self) -> dict[str, Any]:
