@@ -89,14 +89,15 @@ class Evaluator:
         self._biases = {name: None if m.bias is None else m.bias.detach().clone()
                         for name, m in modules.items() if isinstance(m, nn.Linear)}
 
-    def _measure(self, prune_above: float | None = None) -> dict[str, Any]:
-        """Metrics over the evaluation windows; ``kl_low`` is the KL over the first batch alone.
+    def _measure(self, prune_above: float | None = None, windows: int | None = None) -> dict[str, Any]:
+        """Metrics over the first ``windows`` evaluation windows (default all); ``kl_low`` is the KL
+        over the first batch alone.
 
         Multi-fidelity: with ``prune_above``, a policy whose first-batch KL exceeds it stops there
         (``pruned``), costing one batch instead of the whole evaluation.
         """
         sums = MetricSums()
-        ids = torch.from_numpy(self.tokens.eval)
+        ids = torch.from_numpy(self.tokens.eval[:windows])
         kl_low = None
         for i in range(0, len(ids), self.batch_size):
             batch = ids[i:i + self.batch_size]
@@ -134,8 +135,10 @@ class Evaluator:
                 self._set_module(name, self._float_module(name, module, params))
 
     @torch.inference_mode()
-    def evaluate_partial(self, settings: Mapping[str, quant.QuantSetting]) -> dict[str, Any]:
+    def evaluate_partial(self, settings: Mapping[str, quant.QuantSetting],
+                         windows: int | None = None) -> dict[str, Any]:
         """Metrics with only the named matrices quantized; every other matrix runs in float.
+        Over the first ``windows`` evaluation windows (default all): sensitivity can use fewer.
 
         A full :class:`quant.Policy` cannot say "float", yet per-matrix sensitivity needs exactly
         that. The model is first put back to float (modules rebuilt around the kept float weights,
@@ -156,7 +159,7 @@ class Evaluator:
                         self._set_module(other, QuantLinear(packed, m.bias, cache_dense=True, tied_to=name))
             else:
                 self._set_module(name, QuantLinear(packed, module.bias, cache_dense=True))
-        result = self._measure()
+        result = self._measure(windows=windows)
         nbytes = sum(p.nbytes for p in packed_all.values())
         return {**result, "bytes": nbytes}
 

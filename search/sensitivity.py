@@ -58,14 +58,20 @@ class SensitivityTable:
 
 def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSetting], *,
                         units: dict[str, list[str]] | None = None, store: Store | None = None,
-                        model_fingerprint: str = "", data_fingerprint: str = "",
+                        model_fingerprint: str = "", data_fingerprint: str = "", windows: int | None = None,
                         progress: bool = True) -> SensitivityTable:
     """Fills the table, measuring only pairs the store does not hold yet (and storing them).
 
     Args:
         units: unit name -> matrices quantized together (default: every matrix alone).
+        windows: measure on the first ``windows`` evaluation windows only (default all): the ranking of
+            units needs far fewer tokens than a trial's KL, and the table costs one forward per pair.
     """
     settings = list(settings)
+    if windows is not None and windows < len(evaluator.tokens.eval):
+        data_fingerprint = f"{data_fingerprint}/first{windows}"  # fewer tokens are other data
+    else:
+        windows = None
     table = SensitivityTable(units or {m: [m] for m in evaluator.matrices}, settings)
     known = store.sensitivity(model_fingerprint, data_fingerprint) if store is not None else {}
     todo: list[tuple[str, quant.QuantSetting]] = []
@@ -83,7 +89,7 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
     for name, s in tqdm(todo, desc="sensitivity", unit="pair", disable=not progress or not todo,
                         dynamic_ncols=True):
         t = time.perf_counter()
-        r = evaluator.evaluate_partial(dict.fromkeys(table.units[name], s))
+        r = evaluator.evaluate_partial(dict.fromkeys(table.units[name], s), windows=windows)
         table.kl[name][s.key()], table.nbytes[name][s.key()] = r["kl"], int(r["bytes"])
         pending.append({"matrix": name, "setting": s.key(), "kl": r["kl"], "ppl": r["ppl"],
                         "bytes": int(r["bytes"]), "seconds": time.perf_counter() - t})
@@ -99,7 +105,8 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
 
 
 def run_sensitivity(data: DataConfig, bits: tuple[int, ...], groups: tuple[int | None, ...], storage: str, *,
-                    granularity: str = "matrix", progress: bool = True) -> SensitivityTable:
+                    granularity: str = "matrix", windows: int | None = None,
+                    progress: bool = True) -> SensitivityTable:
     """Loads model and data, then measures (or reuses) the table for the space's settings."""
     from search.space import SearchSpace, check_granularity
 
@@ -110,4 +117,4 @@ def run_sensitivity(data: DataConfig, bits: tuple[int, ...], groups: tuple[int |
     evaluator = Evaluator(loaded, tokens)
     return measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
                                model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
-                               progress=progress)
+                               windows=windows, progress=progress)

@@ -88,3 +88,20 @@ def test_block_sensitivity_and_seeds_on_the_tiny_model(evaluator) -> None:
     alone = max(evaluator.evaluate_partial({m: s2})["kl"] for m in space.units[attn])
     assert table.kl[attn][s2.key()] >= alone * 0.99
     assert np.isfinite(kl).all()
+
+
+def test_sensitivity_on_fewer_windows_is_stored_apart(evaluator, tmp_path) -> None:
+    from studies import Store
+
+    store = Store(f"sqlite:///{tmp_path}/w.db")
+    s2 = quant.QuantSetting("rtn", 2, 32)
+    units = {"model.layers.0.mlp": [m for m in evaluator.matrices if m.startswith("model.layers.0.mlp.")]}
+    few = measure_sensitivity(evaluator, [s2], units=units, store=store, model_fingerprint="m",
+                              data_fingerprint="d", windows=2, progress=False)
+    full = measure_sensitivity(evaluator, [s2], units=units, store=store, model_fingerprint="m",
+                               data_fingerprint="d", progress=False)
+    assert few.computed == full.computed == 1  # other tokens: not reused for the full table
+    members = dict.fromkeys(units["model.layers.0.mlp"], s2)
+    assert few.kl["model.layers.0.mlp"][s2.key()] == evaluator.evaluate_partial(members, windows=2)["kl"]
+    assert full.kl["model.layers.0.mlp"][s2.key()] == evaluator.evaluate_partial(members)["kl"]
+    assert few.kl != full.kl
