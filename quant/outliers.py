@@ -78,11 +78,13 @@ def _replace_extremes(weight: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def supports_outliers(cls: C) -> C:
-    """Class decorator: adds the ``outlier_frac`` option to a :class:`quant.formats.Format`."""
+    """Class decorator: adds the ``outlier_frac`` option to a :class:`quant.formats.Format`.
+
+    It wraps ``validate``, ``quantize``, ``decode`` (so ``dequantize`` and
+    ``dequantize_rows`` see the outliers too) and ``expected_nbytes``.
+    """
     cls.options = {**cls.options, "outlier_frac": float}
-    validate, quantize, dequantize = cls.validate, cls.quantize, cls.dequantize
-    dequantize_rows, expected_nbytes = cls.dequantize_rows, cls.expected_nbytes
-    own_rows = "dequantize_rows" in cls.__dict__
+    validate, quantize, decode, expected_nbytes = cls.validate, cls.quantize, cls.decode, cls.expected_nbytes
 
     def _validate(self: Any, setting: QuantSetting) -> None:
         validate(self, setting)
@@ -96,27 +98,20 @@ def supports_outliers(cls: C) -> C:
         if k == 0:
             return quantize(self, weight, setting, **calibration)
         packed = quantize(self, _replace_extremes(weight, k), setting, **calibration)
-        idx, val = select_outliers(weight, dequantize(self, packed), k)
+        idx, val = select_outliers(weight, decode(self, packed, None), k)
         packed.buffers.update(outlier_idx=idx, outlier_val=val)
         return packed
 
-    def _dequantize(self: Any, packed: PackedTensor) -> torch.Tensor:
-        w = dequantize(self, packed)
+    def _decode(self: Any, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        w = decode(self, packed, rows)
         if "outlier_idx" not in packed.buffers:
             return w
-        return apply_outliers(w, packed.buffers["outlier_idx"], packed.buffers["outlier_val"])
-
-    def _dequantize_rows(self: Any, packed: PackedTensor, rows: torch.Tensor) -> torch.Tensor:
-        w = dequantize_rows(self, packed, rows)
-        if "outlier_idx" not in packed.buffers or not own_rows:
-            return w  # the inherited fallback decodes through the patched dequantize
         return apply_outliers(w, packed.buffers["outlier_idx"], packed.buffers["outlier_val"], rows)
 
     def _expected_nbytes(self: Any, shape: tuple[int, int], setting: QuantSetting) -> int:
         k = outlier_count(shape, setting.options.get("outlier_frac", 0.0))
         return expected_nbytes(self, shape, setting) + BYTES_PER_OUTLIER * k
 
-    cls.validate, cls.quantize, cls.dequantize = _validate, _quantize, _dequantize
-    cls.dequantize_rows, cls.expected_nbytes = _dequantize_rows, _expected_nbytes
+    cls.validate, cls.quantize, cls.decode = _validate, _quantize, _decode
+    cls.expected_nbytes = _expected_nbytes
     return cls
-

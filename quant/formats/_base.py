@@ -20,10 +20,14 @@ class Format(abc.ABC):
 
     Lifecycle: :meth:`validate` checks a setting at the boundary (policy files,
     CLI, search space); :meth:`quantize` turns a float ``(out, in)`` weight into a
-    :class:`PackedTensor`; :meth:`dequantize` is its exact inverse up to the
-    quantization error; :meth:`expected_nbytes` predicts ``PackedTensor.nbytes``
-    from the shape alone (the search uses it to check budgets before quantizing;
-    the conformance tests prove it equals the real buffers).
+    :class:`PackedTensor`; :meth:`decode` is its inverse up to the quantization
+    error, for the whole matrix or for selected rows (an embedding lookup, a kernel
+    tile); :meth:`expected_nbytes` predicts ``PackedTensor.nbytes`` from the shape
+    alone (the search uses it to check budgets before quantizing; the conformance
+    tests prove it equals the real buffers).
+
+    A new format implements ``quantize``, ``decode`` and ``expected_nbytes``;
+    :meth:`dequantize` and :meth:`dequantize_rows` are written here once.
     """
 
     name: str = ""
@@ -50,12 +54,20 @@ class Format(abc.ABC):
         """Quantizes a float ``(out, in)`` weight."""
 
     @abc.abstractmethod
+    def decode(self, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 weight encoded by ``packed``: ``(out, in)``, or ``(len(rows), in)`` for ``rows``.
+
+        With ``rows`` (a 1-D index tensor, any order, repeats allowed) only those rows
+        should be decoded, never the whole matrix.
+        """
+
     def dequantize(self, packed: PackedTensor) -> torch.Tensor:
         """Returns the float32 ``(out, in)`` weight encoded by ``packed``."""
+        return self.decode(packed, None)
 
     def dequantize_rows(self, packed: PackedTensor, rows: torch.Tensor) -> torch.Tensor:
-        """Selected rows; formats override it to avoid decoding the whole matrix."""
-        return self.dequantize(packed)[rows]
+        """Rows ``rows`` of the weight, ``(len(rows), in)``, decoded without the rest."""
+        return self.decode(packed, rows.reshape(-1))
 
     @abc.abstractmethod
     def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:

@@ -100,7 +100,7 @@ class Lloyd(Format):
         buffers["codes"] = pack_bits(codes.to(torch.uint8), setting.bits)
         return PackedTensor(setting=setting, shape=tuple(weight.shape), buffers=buffers)
 
-    def _decode(self, packed: PackedTensor, rows: torch.Tensor | None) -> torch.Tensor:
+    def decode(self, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         setting = packed.setting
         out_features, in_features = packed.shape
         in_p = padded_in_features(in_features, setting.group_size)
@@ -108,19 +108,13 @@ class Lloyd(Format):
         groups = n_groups(in_features, setting.group_size)
         codes = codes.view(codes.shape[0], groups, -1)  # (R, G, g)
         if "scale" in packed.buffers:
-            scale = packed.buffers["scale"] if rows is None else packed.buffers["scale"][rows.reshape(-1)]
+            scale = packed.buffers["scale"] if rows is None else packed.buffers["scale"][rows]
             w = nf_levels(setting.bits).to(scale.device)[codes] * scale.float().unsqueeze(-1)
         else:
             cents = packed.buffers["centroids"]
-            cents = (cents if rows is None else cents[rows.reshape(-1)]).float()  # (R, G, K)
+            cents = (cents if rows is None else cents[rows]).float()  # (R, G, K)
             w = torch.gather(cents, 2, codes)
         return ungroup(w, in_features)
-
-    def dequantize(self, packed: PackedTensor) -> torch.Tensor:
-        return self._decode(packed, None)
-
-    def dequantize_rows(self, packed: PackedTensor, rows: torch.Tensor) -> torch.Tensor:
-        return self._decode(packed, rows)
 
     def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:
         out_features, in_features = shape

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from quant.formats._base import Format, register_format
+from quant.formats._common import unpack_rows
 from quant.outliers import supports_outliers
 from quant.packed import PackedTensor
-from quant.packing import pack_bits, packed_size, unpack_bits
+from quant.packing import pack_bits, packed_size
 from quant.primitives import group_view, padded_in_features, ungroup
 from quant.settings import QuantSetting
 
@@ -45,37 +46,18 @@ class RTN(Format):
         buffers["codes"] = pack_bits(codes.to(torch.uint8), setting.bits)
         return PackedTensor(setting=setting, shape=tuple(weight.shape), buffers=buffers)
 
-    def _decode(self, packed: PackedTensor, codes: torch.Tensor, scale: torch.Tensor,
-                offset: torch.Tensor | None) -> torch.Tensor:
-        q = codes.float()  # (R, G, g)
-        if offset is None:
-            q = q - 2 ** (packed.setting.bits - 1)
-            return q * scale.float().unsqueeze(-1)
-        return q * scale.float().unsqueeze(-1) + offset.float().unsqueeze(-1)
-
-    def dequantize(self, packed: PackedTensor) -> torch.Tensor:
+    def decode(self, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         out_features, in_features = packed.shape
         in_p = padded_in_features(in_features, packed.setting.group_size)
-        codes = unpack_bits(packed.buffers["codes"], packed.setting.bits, out_features * in_p)
-        scale = packed.buffers["scale"]
-        codes = codes.view(out_features, scale.shape[1], -1)
-        w = self._decode(packed, codes, scale, packed.buffers.get("offset"))
-        return ungroup(w, in_features)
-
-    def dequantize_rows(self, packed: PackedTensor, rows: torch.Tensor) -> torch.Tensor:
-        # Unpack only the requested rows: whole rows are whole groups of 8 codes
-        # whenever in_p is a multiple of 8, which every allowed group size guarantees.
-        out_features, in_features = packed.shape
-        in_p = padded_in_features(in_features, packed.setting.group_size)
-        if in_p % 8:
-            return super().dequantize_rows(packed, rows)
-        bits = packed.setting.bits
-        row_bytes = in_p // 8 * bits
-        data = packed.buffers["codes"].view(out_features, row_bytes)[rows.reshape(-1)]
-        scale = packed.buffers["scale"][rows.reshape(-1)]
-        codes = unpack_bits(data.reshape(-1), bits, data.shape[0] * in_p).view(data.shape[0], scale.shape[1], -1)
-        offset = packed.buffers.get("offset")
-        w = self._decode(packed, codes, scale, None if offset is None else offset[rows.reshape(-1)])
+        scale, offset = packed.buffers["scale"], packed.buffers.get("offset")
+        if rows is not None:
+            scale, offset = scale[rows], None if offset is None else offset[rows]
+        codes = unpack_rows(packed.buffers["codes"], packed.setting.bits, out_features, in_p, rows)
+        q = codes.view(codes.shape[0], scale.shape[1], -1).float()  # (R, G, g)
+        if offset is None:  # symmetric
+            w = (q - 2 ** (packed.setting.bits - 1)) * scale.float().unsqueeze(-1)
+        else:
+            w = q * scale.float().unsqueeze(-1) + offset.float().unsqueeze(-1)
         return ungroup(w, in_features)
 
     def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:

@@ -74,21 +74,15 @@ class Ternary(Format):
         codes = pack_trits((q + 1).reshape(w.shape[0], -1))
         return PackedTensor(setting=setting, shape=tuple(weight.shape), buffers={"codes": codes, "scale": scale})
 
-    def _decode(self, packed: PackedTensor, rows: torch.Tensor | None) -> torch.Tensor:
+    def decode(self, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         out_features, in_features = packed.shape
         in_p = padded_in_features(in_features, packed.setting.group_size)
         codes, scale = packed.buffers["codes"], packed.buffers["scale"]
         if rows is not None:
-            codes, scale = codes[rows.reshape(-1)], scale[rows.reshape(-1)]
+            codes, scale = codes[rows], scale[rows]
         q = unpack_trits(codes, in_p).float() - 1  # (R, in_p)
         w = q.view(q.shape[0], scale.shape[1], -1) * scale.float().unsqueeze(-1)
         return ungroup(w, in_features)
-
-    def dequantize(self, packed: PackedTensor) -> torch.Tensor:
-        return self._decode(packed, None)
-
-    def dequantize_rows(self, packed: PackedTensor, rows: torch.Tensor) -> torch.Tensor:
-        return self._decode(packed, rows)
 
     def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:
         out_features, in_features = shape

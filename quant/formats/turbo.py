@@ -135,31 +135,25 @@ class Turbo(Format):
             buffers["qjl_norm"] = r.norm(dim=-1).half()  # (out, G)
         return PackedTensor(setting=setting, shape=tuple(weight.shape), buffers=buffers)
 
-    def _decode(self, packed: PackedTensor, rows: torch.Tensor | None) -> torch.Tensor:
+    def decode(self, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         setting = packed.setting
         g = setting.group_size
         seed = setting.options.get("seed", 0)
         out_features, in_features = packed.shape
         in_p = padded_in_features(in_features, g)
         codes = unpack_rows(packed.buffers["codes"], setting.bits, out_features, in_p, rows)
-        scale = packed.buffers["scale"] if rows is None else packed.buffers["scale"][rows.reshape(-1)]
+        scale = packed.buffers["scale"] if rows is None else packed.buffers["scale"][rows]
         levels = _levels(setting.bits).to(scale.device)
         y = levels[codes.long()].view(codes.shape[0], -1, g) * scale.float().unsqueeze(-1)  # (R, G, g)
         if "qjl_signs" in packed.buffers:
             signs = unpack_rows(packed.buffers["qjl_signs"], 1, out_features, in_p, rows)
             signs = signs.view(codes.shape[0], -1, g).float() * 2 - 1  # (R, G, m)
             norm = packed.buffers["qjl_norm"]
-            norm = norm if rows is None else norm[rows.reshape(-1)]
+            norm = norm if rows is None else norm[rows]
             y = y + math.sqrt(math.pi / 2) / g * norm.float().unsqueeze(-1) * (
                 signs @ _qjl_matrix(seed, g).to(y.device))  # S^T sign(S r), batched as row vectors
         w = fwht(y) * rotation_signs(seed, g).to(y.device)
         return ungroup(w, in_features)
-
-    def dequantize(self, packed: PackedTensor) -> torch.Tensor:
-        return self._decode(packed, None)
-
-    def dequantize_rows(self, packed: PackedTensor, rows: torch.Tensor) -> torch.Tensor:
-        return self._decode(packed, rows)
 
     def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:
         out_features, in_features = shape

@@ -97,22 +97,16 @@ class VQ(Format):
                    "codebook": codebook}
         return PackedTensor(setting=setting, shape=tuple(weight.shape), buffers=buffers)
 
-    def _decode(self, packed: PackedTensor, rows: torch.Tensor | None) -> torch.Tensor:
+    def decode(self, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         setting = packed.setting
         dim = setting.options.get("dim", 2)
         out_features, in_features = packed.shape
         in_p = padded_in_features(in_features, setting.group_size)
         codes = unpack_rows(packed.buffers["codes"], setting.bits, out_features, in_p // dim, rows)
-        scale = packed.buffers["scale"] if rows is None else packed.buffers["scale"][rows.reshape(-1)]
+        scale = packed.buffers["scale"] if rows is None else packed.buffers["scale"][rows]
         vecs = packed.buffers["codebook"].float()[codes.long()]  # (R, in_p / dim, dim)
         w = vecs.view(codes.shape[0], scale.shape[1], -1) * scale.float().unsqueeze(-1)  # (R, G, g)
         return ungroup(w, in_features)
-
-    def dequantize(self, packed: PackedTensor) -> torch.Tensor:
-        return self._decode(packed, None)
-
-    def dequantize_rows(self, packed: PackedTensor, rows: torch.Tensor) -> torch.Tensor:
-        return self._decode(packed, rows)
 
     def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:
         dim = setting.options.get("dim", 2)
