@@ -7,6 +7,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -124,10 +126,18 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     config = AutoConfig.for_model(**config_dict)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
+    # A private folder per process, renamed into place at once: a crash never leaves a half-written
+    # model behind, and two processes converting at the same time (parallel tests) do not collide.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a crash never leaves a half-written model behind
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first: its copy is the same model
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "model.safetensors").exists():
+            raise
 
 
 def _hf_model(name: str, *, trust_remote_code: bool, alias: str | None = None) -> LoadedModel:
