@@ -17,7 +17,7 @@ def _nsga2(seed: int, n_params: int, **_: Any) -> optuna.samplers.BaseSampler:
 
 def _tpe(seed: int, n_params: int, **_: Any) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                      warn_independent_sampling=False)
+)
 
 
 def _random(seed: int, n_params: int, **_: Any) -> optuna.samplers.BaseSampler:
