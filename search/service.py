@@ -82,13 +82,24 @@ class StudyRequest(BaseModel):
             raise ValueError(f"unknown sampler {v!r}; choose one of {', '.join(SAMPLERS)}")
         return v
 
+    @model_validator(mode="after")
+    def _settings(self) -> "StudyRequest":
+        # Unsupported bits / group sizes are a 422 now, not a search that fails in the background.
+        from search.space import SearchSpace
+
+        try:
+            SearchSpace({}, tuple(self.bits), tuple(self.groups))
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
 
 class ExportRequest(BaseModel):
     """Which front point to export: a trial number or the best point within a budget."""
 
     model_config = ConfigDict(extra="forbid")
 
-    trial: int | None = Field(None, ge=0)
+    trial: int | None = Field(None, ge=0, le=2**31 - 1)  # the store's trial numbers are 32-bit integers
     budget: str | None = None
     format: Literal["json", "gptqmodel", "llamacpp", "torchao"] = "json"
 
