@@ -45,6 +45,8 @@ class QuantLinear(nn.Module):
     def packed(self, value: PackedTensor) -> None:
         if tuple(value.shape) != (self.out_features, self.in_features):
             raise ValueError(f"packed shape {value.shape} does not fit ({self.out_features}, {self.in_features})")
+        if value is getattr(self, "_packed", None):
+            return  # the same packed tensor (a search trial that kept this matrix): keep its decoded weight
         self._packed = value
         self._dense = None
         self._kernel = None

@@ -65,3 +65,26 @@ def test_too_small_dataset_is_refused(tmp_path) -> None:
 def test_unknown_model_alias_is_refused() -> None:
     with pytest.raises(UserError, match="unknown model 'smollm9'"):
         load_model("smollm9")
+
+
+def test_a_trial_swaps_only_the_matrices_that_changed(evaluator) -> None:
+    """Trial cost: kept matrices keep their packed tensor and decoded weight; only the changed one is
+    re-quantized and re-decoded, and the metrics equal those of a fresh application."""
+    import quant
+    from quant.modules import QuantLinear
+
+    names = [n for n in evaluator.matrices if n != "model.embed_tokens"]
+    base = {n: quant.QuantSetting("rtn", 4, 32) for n in evaluator.matrices}
+    evaluator.evaluate(quant.Policy(base))
+    modules = dict(evaluator.model.named_modules())
+    dense = {n: modules[n].weight_dense() for n in names if isinstance(modules[n], QuantLinear)}
+    misses = evaluator.cache.misses
+    changed = names[1]
+    r = evaluator.evaluate(quant.Policy({**base, changed: quant.QuantSetting("rtn", 2, 32)}))
+    assert evaluator.cache.misses == misses + 1  # one matrix quantized, the rest from the cache
+    modules = dict(evaluator.model.named_modules())
+    for n, d in dense.items():
+        assert (modules[n].weight_dense() is d) == (n != changed)
+    evaluator.restore_float()
+    fresh = evaluator.evaluate(quant.Policy({**base, changed: quant.QuantSetting("rtn", 2, 32)}))
+    assert r["kl"] == pytest.approx(fresh["kl"], rel=1e-6) and r["bytes"] == fresh["bytes"]
