@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -84,3 +87,157 @@ def test_empty_and_unreadable_datasets(tmp_path) -> None:
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(UserError, match="cannot read dataset"):
         load_corpus(str(tmp_path / "bin.txt"))
+
+
+# The CLI end to end: each bad input exits 2 with one "error:" line naming the problem, and writes nothing.
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with a hash of its content; SQLite files by their logical content."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.name.endswith(("-wal", "-shm", "-journal")):
+            continue
+        if path.suffix == ".db":
+            with sqlite3.connect(path) as con:
+                data = "\n".join(con.iterdump()).encode()
+        else:
+            data = path.read_bytes()
+        out[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    from search.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, corpus):
+    """Inputs for the CLI cases: model folders, datasets, policies, a study to export from."""
+    import quant
+    from studies import Store
+
+    root = tmp_path_factory.mktemp("cli")
+    model = load_model("tiny-random-llama").model
+    model.save_pretrained(root / "no-tokenizer")
+    model.save_pretrained(root / "corrupt")
+    (root / "corrupt" / "config.json").write_text("{ this is not json")
+    (root / "remote").mkdir()
+    (root / "remote" / "config.json").write_text(json.dumps({
+        "model_type": "my_custom_llm", "auto_map": {"AutoConfig": "configuration_x.XConfig",
+                                                    "AutoModelForCausalLM": "modeling_x.XModel"}}))
+    (root / "empty.txt").write_text(" \n\n")
+    (root / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 64)
+    (root / "a-file").write_text("in the way")
+    names = list(quant.weight_matrices(model))
+    good = {"format_version": 1, "provenance": {"model": "tiny-random-llama", "dataset": corpus},
+            "matrices": {n: {"format": "rtn", "bits": 4, "group_size": 32} for n in names}}
+    first = names[0]
+    policies = {
+        "malformed": "{\"format_version\": 1, \"matrices\": {",
+        "other-model": {**good, "matrices": {"transformer.h.0.attn.c_attn": {"format": "rtn", "bits": 4,
+                                                                             "group_size": 32}}},
+        "unsupported": {**good, "matrices": {**good["matrices"], first: {"format": "rtn", "bits": 12,
+                                                                         "group_size": 32}}},
+        "unknown-format": {**good, "matrices": {**good["matrices"], first: {"format": "fp4x", "bits": 4,
+                                                                            "group_size": 32}}},
+        "traversal": {**good, "matrices": {**good["matrices"], "../../escaped": {"format": "rtn", "bits": 4,
+                                                                                 "group_size": 32}}},
+        "good": good,
+    }
+    for name, doc in policies.items():
+        (root / f"{name}.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    store = Store(f"sqlite:///{root / 'studies.db'}")
+    study = store.create_study(name="s", model="tiny-random-llama", dataset=corpus, budget_bytes=10**6,
+                               numel=10**6, sampler="nsga2", space={}, provenance={"model": "tiny-random-llama"})
+    store.record_trial(study, 0, state="complete", policy=good, bytes=5000, bpw=4.0, kl=0.1, ppl=2.0, top1=0.5,
+                       logit_err=0.1)
+    return root
+
+
+SEARCH = ["search", "--model", "tiny-random-llama", "--seq-len", "32", "--eval-seqs", "2", "--calib-seqs", "1",
+          "--trials", "1", "--workers", "1", "--budget", "4bpw", "--study", "x"]
+CASES = {  # name: (argv with {root} and {corpus}, what the message must say)
+    "unknown model": (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    "corrupt model folder": (["--model", "{root}/corrupt"], "config.json' is not a valid JSON file"),
+    "tokenizer missing": (["--model", "{root}/no-tokenizer"], "has no usable tokenizer"),
+    "remote code without the flag": (["--model", "{root}/remote"], "--trust-remote-code"),
+    "dataset missing": (["--dataset", "{root}/nope.txt"], "nope.txt not found"),
+    "dataset empty": (["--dataset", "{root}/empty.txt"], "is empty"),
+    "dataset unreadable": (["--dataset", "{root}/binary.txt"], "cannot read dataset"),
+    "budget malformed": (["--budget", "3bitz"], "malformed budget '3bitz'"),
+    "budget absurd": (["--budget", "9" * 60], "the number is too large"),
+    "budget impossible": (["--budget", "0.1bpw"], "below the smallest allowed policy"),
+    "unknown sampler": (["--sampler", "annealing"], "unknown sampler 'annealing'"),
+    "unknown granularity": (["--granularity", "row"], "unknown granularity 'row'"),
+    "unsupported bits": (["--bits", "3,99"], "supports bits 2..8, got 99"),
+    "unsupported group size": (["--groups", "32,48"], "supports group_size 32, 64, 128, 256"),
+    "bits not integers": (["--bits", "four"], "comma-separated integers"),
+}
+OTHER = {
+    "sensitivity granularity": (["sensitivity", "--model", "tiny-random-llama", "--granularity", "row",
+                                 "--storage", "sqlite:///{root}/sens.db"], "unknown granularity 'row'"),
+    "export format unknown": (["export", "s", "--trial", "0", "--format", "onnx", "--out", "{root}/p.txt",
+                               "--storage", "sqlite:///{root}/studies.db"], "invalid choice: 'onnx'"),
+    "export into a missing folder": (["export", "s", "--trial", "0", "--out", "{root}/missing/p.json",
+                                      "--storage", "sqlite:///{root}/studies.db"], "No such file or directory"),
+    "export unknown trial": (["export", "s", "--trial", "7", "--out", "{root}/p.json",
+                              "--storage", "sqlite:///{root}/studies.db"], "no complete trial 7"),
+    "policy malformed": (["apply", "{root}/malformed.json", "--out", "{root}/ckpt"], "is not valid JSON"),
+    "policy from another model": (["apply", "{root}/other-model.json", "--out", "{root}/ckpt"],
+                                  "does not match the model"),
+    "policy unsupported setting": (["apply", "{root}/unsupported.json", "--out", "{root}/ckpt"],
+                                   "supports bits 2..8, got 12"),
+    "policy unknown format": (["apply", "{root}/unknown-format.json", "--out", "{root}/ckpt"],
+                              "unknown format 'fp4x'"),
+    "policy names a path outside": (["apply", "{root}/traversal.json", "--out", "{root}/ckpt"],
+                                    "not in the model (e.g. '../../escaped')"),
+    "checkpoint onto a file": (["apply", "{root}/good.json", "--out", "{root}/a-file"], "is a file"),
+    "eval policy from another model": (["eval", "{root}/other-model.json"], "does not match the model"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(OTHER))
+def test_cli_bad_input_exits_2_naming_the_problem_and_writes_nothing(case, workdir, corpus, capsys) -> None:
+    if case in CASES:
+        argv = SEARCH + ["--dataset", corpus, "--storage", "sqlite:///{root}/search.db"] + CASES[case][0]
+        expected = CASES[case][1]
+    else:
+        argv, expected = OTHER[case]
+    argv = [a.format(root=workdir, corpus=corpus) for a in argv]
+    before = _tree(workdir)
+    code, err = _run_cli(argv, capsys)
+    assert code == 2, err
+    assert expected in err and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(("error:", "turboquant")), err  # one line naming the problem
+    assert _tree(workdir) == before  # no database, checkpoint or export appeared, none changed
+
+
+def test_checkpoint_writes_only_inside_its_folder(workdir, capsys) -> None:
+    before = set(_tree(workdir))
+    code, err = _run_cli(["apply", str(workdir / "good.json"), "--out", str(workdir / "ckpt-ok")], capsys)
+    assert code == 0, err
+    added = set(_tree(workdir)) - before
+    assert added == {"ckpt-ok/packed.safetensors", "ckpt-ok/turboquant.json"}
+
+
+def test_group_size_that_does_not_divide_is_padded_and_counted() -> None:
+    import torch
+
+    import quant
+
+    # 576 = 4.5 groups of 128: the last group is padded to a whole one, and its scale and codes are paid for.
+    w = torch.randn(8, 576, generator=torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(w, (0, 64))
+    setting = {"format": "rtn", "bits": 4, "group_size": 128}
+    packed, whole = quant.quantize(w, setting), quant.quantize(padded, setting)
+    assert packed.nbytes == whole.nbytes == sum(b.numel() * b.element_size() for b in packed.buffers.values())
+    assert packed.nbytes > quant.quantize(w[:, :512], setting).nbytes * 576 / 512
+    d = packed.dequantize()
+    assert d.shape == w.shape and float((w - d).pow(2).mean() / w.var()) < 0.02
