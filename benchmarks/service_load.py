@@ -111,12 +111,14 @@ def main() -> None:
                             errors.append(err)
 
         threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        load_before = os.getloadavg()
         start = time.perf_counter()
         for th in threads:
             th.start()
         for th in threads:
             th.join()
         elapsed = time.perf_counter() - start
+        load_after = os.getloadavg()
         wrote = int((store.trials_frame(store.get_study("writer"))["state"] == "complete").sum())
     finally:
         for p in (writer, server):
@@ -129,6 +131,9 @@ def main() -> None:
           f"{1000 * p99:>8.1f} {len(errors):>7} {wrote:>15}")
     if errors:
         print("errors:", sorted(set(errors)))
+    # The machine is shared: say how busy it was (1/5/15-minute load averages, on os.cpu_count() cores).
+    print(f"load average before {' '.join(f'{v:.2f}' for v in load_before)}, after "
+          f"{' '.join(f'{v:.2f}' for v in load_after)} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
