@@ -1,9 +1,18 @@
 """Search quality per budget: best uniform setting, DP seed alone, and NSGA-II / TPE / evo after the
 same number of trials, all measured in-process on one Evaluator (no Ray, so only the methods differ).
 
-    python benchmarks/search_quality.py --model smollm2-135m --eval-seqs 2 --budgets 2.5,3.0 --trials 20 --json out.json
+    python benchmarks/search_quality.py --model smollm2-135m --eval-seqs 4 --sensitivity-seqs 1 \\
+        --granularity block --bits 2,3,4,5 --groups 64,128 --trials 24 --json out.json
 
-Rows: {"method", "budget_bpw", "bpw", "kl", "ppl", "trials", "seconds"}.
+Every sampler starts from the same seeds (DP and greedy at its budget, the best uniform setting that
+fits) and then proposes ``--trials`` minus those. evo runs with multi-fidelity selection as the
+driver does (a pruned child counts as a trial, at the cost of one batch). Printed: one table of the
+best feasible point per method and budget; the front's hypervolume against trials per sampler; how
+many trials evo needed to reach NSGA-II's final KL; and the front of the largest budget's evo study
+read at every smaller budget (one study answers many budgets).
+
+Rows (``--json``): {"method", "budget_bpw", "bpw", "kl", "ppl", "trials", "seconds"} plus, for samplers,
+"hypervolume" (after each trial) and "pruned".
 """
 
 from __future__ import annotations
@@ -16,21 +25,68 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+import torch  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
 
-import quant  # noqa: E402
 from evaluators import Evaluator  # noqa: E402
 from evaluators.context import DataConfig  # noqa: E402
+from search.fidelity import FirstBatchGate  # noqa: E402
 from search.samplers import make_sampler  # noqa: E402
 from search.seeds import solved_policies  # noqa: E402
 from search.sensitivity import measure_sensitivity  # noqa: E402
 from search.space import SearchSpace  # noqa: E402
 from studies import Store  # noqa: E402
+from studies.pareto import front_indices, hypervolume  # noqa: E402
 
 
-def _row(method: str, budget_bpw: float, r: dict, trials: int, seconds: float) -> dict:
+def _row(method: str, budget_bpw: float, r: dict, trials: int, seconds: float, **extra) -> dict:
     return {"method": method, "budget_bpw": budget_bpw, "bpw": r["bpw"], "kl": r["kl"], "ppl": r["ppl"],
-            "trials": trials, "seconds": round(seconds, 2)}
+            "trials": trials, "seconds": round(seconds, 2), **extra}
+
+
+def _hv(points: list[tuple[float, float]], budget: int, kl_ref: float) -> float:
+    """Hypervolume of the feasible front in (bpw-like bytes fraction, KL) below (budget, kl_ref)."""
+    if not points:
+        return 0.0
+    nb, kl = np.array(points).T
+    idx = front_indices(nb, kl)
+    return hypervolume([(nb[i] / budget, kl[i]) for i in idx], (1.0, kl_ref))
+
+
+def _run_sampler(name: str, ev: Evaluator, space: SearchSpace, budget: int, seeds: list, trials: int,
+                 kl_ref: float, measured: dict, keep: int) -> tuple[list[dict], list[float], int, optuna.Study]:
+    """One study: seeds, then sampler proposals up to ``trials``. Returns the full results of each
+    trial (pruned ones: None), the hypervolume after each trial, pruned count and the study."""
+    study = optuna.create_study(directions=["minimize", "minimize"],
+                                sampler=make_sampler(name, 0, 2 * len(space.units), space=space,
+                                                     budget_bytes=budget))
+    for label, policy in seeds:
+        study.enqueue_trial(space.params(policy), user_attrs={"seed": label})
+    gate = FirstBatchGate(budget, keep=keep) if name == "evo" else None
+    results, hv, points, pruned = [], [], [], 0
+    for _ in range(trials):
+        trial = study.ask()
+        policy = space.suggest(trial)
+        key = json.dumps(policy.to_dict(), sort_keys=True)
+        bar = None if gate is None or "seed" in trial.user_attrs else gate.threshold()
+        r = measured.get(key) or ev.evaluate(policy, prune_above=bar)
+        if r["pruned"]:
+            pruned += 1
+            study.tell(trial, state=TrialState.PRUNED)
+            results.append(None)
+        else:
+            measured[key] = r
+            if gate is not None:
+                gate.add(r["kl_low"], r["bytes"])
+            trial.set_constraint("bytes", float(r["bytes"] - budget))
+            study.tell(trial, [r["kl"], float(r["bytes"])])
+            results.append(r)
+            if r["bytes"] <= budget:
+                points.append((r["bytes"], r["kl"]))
+        hv.append(_hv(points, budget, kl_ref))
+    return results, hv, pruned, study
 
 
 def main() -> int:
@@ -38,61 +94,102 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dataset", default="shakespeare")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--eval-seqs", type=int, default=2)
+    ap.add_argument("--eval-seqs", type=int, default=4)
+    ap.add_argument("--sensitivity-seqs", type=int, default=1, help="windows the sensitivity table is measured on")
+    ap.add_argument("--granularity", default="block")
     ap.add_argument("--budgets", default="2.5,3.0,3.5,4.0")
-    ap.add_argument("--bits", default="2,3,4,5,6,8")
-    ap.add_argument("--groups", default="32,64,128")
-    ap.add_argument("--trials", type=int, default=20, help="trials per sampler (seeds included)")
+    ap.add_argument("--bits", default="2,3,4,5")
+    ap.add_argument("--groups", default="64,128")
+    ap.add_argument("--trials", type=int, default=24, help="trials per sampler and budget (seeds included)")
     ap.add_argument("--samplers", default="nsga2,tpe,evo")
+    ap.add_argument("--keep", type=int, default=6, help="evo multi-fidelity: children must beat the k-th best")
     ap.add_argument("--storage", default="sqlite:///turboquant.db", help="where the sensitivity table is kept")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = DataConfig(model=args.model, dataset=args.dataset, seq_len=args.seq_len, n_eval=args.eval_seqs, n_calib=0)
     loaded, tokens = data.load()
-    fp = loaded.fingerprint
     ev = Evaluator(loaded, tokens)
     space = SearchSpace(dict(ev.matrices), tuple(int(b) for b in args.bits.split(",")),
-                        tuple(None if g == "ch" else int(g) for g in args.groups.split(",")))
-    table = measure_sensitivity(ev, space.settings(), store=Store(args.storage), model_fingerprint=fp,
-                                data_fingerprint=tokens.fingerprint)
-    print(f"sensitivity: {table.computed} pairs measured in {table.seconds:.1f} s, {table.reused} reused")
+                        tuple(None if g == "ch" else int(g) for g in args.groups.split(",")),
+                        granularity=args.granularity)
+    t0 = time.perf_counter()
+    table = measure_sensitivity(ev, space.settings(), units=space.units, store=Store(args.storage),
+                                model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
+                                windows=args.sensitivity_seqs)
+    print(f"sensitivity: {len(space.units)} units ({args.granularity}) x {len(space.settings())} settings; "
+          f"{table.computed} pairs measured in {table.seconds:.1f} s on {args.sensitivity_seqs} window(s), "
+          f"{table.reused} reused")
+    measured: dict[str, dict] = {}  # policy -> result: a policy met twice is measured once
+    t0 = time.perf_counter()
+    uniform = []
+    for label, p in space.uniform_policies():
+        r = ev.evaluate(p)
+        measured[json.dumps(p.to_dict(), sort_keys=True)] = r
+        uniform.append((label, p, r))
+    uniform_s = time.perf_counter() - t0
     rows: list[dict] = []
-    for bpw in (float(b) for b in args.budgets.split(",")):
+    studies: dict[tuple[str, float], optuna.Study] = {}
+    budgets = sorted(float(b) for b in args.budgets.split(","))
+    earlier: list[tuple[str, object]] = []  # solved seeds of the smaller budgets (measured already)
+    for bpw in budgets:
         budget = int(bpw * space.numel / 8)
+        fits = [u for u in uniform if u[2]["bytes"] <= budget]
+        if not fits:
+            print(f"{bpw} bpw: no uniform setting fits; skipped")
+            continue
+        label, best_policy, best = min(fits, key=lambda u: u[2]["kl"])
+        rows.append(_row(f"uniform:{label}", bpw, best, len(uniform), uniform_s))
+        solved = solved_policies(table, space, budget, n_budgets=1)
         t0 = time.perf_counter()
-        fits = [(label, p) for label, p in space.uniform_policies() if space.nbytes(p) <= budget]
-        uni = [(label, ev.evaluate(p)) for label, p in fits]
-        if uni:
-            label, best = min(uni, key=lambda t: t[1]["kl"])
-            rows.append(_row(f"uniform:{label}", bpw, best, len(uni), time.perf_counter() - t0))
-        seeds = solved_policies(table, space, budget, n_budgets=4)
-        t0 = time.perf_counter()
-        dp = next((p for label, p, _ in seeds if label.startswith("dp:")), None)
-        if dp is not None:
-            rows.append(_row("dp", bpw, ev.evaluate(dp), 1, time.perf_counter() - t0))
+        dp = next(p for label, p, _ in solved if label.startswith("dp:"))
+        r = ev.evaluate(dp)
+        measured[json.dumps(dp.to_dict(), sort_keys=True)] = r
+        rows.append(_row("dp", bpw, r, 1, time.perf_counter() - t0))
+        seeds = [(lbl, p) for lbl, p, _ in solved] + [(f"uniform:{label}", best_policy)]
+        if bpw == budgets[-1]:  # like the driver: the largest budget's study also gets the smaller budgets' seeds
+            seeds += earlier
+        earlier += [(lbl, p) for lbl, p, _ in solved]
+        kl_ref = 1.5 * best["kl"]
         for name in args.samplers.split(","):
             t0 = time.perf_counter()
-            study = optuna.create_study(directions=["minimize", "minimize"],
-                                        sampler=make_sampler(name, 0, 2 * len(space.matrices), space=space,
-                                                             budget_bytes=budget))
-            for label, p, _ in seeds:  # every sampler starts from the same solved seeds
-                study.enqueue_trial(space.params(p), user_attrs={"seed": label})
-            best = None
-            for _ in range(args.trials):
-                trial = study.ask()
-                policy = space.suggest(trial)
-                r = ev.evaluate(policy)
-                trial.set_constraint("bytes", float(r["bytes"] - budget))
-                study.tell(trial, [r["kl"], float(r["bytes"])])
-                if r["bytes"] <= budget and (best is None or r["kl"] < best["kl"]):
-                    best = r
-            if best is not None:
-                rows.append(_row(name, bpw, best, args.trials, time.perf_counter() - t0))
-    print(f"{'method':<16}{'budget':>7}{'bpw':>7}{'kl':>10}{'ppl':>10}{'trials':>7}{'seconds':>9}")
+            results, hv, pruned, study = _run_sampler(name, ev, space, budget, seeds, args.trials, kl_ref,
+                                                      measured, args.keep)
+            studies[(name, bpw)] = study
+            feasible = [r for r in results if r is not None and r["bytes"] <= budget]
+            top = min(feasible, key=lambda r: r["kl"])
+            curve = [min((r["kl"] for r in results[:i + 1] if r is not None and r["bytes"] <= budget),
+                         default=float("inf")) for i in range(len(results))]
+            rows.append(_row(name, bpw, top, args.trials, time.perf_counter() - t0, pruned=pruned,
+                             hypervolume=[round(h, 5) for h in hv], best_kl=curve))
+    print(f"\n{'method':<18}{'budget':>7}{'bpw':>7}{'kl':>10}{'ppl':>10}{'trials':>7}{'pruned':>7}{'seconds':>9}")
     for r in rows:
-        print(f"{r['method']:<16}{r['budget_bpw']:>7.2f}{r['bpw']:>7.3f}{r['kl']:>10.4f}{r['ppl']:>10.2f}"
-              f"{r['trials']:>7}{r['seconds']:>9.1f}")
+        print(f"{r['method']:<18}{r['budget_bpw']:>7.2f}{r['bpw']:>7.3f}{r['kl']:>10.4f}{r['ppl']:>10.2f}"
+              f"{r['trials']:>7}{r.get('pruned', ''):>7}{r['seconds']:>9.1f}")
+    marks = sorted({max(1, args.trials * k // 4) for k in range(1, 5)})
+    print(f"\nhypervolume of the feasible front (bytes / budget x KL, reference (1, 1.5 x best uniform KL)) "
+          f"after {', '.join(map(str, marks))} trials")
+    for r in rows:
+        if "hypervolume" in r:
+            print(f"{r['method']:<8}{r['budget_bpw']:>5.2f}  " + "  ".join(f"{r['hypervolume'][m - 1]:.4f}" for m in marks))
+    for bpw in sorted({r["budget_bpw"] for r in rows}):
+        by = {r["method"]: r for r in rows if r["budget_bpw"] == bpw and "best_kl" in r}
+        if "evo" in by and "nsga2" in by:
+            target = by["nsga2"]["kl"]
+            reach = next((i + 1 for i, k in enumerate(by["evo"]["best_kl"]) if k <= target), None)
+            print(f"{bpw:.2f} bpw: NSGA-II's final KL {target:.4f} after {args.trials} trials; evo reached it "
+                  + (f"after {reach} trials" if reach else "not at all"))
+    top_bpw = max(b for _, b in studies)
+    if ("evo", top_bpw) in studies:
+        done = [t for t in studies[("evo", top_bpw)].trials if t.state == TrialState.COMPLETE]
+        print(f"\none study (evo at {top_bpw} bpw), its front read at each budget:")
+        for bpw in sorted({r["budget_bpw"] for r in rows}):
+            cap = bpw * space.numel / 8
+            kls = [t.values[0] for t in done if t.values[1] <= cap]
+            print(f"  <= {bpw:.2f} bpw: " + (f"KL {min(kls):.4f}" if kls else "no point"))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

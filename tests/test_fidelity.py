@@ -46,6 +46,7 @@ def test_evo_search_prunes_children_and_keeps_its_complete_trials(data_config, t
     summary = run_search(cfg)
     # --trials counts finished trials: measured fully or stopped after the first batch.
     assert summary["complete"] + summary["pruned"] == 14, summary
+    assert 0 < summary["sampler_seconds"] < summary["seconds"]  # the sampler's share is measured
     store = Store(storage)
     row = store.get_study("mf")
     frame = store.trials_frame(row)
