@@ -60,7 +60,7 @@ def _run_sampler(name: str, ev: Evaluator, space: SearchSpace, budget: int, seed
     """One study: seeds, then sampler proposals up to ``trials``. Returns the full results of each
     trial (pruned ones: None), the hypervolume after each trial, pruned count and the study."""
     study = optuna.create_study(directions=["minimize", "minimize"],
-                                sampler=make_sampler(name, 0, 2 * len(space.units), space=space,
+                                sampler=make_sampler(name, 0, space.n_params, space=space,
                                                      budget_bytes=budget))
     for label, policy in seeds:
         study.enqueue_trial(space.params(policy), user_attrs={"seed": label})

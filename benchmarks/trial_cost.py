@@ -51,7 +51,7 @@ def main() -> int:
     space = SearchSpace(dict(ev.matrices), granularity=args.granularity)
     budget = parse_budget(args.budget, space.numel)
     study = optuna.create_study(directions=["minimize", "minimize"],
-                                sampler=make_sampler(args.sampler, 0, 2 * len(space.units), space=space,
+                                sampler=make_sampler(args.sampler, 0, space.n_params, space=space,
                                                      budget_bytes=budget))
     for _, p in space.uniform_policies():  # parents for the evolutionary samplers
         if space.nbytes(p) <= budget:

@@ -97,7 +97,7 @@ def _open_study(cfg: SearchConfig, store: Store, space: SearchSpace, budget_byte
         storage = optuna.storages.RDBStorage(cfg.storage)
     except Exception as exc:  # Optuna wraps driver errors in several types
         raise StoreError(f"cannot open storage {cfg.storage}: {str(exc).splitlines()[0]}") from None
-    n_params = len(space.units) * (2 + (len(space.formats) > 1))
+    n_params = space.n_params
     study = optuna.create_study(study_name=cfg.study, storage=storage, directions=["minimize", "minimize"],
                                 sampler=make_sampler(cfg.sampler, cfg.data.seed, n_params, space=space,
                                                     budget_bytes=budget_bytes), load_if_exists=True)

@@ -27,7 +27,7 @@ def _random(seed: int, n_params: int, **_: Any) -> optuna.samplers.BaseSampler:
 def _gp(seed: int, n_params: int, **_: Any) -> optuna.samplers.BaseSampler:
     if n_params > 60:
         raise UserError(f"the gp sampler copes with up to ~60 parameters; this space has {n_params} "
-                        "(use nsga2 or tpe, or a coarser space)")
+                        "(use nsga2, tpe or evo, or a coarser space: --granularity layer, one --groups value)")
     return optuna.samplers.GPSampler(seed=seed)
 
 

@@ -84,6 +84,11 @@ class SearchSpace:
                 "granularity": self.granularity}
 
     @property
+    def n_params(self) -> int:
+        """Parameters a sampler really searches (a choice of one value is fixed, not searched)."""
+        return len(self.units) * (int(len(self.bits) > 1) + int(len(self.groups) > 1) + int(len(self.formats) > 1))
+
+    @property
     def numel(self) -> int:
         return sum(h * w for h, w in self.matrices.values())
 

@@ -105,3 +105,22 @@ def test_sensitivity_on_fewer_windows_is_stored_apart(evaluator, tmp_path) -> No
     assert few.kl["model.layers.0.mlp"][s2.key()] == evaluator.evaluate_partial(members, windows=2)["kl"]
     assert full.kl["model.layers.0.mlp"][s2.key()] == evaluator.evaluate_partial(members)["kl"]
     assert few.kl != full.kl
+
+
+def test_gp_copes_with_a_coarse_space_and_refuses_a_fine_one() -> None:
+    from search.samplers import make_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    coarse = SearchSpace(SMOL, bits=(2, 3, 4, 8), groups=(64,), granularity="layer")
+    assert coarse.n_params == 5  # one group size: only bits are searched
+    fine = SearchSpace({f"model.layers.{i}.mlp.up": (64, 64) for i in range(40)}, bits=(2, 4), groups=(32, 64))
+    assert fine.n_params == 80
+    with pytest.raises(UserError, match="gp sampler copes with up to ~60 parameters; this space has 80"):
+        make_sampler("gp", 0, fine.n_params, space=fine, budget_bytes=1)
+    study = optuna.create_study(directions=["minimize", "minimize"],
+                                sampler=make_sampler("gp", 0, coarse.n_params, space=coarse, budget_bytes=1))
+    for _ in range(14):  # past GP's random start-up trials
+        trial = study.ask()
+        policy = coarse.suggest(trial)
+        study.tell(trial, [sum(2.0 ** -s.bits for s in policy.settings.values()), float(coarse.nbytes(policy))])
+    assert len(study.best_trials) >= 1
