@@ -232,13 +232,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except quant.PolicyError as exc:
         raise UserError(f"policy {args.policy} does not fit model {data.model}: {exc}") from None
     metrics = {k: result[k] for k in ("kl", "ppl", "top1", "logit_err", "bytes", "bpw")}
-    if args.json:
-        print(json.dumps(metrics, indent=2))
-    else:
-        stored = policy.meta.get("metrics", {})
-        for k, v in metrics.items():
-            extra = f"   (stored {stored[k]:.6g})" if isinstance(stored.get(k), (int, float)) else ""
-            print(f"{k:>10} {v:.6g}{extra}")
+    _print_metrics(metrics, policy.meta.get("metrics", {}), args.json)
     return 0
 
 
