@@ -157,8 +157,12 @@ class Store:
             return s.scalar(select(TrialRow).where(TrialRow.study_id == study.id, TrialRow.number == number))
 
     def trials_frame(self, study: StudyRow) -> pd.DataFrame:
+        # Not the policies: on a real model each is tens of kB of JSON, and progress reads this often.
         with self.session() as s:
-            rows = s.scalars(select(TrialRow).where(TrialRow.study_id == study.id).order_by(TrialRow.number))
+            rows = s.execute(select(TrialRow.number, TrialRow.state, TrialRow.bytes, TrialRow.bpw, TrialRow.kl,
+                                    TrialRow.ppl, TrialRow.top1, TrialRow.logit_err, TrialRow.feasible,
+                                    TrialRow.seed, TrialRow.timings, TrialRow.worker, TrialRow.error)
+                             .where(TrialRow.study_id == study.id).order_by(TrialRow.number))
             data = [{"trial": r.number, "state": r.state, "bytes": r.bytes, "bpw": r.bpw, "kl": r.kl,
                      "ppl": r.ppl, "top1": r.top1, "logit_err": r.logit_err, "feasible": r.feasible,
                      "seed": r.seed, "seconds": (r.timings or {}).get("seconds"), "worker": r.worker,
