@@ -20,6 +20,7 @@ CASES: dict[str, list[tuple[dict, float]]] = {
     "rtn": [
         ({"bits": 4, "group_size": 128}, 0.012),
         ({"bits": 3, "group_size": 64, "options": {"symmetric": True}}, 0.075),
+        ({"bits": 3, "group_size": 128, "options": {"clip": True}}, 0.042),
         ({"bits": 3, "group_size": 128, "options": {"outlier_frac": 0.01}}, 0.042),
         ({"bits": 3, "group_size": None, "options": {"outlier_frac": 0.02, "symmetric": True}}, 0.058),
     ],
