@@ -57,12 +57,13 @@ def test_worker_killed_mid_trial_is_retried_and_nothing_is_lost(corpus, local_ra
     assert max(attempts) == 2  # the killed trial ran again on a replacement worker
 
 
-def _kill_one_trial_on_every_attempt(stop: threading.Event, killed: list[int], times: int) -> None:
+def _kill_one_trial_on_every_attempt(stop: threading.Event, killed: list[int], times: int, workers: int) -> None:
     """SIGKILLs the first busy ``TrialWorker``, then each replacement actor that takes up its retry.
 
     When a worker dies the driver starts a replacement and hands it the same trial first, so
     sparing every actor alive at the time of a kill means the next busy newcomer runs that
-    trial again; the other worker (and its trials) is never touched.
+    trial again; the other workers (and their trials) are never touched. The first kill waits
+    until all ``workers`` actors exist, so none of them can be mistaken for a replacement.
     """
     me = psutil.Process()
     spared: set[int] = set()
@@ -75,7 +76,7 @@ def _kill_one_trial_on_every_attempt(stop: threading.Event, killed: list[int], t
                 continue
             if "TrialWorker" in cmd:
                 actors.append((proc, "TrialWorker.evaluate" in cmd))
-        for proc, busy in actors:
+        for proc, busy in actors if killed or len(actors) >= workers else ():
             if busy and proc.pid not in spared:
                 spared |= {p.pid for p, _ in actors if p.pid != proc.pid}
                 proc.send_signal(signal.SIGKILL)
@@ -89,7 +90,7 @@ def test_trial_whose_worker_always_dies_is_failed_after_max_retries(corpus, loca
     storage = f"sqlite:///{tmp_path}/r.db"
     max_retries, trials = 2, 6
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_one_trial_on_every_attempt, args=(stop, killed, max_retries + 1))
+    killer = threading.Thread(target=_kill_one_trial_on_every_attempt, args=(stop, killed, max_retries + 1, 2))
     killer.start()
     try:
         summary = run_search(SearchConfig(study="r", data=data, budget="4.5bpw", trials=trials, workers=2,
