@@ -1,4 +1,5 @@
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -80,20 +81,27 @@ def test_vectorized_front_matches_the_reference(points) -> None:
     assert list(indices) == reference
 
 
-def test_cached_front_follows_every_write(tmp_path) -> None:
-    url = f"sqlite:///{tmp_path}/s.db"
-    reader, writer = Store(url), Store(url)  # as the service and a driver in another process
-    study = _study(writer)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/s.db"
+    return request.getfixturevalue("postgres").url  # a real server on loopback (tests/pg.py)
+
+
+def test_cached_front_follows_every_write(storage_url) -> None:
+    reader, writer = Store(storage_url), Store(storage_url)  # as the service and a driver in another process
+    name = f"cache-{uuid.uuid4().hex[:8]}"  # the PostgreSQL database is shared with other tests
+    study = _study(writer, name)
     writer.record_trial(study, 0, state="complete", policy={}, bytes=900, bpw=3.6, kl=0.5, ppl=2.0)
-    assert [p["trial"] for p in json.loads(reader.front_json("s"))] == [0]
-    assert json.loads(reader.front_json("s")) == json.loads(reader.front_json("s"))  # served from the cache
+    assert [p["trial"] for p in json.loads(reader.front_json(name))] == [0]
+    assert reader.front_json(name) is reader.front_json(name)  # nothing changed: the cached bytes themselves
     writer.record_trial(study, 1, state="complete", policy={}, bytes=800, bpw=3.2, kl=0.4)  # dominates 0
-    points = json.loads(reader.front_json("s"))
+    points = json.loads(reader.front_json(name))
     assert [p["trial"] for p in points] == [1] and points[0]["ppl"] is None
     writer.record_trial(study, 1, state="complete", policy={}, bytes=950, bpw=3.8, kl=0.1)  # overwritten
-    assert [p["trial"] for p in json.loads(reader.front_json("s"))] == [0, 1]
+    assert [p["trial"] for p in json.loads(reader.front_json(name))] == [0, 1]
     writer.record_trial(study, 2, state="failed", policy={}, error="boom")
-    assert json.loads(reader.front_json("s")) == reader.front(reader.get_study("s")).replace(
+    assert json.loads(reader.front_json(name)) == reader.front(reader.get_study(name)).replace(
         {np.nan: None}).to_dict(orient="records")
     with pytest.raises(StoreError, match="no study named 'nope'"):
         reader.front_json("nope")
