@@ -34,7 +34,7 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=12)
-not_a_string = st.none() | st.integers() | st.floats(allow_nan=False) | st.lists(json_values, max_size=3) \
+not_a_string = st.none() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.lists(json_values, max_size=3) \
     | st.dictionaries(st.text(max_size=5), json_values, max_size=3)
 # Values no integer field accepts (pydantic's lax mode takes "5", 5.0 and true as integers).
 not_an_int = st.none() | st.text(alphabet="abcxyz-", min_size=1, max_size=6) | st.lists(json_values, max_size=3) \
