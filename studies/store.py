@@ -25,7 +25,9 @@ FRONT_COLUMNS = ["trial", "bytes", "bpw", "kl", "ppl", "top1", "logit_err", "see
 
 # What a front depends on, summarised in one aggregate over the study's complete trials (answered
 # from the covering index ``FRONT_INDEX``). Trials are only added or overwritten: an addition changes
-# the count and the largest row id; an overwrite changes the count or the sums of bytes and KL.
+# the count and the largest row id; a failed trial recorded again as complete changes the count; a
+# complete one re-measured changes the sums of bytes and KL. (Rewriting only its ppl / top1 would go
+# unseen until the next write; the driver never rewrites a complete trial.)
 _VERSION_COLUMNS = (func.count(TrialRow.id), func.max(TrialRow.id), func.sum(TrialRow.bytes), func.sum(TrialRow.kl))
 _COMPLETE = and_(TrialRow.study_id == StudyRow.id, TrialRow.state == "complete")
 _FRONT_HEAD = (select(StudyRow.id, StudyRow.budget_bytes, *_VERSION_COLUMNS).select_from(StudyRow)

@@ -1,15 +1,15 @@
-"""Faults injected for real: a Ray worker killed mid-trial, the driver SIGKILLed mid-search."""
+"""Faults injected for real: Ray workers killed mid-trial (once, or on every attempt of one trial),
+the driver SIGKILLed mid-search."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-
-import math
 
 import optuna
 import psutil
