@@ -140,6 +140,14 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
             raise
 
 
+def _declares_own_code(config_file: Path) -> bool:
+    """Whether a local config maps any Auto class to code shipped with the model."""
+    try:
+        return bool(json.loads(config_file.read_text()).get("auto_map"))
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: AutoConfig reports it with its own message
+
+
 def _hf_model(name: str, *, trust_remote_code: bool, alias: str | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -152,6 +160,9 @@ def _hf_model(name: str, *, trust_remote_code: bool, alias: str | None = None) -
     if not is_local and "/" not in name:
         raise UserError(f"unknown model {name!r}: use an alias ({', '.join(MODEL_ALIASES)}), "
                         "a local model folder or a Hugging Face id like org/name")
+    if is_local and not trust_remote_code and _declares_own_code(path / "config.json"):
+        raise UserError(f"model {name} runs its own code (auto_map in config.json); "
+                        "pass --trust-remote-code if you trust it")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except ValueError as exc:

@@ -78,6 +78,11 @@ def test_remote_code_models_need_the_flag(tmp_path) -> None:
                                                     "AutoModelForCausalLM": "modeling_x.XModel"}}))
     with pytest.raises(UserError, match="--trust-remote-code"):
         load_model(str(folder))
+    # Own code for the model class only (a known config type): still refused, naming the flag.
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "auto_map": {"AutoModelForCausalLM": "modeling_x.XModel"}}))
+    with pytest.raises(UserError, match="runs its own code.*--trust-remote-code"):
+        load_model(str(folder))
 
 
 def test_empty_and_unreadable_datasets(tmp_path) -> None:
