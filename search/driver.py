@@ -240,7 +240,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
                     job.attempts += 1
                     pending[workers[job.worker].evaluate.remote(job.policy, job.prune_above)] = job
                     continue
-                _fail(study, store, row, job, f"worker died {job.attempts} times: {exc}")
+                _fail(study, store, row, job, f"worker died {job.attempts} times: {str(exc).splitlines()[0]}")
                 failed += 1
                 idle.append(job.worker)
                 continue
