@@ -1,0 +1,111 @@
+"""End to end: the embedded SmolLM2-135M quantized uniformly with each format at 2, 3 and 4 bits.
+
+Every weight matrix (the tied embedding / LM head included) gets the same setting,
+group 64; the table shows KL to the float model, perplexity and top-1 agreement on
+the evaluation windows, and the real bits per weight from the packed bytes
+(``PackedTensor.nbytes`` over all matrices, scales / codebooks / padding included).
+
+``gptq`` uses input Hessians collected on the calibration windows of the float model
+(:func:`quant.collect_hessians`, layers treated independently); the tied table uses
+the LM head's inputs. ``vq`` (dim 2) uses index widths 4, 6 and 8, i.e. 2, 3 and 4
+bits per weight of codes. ``ternary`` has one rate (1.6-bit codes) and is listed with 2.
+
+    .venv/bin/python benchmarks/format_kl.py                  # 4 x 256 tokens, ~15 min on 2 cores
+    .venv/bin/python benchmarks/format_kl.py --bits 3 --formats rtn,turbo
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+import quant  # noqa: E402
+from evaluators import Evaluator  # noqa: E402
+from evaluators.context import DataConfig  # noqa: E402
+from evaluators.evaluator import PackedCache  # noqa: E402
+
+GROUP = 64
+
+
+def settings_for(bits: int) -> list[tuple[str, dict[str, Any]]]:
+    """(row label, setting) of every format at ``bits``."""
+    rows = [
+        ("rtn (min-max)", {"format": "rtn", "bits": bits}),
+        ("rtn clip", {"format": "rtn", "bits": bits, "options": {"clip": True}}),
+        ("gptq (calib)", {"format": "gptq", "bits": bits}),
+        ("turbo", {"format": "turbo", "bits": bits}),
+        ("lloyd (k-means)", {"format": "lloyd", "bits": bits}),
+        ("nf (lloyd preset)", {"format": "lloyd", "bits": bits, "options": {"preset": "nf"}}),
+        (f"vq dim2 idx{2 * bits}", {"format": "vq", "bits": 2 * bits, "options": {"dim": 2}}),
+    ]
+    if bits == 2:
+        rows.append(("ternary", {"format": "ternary", "bits": 2}))
+    return [(label, {**s, "group_size": GROUP}) for label, s in rows]
+
+
+class CalibratedQuantizer(PackedCache):
+    """Quantizes every matrix afresh (nothing is reused across rows); gptq gets its Hessian."""
+
+    def __init__(self, hessians: dict[str, torch.Tensor]):
+        super().__init__(max_bytes=0)
+        self.hessians = hessians
+
+    def get(self, name: str, weight: torch.Tensor, setting: quant.QuantSetting) -> quant.PackedTensor:
+        if setting.format == "gptq" and name in self.hessians:
+            return quant.quantize(weight, setting, hessian=self.hessians[name])
+        return quant.quantize(weight, setting)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", default="2,3,4")
+    parser.add_argument("--formats", default=None, help="comma-separated format names to keep (default all)")
+    parser.add_argument("--n-eval", type=int, default=4)
+    parser.add_argument("--n-calib", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keep = None if args.formats is None else set(args.formats.split(","))
+
+    config = DataConfig(model="smollm2-135m", seq_len=args.seq_len, n_eval=args.n_eval, n_calib=args.n_calib)
+    loaded, tokens = config.load()
+    start = time.perf_counter()
+    evaluator = Evaluator(loaded, tokens)
+    model = evaluator.model
+    ids = torch.from_numpy(tokens.calib)
+    hessians = quant.collect_hessians(model, [ids[i:i + 2] for i in range(0, len(ids), 2)])
+    # The tied table is also the LM head: GPTQ it for the head's inputs.
+    for name in evaluator.matrices:
+        head = next((n for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n not in evaluator.matrices
+                     and m.weight is getattr(model.get_submodule(name), "weight", None)), None)
+        if head is not None and head in hessians:
+            hessians[name] = hessians[head]
+    evaluator.cache = CalibratedQuantizer(hessians)
+    print(f"smollm2-135m, {args.n_eval} x {args.seq_len} evaluation tokens, {args.n_calib} x {args.seq_len} "
+          f"calibration tokens (gptq), group {GROUP}, {torch.get_num_threads()} threads; reference and "
+          f"Hessians in {time.perf_counter() - start:.0f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"| bits | {'format':<18} | {'setting':<24} | bits/w | {'KL':>7} | {'ppl':>9} | top-1 | s quant |")
+    print(f"|------|{'-' * 20}|{'-' * 26}|--------|---------|-----------|-------|---------|", flush=True)
+    for bits in (int(b) for b in args.bits.split(",")):
+        for label, raw in settings_for(bits):
+            if keep is not None and raw["format"] not in keep and label.split()[0] not in keep:
+                continue
+            setting = quant.QuantSetting.from_dict(raw)
+            policy = quant.Policy.uniform(list(evaluator.matrices), setting)
+            r = evaluator.evaluate(policy)
+            print(f"| {bits:>4} | {label:<18} | {setting.describe():<24} | {r['bpw']:6.3f} | {r['kl']:7.4f} | "
+                  f"{r['ppl']:9.2f} | {r['top1']:.3f} | {r['seconds_quantize']:7.1f} |", flush=True)
+    evaluator.restore_float()
+
+
+if __name__ == "__main__":
+    main()
