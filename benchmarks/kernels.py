@@ -1,13 +1,21 @@
-"""Batch-1 (decode) matmul from packed weights vs dense float32, side by side.
+"""Batch-1 (decode) matmul from packed weights vs dense float32, side by side; rtn quantization time.
 
-For each shape (out x in) and setting: milliseconds per ``y = x @ W.T`` with one token,
-through :func:`quant.kernels.prepare` (int kernels for rtn 4-bit and 8-bit per channel,
-the row-tiled generic path for the rest), against ``F.linear`` on the float32 weight,
-all measured in one run with warm-up excluded. Then the time to quantize every weight
-matrix of the embedded SmolLM2-135M with rtn 4-bit, group 32.
+Three tables, all measured in one run:
 
-    .venv/bin/python benchmarks/kernels.py              # 2 threads, ~2-4 min
-    .venv/bin/python benchmarks/kernels.py --threads 1 --no-model
+1. torch's own kernels on the embedded model's shapes (out x in: 576x576, 1536x576,
+   576x1536, 49152x576) at each thread count: dense ``F.linear`` in float32 and bfloat16,
+   ``_weight_int4pack_mm_for_cpu`` (4-bit, group 32) and ``_weight_int8pack_mm`` (8-bit per
+   channel) with bfloat16 and with float32 activations, and fbgemm's dynamic int8 linear
+   (which also quantizes the activations to 8 bits, so it is not weight-only).
+2. our kernels (:func:`quant.kernels.prepare`) for each setting against dense float32.
+3. quantizing every weight matrix of SmolLM2-135M with rtn (weights already in memory).
+
+Timing: median of several calls after warm-up; every variant of a shape is measured in
+several interleaved rounds and the best median is kept, which damps other users' load
+on a shared machine. The load average is printed with each table.
+
+    .venv/bin/python benchmarks/kernels.py                     # threads 2 and 1, ~5 min
+    .venv/bin/python benchmarks/kernels.py --threads 2 --no-model --no-ours
 """
 
 from __future__ import annotations
@@ -24,19 +32,21 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 import quant  # noqa: E402
-from quant.kernels import prepare  # noqa: E402
+from quant.kernels import Int4Kernel, Int8Kernel, prepare  # noqa: E402
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (49152, 576)]  # (out, in): SmolLM2's attention, MLP, head
 SETTINGS: list[dict] = (
     [{"format": "rtn", "bits": b, "group_size": 32} for b in range(2, 9)]
-    + [{"format": "rtn", "bits": 4, "group_size": None}, {"format": "rtn", "bits": 8, "group_size": None}]
+    + [{"format": "rtn", "bits": 4, "group_size": 128}, {"format": "rtn", "bits": 4, "group_size": None},
+       {"format": "rtn", "bits": 8, "group_size": None}]
     + [{"format": "lloyd", "bits": 3, "group_size": 128}, {"format": "turbo", "bits": 4, "group_size": 128},
        {"format": "ternary", "bits": 2, "group_size": 128}, {"format": "vq", "bits": 4, "group_size": 128}]
 )
+ROUNDS = 3
 
 
-def time_ms(fn: Callable[[], object], budget_s: float = 0.15, min_reps: int = 3) -> float:
-    """Median milliseconds per call; the first call(s) are warm-up and not counted.
+def time_ms(fn: Callable[[], object], budget_s: float = 0.1, min_reps: int = 5) -> float:
+    """Median milliseconds per call; two warm-up calls are not counted.
 
     A call slower than the budget is timed once after one warm-up (the generic paths on
     the 49152-row head take seconds on a loaded 2-core machine).
@@ -55,48 +65,114 @@ def time_ms(fn: Callable[[], object], budget_s: float = 0.15, min_reps: int = 3)
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def matmul_table() -> None:
-    """One block per shape, printed as it is measured: dense first, then every setting."""
-    names = [quant.QuantSetting.from_dict(s).describe() for s in SETTINGS]
-    width = max(len(n) for n in names) + 2
-    print(f"{'shape (out x in)':<18}{'setting':<{width}}{'kernel':<15}{'ms':>9}{'vs dense':>10}")
+def best_of_rounds(fns: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> dict[str, float]:
+    """Best median per variant over interleaved rounds (a, b, c, a, b, c, ...)."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            best[k] = min(best[k], time_ms(fn))
+    return best
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def torch_ops(out_features: int, in_features: int) -> dict[str, Callable[[], object]]:
+    """The candidate kernels of torch itself, on one random weight."""
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, in_features)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    k4 = prepare(quant.quantize(w, {"format": "rtn", "bits": 4, "group_size": 32}))
+    k8 = prepare(quant.quantize(w, {"format": "rtn", "bits": 8, "group_size": None}))
+    assert isinstance(k4, Int4Kernel) and isinstance(k8, Int8Kernel)
+    sz32, s8 = k4.scale_zero.float(), k8.scale.float()
+    int4 = torch.ops.aten._weight_int4pack_mm_for_cpu
+    int8 = torch.ops.aten._weight_int8pack_mm
+    scale = (w.abs().amax(1) / 127).clamp(min=1e-8)
+    qw = torch.quantize_per_channel(w, scale, torch.zeros(out_features, dtype=torch.long), 0, torch.qint8)
+    fb = torch.ops.quantized.linear_prepack(qw, None)
+    return {
+        "dense fp32": lambda: F.linear(x, w),
+        "dense bf16": lambda: F.linear(xb, wb),
+        "int4 bf16-x": lambda: int4(xb, k4.weight, k4.kernel_group, k4.scale_zero),
+        "int4 fp32-x": lambda: int4(x, k4.weight, k4.kernel_group, sz32),
+        "int8 bf16-x": lambda: int8(xb, k8.weight, k8.scale),
+        "int8 fp32-x": lambda: int8(x, k8.weight, s8),
+        "fbgemm dyn-int8": lambda: torch.ops.quantized.linear_dynamic(x, fb),
+    }
+
+
+def torch_ops_table(threads: list[int]) -> None:
+    print(f"\n1. torch's kernels, batch 1 (ms; x = speed-up over dense fp32 at the same thread count); {load()}")
+    names = list(torch_ops(16, 64))
+    print(f"| threads | shape       | " + " | ".join(f"{n:>17}" for n in names) + " |")
+    print("|---------|-------------|" + "|".join("-" * 19 for _ in names) + "|")
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for out_features, in_features in SHAPES:
+            best = best_of_rounds(torch_ops(out_features, in_features))
+            dense = best["dense fp32"]
+            cells = " | ".join(f"{best[n]:8.3f} {dense / best[n]:6.2f}x" for n in names)
+            print(f"| {n_threads:>7} | {out_features:>5}x{in_features:<5} | {cells} |", flush=True)
+    print(f"({load()})")
+
+
+def ours_table(n_threads: int) -> None:
+    torch.set_num_threads(n_threads)
+    print(f"\n2. quant.kernels.prepare(packed) vs dense fp32, batch 1, {n_threads} threads; {load()}")
+    labels = [quant.QuantSetting.from_dict(s).describe() for s in SETTINGS]
+    width = max(len(n) for n in labels) + 2
+    print(f"{'shape (out x in)':<18}{'setting':<{width}}{'kernel':<16}{'ms':>9}{'dense ms':>10}{'vs dense':>10}")
     for out_features, in_features in SHAPES:
         shape = f"{out_features}x{in_features}"
         w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
         x = torch.randn(1, in_features)
-        dense = time_ms(lambda: F.linear(x, w))
-        print(f"{shape:<18}{'dense fp32':<{width}}{'F.linear':<15}{dense:9.3f}{1.0:9.2f}x", flush=True)
-        for name, setting in zip(names, SETTINGS):
+        for label, setting in zip(labels, SETTINGS):
             kernel = prepare(quant.quantize(w, setting))
-            ms = time_ms(lambda: kernel(x))
-            print(f"{shape:<18}{name:<{width}}{type(kernel).__name__:<15}{ms:9.3f}{dense / ms:9.2f}x", flush=True)
+            best = best_of_rounds({"dense": lambda: F.linear(x, w), "kernel": lambda: kernel(x)},
+                                  rounds=ROUNDS if out_features * in_features < 1 << 24 or
+                                  isinstance(kernel, (Int4Kernel, Int8Kernel)) else 1)
+            print(f"{shape:<18}{label:<{width}}{type(kernel).__name__:<16}{best['kernel']:9.3f}"
+                  f"{best['dense']:10.3f}{best['dense'] / best['kernel']:9.2f}x", flush=True)
+    print(f"({load()})")
 
 
-def quantize_model_time() -> None:
+def quantize_model_time(n_threads: int) -> None:
     from evaluators import load_model
 
+    torch.set_num_threads(n_threads)
     model = load_model("smollm2-135m").model
     mats = [m.weight.detach() for n, m in model.named_modules() if n in quant.weight_matrices(model)]
-    start = time.perf_counter()
-    for w in mats:
-        quant.quantize(w, {"format": "rtn", "bits": 4, "group_size": 32})
-    elapsed = time.perf_counter() - start
+    touched = sum(float(w.sum()) for w in mats)  # page the weights in: loading is not quantizing
+    assert touched == touched
     n = sum(w.numel() for w in mats)
-    print(f"quantize all {len(mats)} weight matrices ({n / 1e6:.1f}M weights) of smollm2-135m, rtn 4-bit g32: "
-          f"{elapsed:.2f} s")
+    print(f"\n3. quantize all {len(mats)} weight matrices ({n / 1e6:.1f}M weights) of smollm2-135m, "
+          f"{n_threads} threads; {load()}")
+    for setting in ([{"format": "rtn", "bits": 4, "group_size": 32}] * 2
+                    + [{"format": "rtn", "bits": 3, "group_size": 64},
+                       {"format": "rtn", "bits": 4, "group_size": 32, "options": {"clip": True}}]):
+        start = time.perf_counter()
+        for w in mats:
+            quant.quantize(w, setting)
+        label = quant.QuantSetting.from_dict(setting).describe()
+        print(f"  {label:<22} {time.perf_counter() - start:6.2f} s   ({load()})", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="2,1", help="thread counts for table 1; the first one is used after")
     parser.add_argument("--no-model", action="store_true", help="skip the SmolLM2 quantization timing")
+    parser.add_argument("--no-ours", action="store_true", help="skip table 2")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+    threads = [int(t) for t in args.threads.split(",")]
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs")
     with torch.inference_mode():
-        matmul_table()
+        torch_ops_table(threads)
+        if not args.no_ours:
+            ours_table(threads[0])
     if not args.no_model:
-        quantize_model_time()
+        quantize_model_time(threads[0])
 
 
 if __name__ == "__main__":

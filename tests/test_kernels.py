@@ -50,6 +50,8 @@ def test_int_kernels_chosen_where_they_fit() -> None:
         return type(prepare(quant.quantize(_weight(out, 576), {"bits": bits, "group_size": group})))
 
     assert kind(96, 4, 32) is Int4Kernel and kind(96, 4, None) is Int4Kernel  # per channel: groups of 64
+    # 128 does not divide 576: kernel groups of 64 over the real 576 columns, no padded activations.
+    assert prepare(quant.quantize(_weight(96, 576), {"bits": 4, "group_size": 128})).kernel_group == 64
     assert kind(90, 4, 32) is RTNTiledKernel  # the int4 op needs out % 16 == 0
     assert kind(96, 8, None) is Int8Kernel and kind(96, 8, 32) is RTNTiledKernel
     assert kind(96, 3, 32) is RTNTiledKernel

@@ -122,28 +122,30 @@ class Int4Kernel(Kernel):
     """rtn 4-bit through ``torch.ops.aten._weight_int4pack_mm_for_cpu``.
 
     The op computes ``x @ ((q - 8) * scale + zero).T`` per group of ``kernel_group``
-    input columns with a ``(K / group, N, 2)`` scale/zero table; it needs ``N % 16 == 0``
-    and a group in :data:`INT4_GROUPS` dividing the padded row. Per-channel scales are
-    repeated over groups of the largest such size.
+    input columns with a ``(K / kernel_group, N, 2)`` scale/zero table; it needs
+    ``N % 16 == 0`` and a group in :data:`INT4_GROUPS` dividing ``K``. The kernel runs
+    over the real ``in_features`` columns only: a format group that does not divide
+    the row (128 of 576) or a per-channel scale is cut into kernel groups that do
+    (64), each repeating its group's scale and zero, so the activations need no
+    padding and the padded codes are never read.
     """
 
     def __init__(self, packed: PackedTensor, kernel_group: int):
         out_features, in_features = packed.shape
         self.in_features = in_features
-        self.in_p = padded_in_features(in_features, packed.setting.group_size)
         self.kernel_group = kernel_group
+        group = packed.setting.group_size or in_features
+        codes = _rtn_codes(packed)[:, :in_features].contiguous()  # (N, K) int32, padding dropped
         # innerKTiles only matters to the CUDA layout; the CPU op ignores it.
-        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_rtn_codes(packed), 2)  # (N, in_p/2)
-        scale, zero = _rtn_scale_zero(packed, 8)
-        repeat = self.in_p // kernel_group // scale.shape[1]  # 1 unless per channel
-        table = torch.stack([scale, zero], -1).repeat_interleave(repeat, dim=1)  # (N, K/g, 2)
-        self.scale_zero = table.transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/g, N, 2)
+        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)  # (N, K/2) uint8
+        scale, zero = _rtn_scale_zero(packed, 8)  # (N, G)
+        table = torch.stack([scale, zero], -1).repeat_interleave(group // kernel_group, dim=1)
+        table = table[:, :in_features // kernel_group]  # (N, K/kg, 2)
+        self.scale_zero = table.transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/kg, N, 2)
         self.runtime_nbytes = (self.weight.numel() * self.weight.element_size()
                                + self.scale_zero.numel() * self.scale_zero.element_size())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
-        if self.in_p != self.in_features:  # the padded columns' codes meet zeros
-            x = F.pad(x, (0, self.in_p - self.in_features))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, self.kernel_group,
                                                       self.scale_zero)
         return y.float()
@@ -171,13 +173,12 @@ class Int8Kernel(Kernel):
 
 
 def _int4_group(packed: PackedTensor) -> int | None:
+    """The largest kernel group of the int4 op that divides both the format's group and the row."""
     out_features, in_features = packed.shape
     if out_features % 16:
         return None
-    group = packed.setting.group_size
-    if group is not None:
-        return group if group in INT4_GROUPS else None
-    return next((g for g in INT4_GROUPS if in_features % g == 0), None)
+    group = packed.setting.group_size or in_features
+    return next((g for g in INT4_GROUPS if group % g == 0 and in_features % g == 0), None)
 
 
 def prepare_cpu(packed: PackedTensor) -> Kernel:
