@@ -86,7 +86,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     _add_serve_parser(sub)
     _add_sensitivity_parser(sub)
+    _add_show_parser(sub)
     return parser
+
+
+def _add_show_parser(sub) -> None:
+    p = sub.add_parser("show", help="a policy per layer: each matrix's bits and group size (table, optional bit map)")
+    p.add_argument("policy", help="policy JSON from turboquant export")
+    p.add_argument("--plot", default=None, help="also write a per-layer bit map (heatmap), e.g. bits.png")
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    import quant
+    from evaluators.errors import UserError
+    from search.show import bit_map, summary_text
+
+    doc = quant.Policy.load(args.policy).to_dict()  # validates every setting; raises PolicyError
+    try:
+        text = summary_text(doc, args.policy)
+        if args.plot:  # before printing anything: a bad --plot name fails alone
+            from search.plots import write_bits_plot
+
+            write_bits_plot(bit_map(doc["matrices"]), f"{Path(args.policy).name}: bits per matrix", args.plot)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(text)
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
 
 
 def _add_sensitivity_parser(sub) -> None:
@@ -340,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_serve(args)
         if args.command == "sensitivity":
             return _cmd_sensitivity(args)
+        if args.command == "show":
+            return _cmd_show(args)
     except (UserError, PolicyError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

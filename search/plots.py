@@ -1,4 +1,4 @@
-"""Pictures of a front: a PNG (matplotlib) and an interactive HTML page (plotly), from the same points."""
+"""Pictures: a front as a PNG (matplotlib) or interactive HTML (plotly), and a policy's per-layer bit map."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["front_png", "front_html", "write_front_plot"]
+from search.show import BitMap, cell_text
+
+__all__ = ["bits_png", "front_png", "front_html", "write_bits_plot", "write_front_plot"]
 
 
 def front_png(points: pd.DataFrame, title: str) -> bytes:
@@ -59,4 +61,44 @@ def write_front_plot(points: pd.DataFrame, title: str, path: str | Path) -> Path
         path.write_text(front_html(points, title))
     else:
         raise ValueError(f"--plot {path}: use a .png or .html file name")
+    return path
+
+
+def bits_png(grid: BitMap, title: str) -> bytes:
+    """A heatmap of code bits: rows are layers, columns matrix kinds; each cell labelled bits/group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    bits = np.ma.masked_invalid(np.array(grid.bits(), dtype=float))  # (rows, cols); empty cells masked
+    fig = Figure(figsize=(1.5 + 0.9 * len(grid.cols), 1.4 + 0.3 * len(grid.rows)), dpi=100)
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
+    lo, hi = (float(bits.min()), float(bits.max())) if bits.count() else (0.0, 1.0)
+    image = ax.imshow(bits, cmap=cmap, vmin=lo, vmax=max(hi, lo + 1), aspect="auto", interpolation="nearest")
+    for i, r in enumerate(grid.rows):
+        for j, c in enumerate(grid.cols):
+            if (r, c) in grid.cells:
+                value = bits[i, j]
+                colour = "black" if (value - lo) / max(hi - lo, 1) > 0.6 else "white"
+                ax.text(j, i, cell_text(grid.cells[r, c][1]), ha="center", va="center", fontsize=6, color=colour)
+    ax.set_xticks(range(len(grid.cols)), grid.cols)
+    ax.set_yticks(range(len(grid.rows)), grid.rows)
+    ax.set_xlabel("matrix")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="code bits per weight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def write_bits_plot(grid: BitMap, title: str, path: str | Path) -> Path:
+    """Writes the bit map of ``grid`` to ``path`` (a .png file)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--plot {path}: the bit map is written as PNG; use a .png file name")
+    path.write_bytes(bits_png(grid, title))
     return path

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["RUNTIME_FORMATS", "RuntimeExport", "export_runtime", "llamacpp_name"]
+__all__ = ["RUNTIME_FORMATS", "RuntimeExport", "code_bits", "export_runtime", "llamacpp_name"]
 
 
 @dataclass
@@ -39,7 +39,7 @@ def _matrices(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {str(k): dict(v) for k, v in matrices.items()}
 
 
-def _effective_bits(setting: Mapping[str, Any]) -> float:
+def code_bits(setting: Mapping[str, Any]) -> float:
     """Code bits per weight: a vector codebook spends ``bits`` on ``dim`` weights, ternary 1.58."""
     fmt, bits = setting.get("format", "rtn"), int(setting.get("bits", 4))
     if fmt == "vq":
@@ -65,7 +65,7 @@ _GPTQ_GROUPS = (16, 32, 64, 128)
 
 
 def _gptq_setting(name: str, s: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
-    eff = _effective_bits(s)
+    eff = code_bits(s)
     bits = _nearest(eff, _GPTQ_BITS)
     group = s.get("group_size")
     g = -1 if group is None else _nearest(group, _GPTQ_GROUPS) if group not in _GPTQ_GROUPS else group
@@ -145,7 +145,7 @@ def _to_llamacpp(doc: Mapping[str, Any]) -> RuntimeExport:
             skipped.append(name)
             notes.append(f"{name}: no GGUF tensor name known for it; left to llama-quantize's default type")
             continue
-        eff = _effective_bits(s)
+        eff = code_bits(s)
         if s.get("format") == "ternary":
             ggml = "tq1_0"
         else:
@@ -178,7 +178,7 @@ def _to_torchao(doc: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]] | 
     notes: list[str] = []
     fqn: dict[str, Any] = {}
     for name, s in _matrices(doc).items():
-        eff = _effective_bits(s)
+        eff = code_bits(s)
         bits = _nearest(eff, _TORCHAO_BITS)
         group = s.get("group_size")
         g = None if group is None else group if group in _TORCHAO_GROUPS else _nearest(group, _TORCHAO_GROUPS)
