@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +153,58 @@ def test_cli_export_format_writes_file_and_reports_approximations(tmp_path, caps
     printed = capsys.readouterr().out
     assert "approximation" in printed and "~ model.layers.0.mlp.down_proj" in printed
     assert "blk.1.attn_v.weight=q3_k" in out.read_text()
+
+
+# GPTQModel declares torch>=2.14.1, so `pip install gptqmodel` would replace this project's CPU torch 2.13
+# with a CUDA build. Its configuration code runs on CPU torch 2.13 all the same, so the test installs the
+# pinned release and its small pure-Python dependencies without dependencies into a folder of its own
+# (never into the venv) and runs GPTQModel there in a subprocess.
+GPTQMODEL = ["gptqmodel==7.7.0", "pypcre==0.6.4", "logbar==0.4.15", "tokenicer==0.0.14", "device-smi==0.5.7",
+             "defuser==0.0.28", "threadpoolctl==3.8.0"]
+
+
+def _gptqmodel_site() -> Path:
+    from evaluators.models import cache_dir
+
+    site = cache_dir() / "gptqmodel-7.7.0-site"
+    if not (site / ".complete").exists():
+        partial = Path(tempfile.mkdtemp(prefix="gptqmodel-", dir=cache_dir()))
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                                 "--no-build-isolation", "--target", str(partial), *GPTQMODEL],
+                                capture_output=True, text=True)
+        if result.returncode:
+            shutil.rmtree(partial, ignore_errors=True)
+            pytest.fail(f"pip could not install {' '.join(GPTQMODEL)}: {result.stderr[-2000:]}")
+        (partial / ".complete").touch()
+        shutil.rmtree(site, ignore_errors=True)
+        partial.rename(site)
+    return site
+
+
+def test_gptqmodel_reads_the_dynamic_export_and_resolves_every_module(tmp_path) -> None:
+    doc = _doc()
+    out = export_runtime(doc, "gptqmodel")
+    (tmp_path / "quantize_config.json").write_text(out.text)
+    names = list(doc["matrices"])
+    # GPTQModel's own loader and the lookup its quantization loop calls for every module.
+    code = ("import json, sys\nfrom gptqmodel import QuantizeConfig\n"
+            f"cfg = QuantizeConfig.from_pretrained({str(tmp_path)!r})\n"
+            "res = {}\n"
+            f"for name in {names!r}:\n"
+            "    o = cfg.dynamic_get(name)\n"
+            "    res[name] = None if o is False else [int(cfg.dynamic_get(name, 'bits', cfg.bits)),\n"
+            "        int(cfg.dynamic_get(name, 'group_size', cfg.group_size)), bool(cfg.dynamic_get(name, 'sym', cfg.sym))]\n"
+            "print('RESULT' + json.dumps(res))\n")
+    env = {**os.environ, "PYTHONPATH": str(_gptqmodel_site()), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved = json.loads(result.stdout.split("RESULT", 1)[1])
+    assert resolved["model.embed_tokens"] is None  # skipped: GPTQModel quantizes linear layers only
+    for name, s in doc["matrices"].items():
+        if name == "model.embed_tokens":
+            continue
+        sym = bool(s["options"].get("symmetric", False))
+        if s["format"] == "rtn" and s["bits"] in (2, 3, 4, 8) and s["group_size"] in (32, 64, 128):
+            assert resolved[name] == [s["bits"], s["group_size"], sym], name  # representable: exact
+    assert resolved["model.layers.0.mlp.down_proj"] == [4, 128, False]  # 5-bit turbo, group 256: nearest
+    assert resolved["lm_head"] == [8, 64, False]  # 6 bits: the tie goes to the wider 8
