@@ -89,7 +89,8 @@ def summary_text(doc: Mapping[str, Any], source: str = "policy") -> str:
     matrices = doc["matrices"]
     grid = bit_map(matrices)
     m = doc.get("metrics") or {}
-    head = f"{source}: model {doc.get('model') or (doc.get('provenance') or {}).get('model', '?')}, {len(matrices)} matrices"
+    model = doc.get("model") or (doc.get("provenance") or {}).get("model", "?")
+    head = f"{source}: model {model}, {len(matrices)} matrices"
     if isinstance(m.get("bytes"), (int, float)):
         head += f", {int(m['bytes']):,} bytes ({m.get('bpw', float('nan')):.3f} bpw)"
     if isinstance(m.get("kl"), (int, float)):

@@ -176,7 +176,8 @@ class ServiceProcess:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"turboquant serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"turboquant serve exited with {self.proc.returncode}:\n"
+                                   f"{self.log.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{self.base}/openapi.json", timeout=2).status_code == 200:
                     return

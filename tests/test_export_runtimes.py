@@ -193,7 +193,8 @@ def test_gptqmodel_reads_the_dynamic_export_and_resolves_every_module(tmp_path) 
             f"for name in {names!r}:\n"
             "    o = cfg.dynamic_get(name)\n"
             "    res[name] = None if o is False else [int(cfg.dynamic_get(name, 'bits', cfg.bits)),\n"
-            "        int(cfg.dynamic_get(name, 'group_size', cfg.group_size)), bool(cfg.dynamic_get(name, 'sym', cfg.sym))]\n"
+            "        int(cfg.dynamic_get(name, 'group_size', cfg.group_size)),\n"
+            "        bool(cfg.dynamic_get(name, 'sym', cfg.sym))]\n"
             "print('RESULT' + json.dumps(res))\n")
     env = {**os.environ, "PYTHONPATH": str(_gptqmodel_site()), "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
