@@ -129,3 +129,15 @@ def test_triton_kernel_matches_dequantize(bits: int, group: int | None, symmetri
     assert isinstance(kernel, TritonRTNKernel)
     x = _x(m, 576).cuda()
     torch.testing.assert_close(kernel(x), ref, rtol=1e-4, atol=1e-3 * float(ref.abs().max()))
+
+
+def test_cpu_machines_never_need_triton() -> None:
+    # Without CUDA the Triton module answers "not available" (it imports even where triton is
+    # missing) and prepare() stays on the CPU kernels.
+    from quant.kernels import triton as triton_kernels
+
+    packed = quant.quantize(_weight(32, 64), {"bits": 4, "group_size": 32})
+    if not torch.cuda.is_available():
+        assert triton_kernels.available() is False
+        assert triton_kernels.prepare_cuda(packed) is None
+    assert type(prepare(packed)).__module__ == "quant.kernels.cpu"

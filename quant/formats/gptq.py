@@ -68,37 +68,44 @@ class GPTQ(RTN):
         levels = 2**setting.bits - 1
         half = 2 ** (setting.bits - 1)
         block = g or BLOCK
-        codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=w.device)
+        diag = torch.diagonal(u).tolist()
+        # Transposed, so column j of the weight is a contiguous row: the column loop below is
+        # Python-bound (one short op after another), and contiguous rows keep each op cheap.
+        wt = w.T.contiguous()  # (in, out)
+        codes_t = torch.empty(in_features, out_features, dtype=torch.uint8, device=w.device)
         scales, offsets = [], []
         for b0 in range(0, in_features, block):
             b1 = min(b0 + block, in_features)
             if g is not None or b0 == 0:
                 # Blocks are whole groups, so a group's grid sees every error pushed onto it.
-                span = w[:, b0:b1] if g is not None else w
+                span = wt[b0:b1] if g is not None else wt  # (B or in, out)
                 if symmetric:
-                    scale = (span.abs().amax(-1) / (half - 1 if half > 1 else 1)).half()
+                    scale = (span.abs().amax(0) / (half - 1 if half > 1 else 1)).half()
                     offset = None
                 else:
-                    lo = span.amin(-1)
-                    scale, offset = ((span.amax(-1) - lo) / levels).half(), lo.half()
+                    lo = span.amin(0)
+                    scale, offset = ((span.amax(0) - lo) / levels).half(), lo.half()
                     offsets.append(offset)
                 scales.append(scale)
                 s = scale.float().masked_fill(scale == 0, 1.0)
-            wb = w[:, b0:b1].clone()  # (out, B), updated column by column
-            err = torch.zeros_like(wb)
+                sf = scale.float()
+                of = None if offset is None else offset.float()
+            wb = wt[b0:b1].clone()  # (B, out), updated row by row; row j ends as column j's scaled error
             for j in range(b1 - b0):
-                col = wb[:, j]
-                if offset is None:
-                    q = (torch.round(col / s) + half).clamp_(0, levels)
-                    deq = (q - half) * scale.float()
+                col = wb[j]
+                if of is None:
+                    q = torch.div(col, s).round_().add_(half).clamp_(0, levels)
+                    deq = (q - half).mul_(sf)
                 else:
-                    q = torch.round((col - offset.float()) / s).clamp_(0, levels)
-                    deq = q * scale.float() + offset.float()
-                codes[:, b0 + j] = q.to(torch.uint8)
-                e = (col - deq) / u[b0 + j, b0 + j]
-                wb[:, j:] -= e.unsqueeze(1) * u[b0 + j, b0 + j:b1].unsqueeze(0)
-                err[:, j] = e
-            w[:, b1:] -= err @ u[b0:b1, b1:]  # the block's errors reach the later columns at once
+                    q = torch.sub(col, of).div_(s).round_().clamp_(0, levels)
+                    deq = torch.addcmul(of, q, sf)
+                codes_t[b0 + j] = q
+                e = col.sub_(deq).div_(diag[b0 + j])  # in place: wb[j] is not needed any more
+                if j + 1 < b1 - b0:
+                    wb[j + 1:].addr_(u[b0 + j, b0 + j + 1:b1], e, alpha=-1)
+            if b1 < in_features:  # the block's errors reach the later columns at once
+                wt[b1:].addmm_(u[b0:b1, b1:].T, wb, alpha=-1)
+        codes = codes_t.T  # (out, in)
 
         pad = padded_in_features(in_features, g) - in_features
         # Pad like group_view (repeat the last column) so an identity Hessian gives rtn's bytes.
