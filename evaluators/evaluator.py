@@ -102,7 +102,7 @@ class Evaluator:
         for i in range(0, len(ids), self.batch_size):
             batch = ids[i:i + self.batch_size]
             logprobs = _forward_logprobs(self.model, batch)
-            sums.add(logprobs, torch.from_numpy(self.reference[i:i + self.batch_size]), batch[:, 1:])
+            sums.add(logprobs, torch.from_numpy(self.reference[i:i + len(batch)]), batch[:, 1:])
             if kl_low is None:
                 kl_low = sums.result()["kl"]
                 if prune_above is not None and kl_low > prune_above and len(ids) > len(batch):

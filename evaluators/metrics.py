@@ -35,6 +35,10 @@ class MetricSums:
 
     def add(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, targets: torch.Tensor) -> None:
         """Adds ``(B, T, V)`` model and reference log-probs with ``(B, T)`` next tokens."""
+        if logprobs.shape != ref_logprobs.shape or logprobs.shape[:2] != targets.shape:
+            # Broadcasting would silently compare one window with another.
+            raise ValueError(f"shapes differ: model {tuple(logprobs.shape)}, reference {tuple(ref_logprobs.shape)}, "
+                             f"targets {tuple(targets.shape)}")
         p_ref = ref_logprobs.exp()
         self.kl += float((p_ref * (ref_logprobs - logprobs)).sum())
         self.nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())

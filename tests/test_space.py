@@ -96,13 +96,15 @@ def test_sensitivity_on_fewer_windows_is_stored_apart(evaluator, tmp_path) -> No
     store = Store(f"sqlite:///{tmp_path}/w.db")
     s2 = quant.QuantSetting("rtn", 2, 32)
     units = {"model.layers.0.mlp": [m for m in evaluator.matrices if m.startswith("model.layers.0.mlp.")]}
+    for windows in (1, 2, 3):  # an odd count ends in a partial batch: nothing quantized is still KL 0
+        assert evaluator.evaluate_partial({}, windows=windows)["kl"] == pytest.approx(0.0, abs=1e-9)
     few = measure_sensitivity(evaluator, [s2], units=units, store=store, model_fingerprint="m",
-                              data_fingerprint="d", windows=2, progress=False)
+                              data_fingerprint="d", windows=3, progress=False)
     full = measure_sensitivity(evaluator, [s2], units=units, store=store, model_fingerprint="m",
                                data_fingerprint="d", progress=False)
     assert few.computed == full.computed == 1  # other tokens: not reused for the full table
     members = dict.fromkeys(units["model.layers.0.mlp"], s2)
-    assert few.kl["model.layers.0.mlp"][s2.key()] == evaluator.evaluate_partial(members, windows=2)["kl"]
+    assert few.kl["model.layers.0.mlp"][s2.key()] == evaluator.evaluate_partial(members, windows=3)["kl"]
     assert full.kl["model.layers.0.mlp"][s2.key()] == evaluator.evaluate_partial(members)["kl"]
     assert few.kl != full.kl
 
