@@ -24,6 +24,7 @@ import quant  # noqa: E402
 
 SETTINGS: list[dict] = (
     [{"format": "rtn", "bits": b, "group_size": 128} for b in (2, 3, 4)]
+    + [{"format": "rtn", "bits": b, "group_size": 128, "options": {"clip": True}} for b in (2, 3, 4)]
     + [{"format": "rtn", "bits": b, "group_size": 128, "options": {"outlier_frac": 0.005}} for b in (2, 3, 4)]
     + [{"format": "turbo", "bits": b, "group_size": 128} for b in (1, 2, 3, 4)]
     + [{"format": "turbo", "bits": b, "group_size": 128, "options": {"qjl": True}} for b in (1, 2, 3)]

@@ -33,14 +33,12 @@ __all__ = ["SearchConfig", "run_search", "FULL_PRECISION_BITS"]
 log = logging.getLogger(__name__)
 # Optuna wraps database failures in its own error; both mean "try again shortly".
 _RETRY_ON = DB_ERRORS + (optuna.exceptions.StorageInternalError,)
+_OVERHEAD_WARN = 0.2  # warn when proposing takes this share of the search's wall time
+FULL_PRECISION_BITS = 16  # a bf16/fp16 checkpoint: budgets at or above it need no quantization
 
 
 def _db(fn, what: str):
     return with_db_retry(fn, what, retry_on=_RETRY_ON)
-
-
-_OVERHEAD_WARN = 0.2  # warn when proposing takes this share of the search's wall time
-FULL_PRECISION_BITS = 16  # a bf16/fp16 checkpoint: budgets at or above it need no quantization
 
 
 @dataclass
@@ -97,9 +95,8 @@ def _open_study(cfg: SearchConfig, store: Store, space: SearchSpace, budget_byte
         storage = optuna.storages.RDBStorage(cfg.storage)
     except Exception as exc:  # Optuna wraps driver errors in several types
         raise StoreError(f"cannot open storage {cfg.storage}: {str(exc).splitlines()[0]}") from None
-    n_params = space.n_params
     study = optuna.create_study(study_name=cfg.study, storage=storage, directions=["minimize", "minimize"],
-                                sampler=make_sampler(cfg.sampler, cfg.data.seed, n_params, space=space,
+                                sampler=make_sampler(cfg.sampler, cfg.data.seed, space.n_params, space=space,
                                                     budget_bytes=budget_bytes), load_if_exists=True)
     row = existing or store.create_study(
         name=cfg.study, model=cfg.data.model, dataset=cfg.data.dataset, budget_bytes=budget_bytes,
@@ -301,9 +298,13 @@ def _check_memory(cfg: SearchConfig, model: Any, tokens: Any) -> None:
                         f"but {limit / 2**30:.2f} GiB is available; use fewer --workers or --eval-seqs")
 
 
+def _timings(job: _Pending, result: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"seconds": time.perf_counter() - job.started, "quantize": result["seconds_quantize"],
+            "forward": result["seconds_forward"], "attempts": job.attempts, "kl_low": result["kl_low"], **extra}
+
+
 def _record(study: optuna.Study, store: Store, row: Any, job: _Pending, result: dict[str, Any]) -> None:
-    timings = {"seconds": time.perf_counter() - job.started, "quantize": result["seconds_quantize"],
-               "forward": result["seconds_forward"], "attempts": job.attempts, "kl_low": result["kl_low"]}
+    timings = _timings(job, result)
     _db(lambda: store.record_trial(row, job.trial.number, state="complete", policy=job.policy,
                                    bytes=result["bytes"], bpw=result["bpw"], kl=result["kl"], ppl=result["ppl"],
                                    top1=result["top1"], logit_err=result["logit_err"],
@@ -316,9 +317,7 @@ def _record(study: optuna.Study, store: Store, row: Any, job: _Pending, result: 
 
 def _prune(study: optuna.Study, store: Store, row: Any, job: _Pending, result: dict[str, Any]) -> None:
     """A child stopped after the first batch: kept as a PRUNED trial with what was measured."""
-    timings = {"seconds": time.perf_counter() - job.started, "quantize": result["seconds_quantize"],
-               "forward": result["seconds_forward"], "attempts": job.attempts, "kl_low": result["kl_low"],
-               "windows": result["windows"], "prune_above": job.prune_above}
+    timings = _timings(job, result, windows=result["windows"], prune_above=job.prune_above)
     _db(lambda: store.record_trial(row, job.trial.number, state="pruned", policy=job.policy,
                                    bytes=result["bytes"], bpw=result["bpw"], timings=timings,
                                    seed=job.trial.user_attrs.get("seed"), worker=result.get("worker")),
