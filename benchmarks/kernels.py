@@ -9,7 +9,7 @@ Three tables, all measured in one run:
    (which also quantizes the activations to 8 bits, so it is not weight-only).
 2. our kernels (:func:`quant.kernels.prepare`) for each setting against dense float32.
 3. quantizing every weight matrix of SmolLM2-135M with rtn (weights already in memory).
-4. with ``--cuda`` (a GPU machine): the Triton rtn kernel at batch 1 and 16 against dense
+4. with ``--cuda`` (a GPU machine): the Triton rtn kernel at batch 1, 16 and 256 against dense
    fp16 and fp32 ``F.linear`` and against dequantize-then-matmul, timed with CUDA events
    (``triton.testing.do_bench``), for several tile shapes; only this table runs then.
 
@@ -168,7 +168,7 @@ def quantize_model_time(threads: list[int]) -> None:
             print(f"  {n_threads} threads  {label:<22} {time.perf_counter() - start:6.2f} s   ({load()})", flush=True)
 
 
-CUDA_TILES = [(32, 128), (16, 256), (64, 64), (8, 512)]  # (BLOCK_N, BLOCK_K) of the Triton kernel
+CUDA_TILES = [(64, 64), (32, 128), (128, 64), (64, 128)]  # (BLOCK_N, BLOCK_K) of the Triton kernel
 
 
 def cuda_table() -> None:
@@ -190,7 +190,7 @@ def cuda_table() -> None:
             gpu = quant.PackedTensor(packed.setting, packed.shape, {k: v.cuda() for k, v in packed.buffers.items()})
             assert isinstance(prepare(gpu), TritonRTNKernel)
             deq = packed.dequantize().cuda()
-            for m in (1, 16):
+            for m in (1, 16, 256):
                 x = torch.randn(m, in_features, device="cuda")
                 x16 = x.half()
                 ref = x @ deq.t()

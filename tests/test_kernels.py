@@ -116,7 +116,7 @@ def test_quant_linear_dispatch(bias: bool) -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 80])  # 80: two programs along the batch
 def test_triton_kernel_matches_dequantize(bits: int, group: int | None, symmetric: bool, m: int) -> None:
     pytest.importorskip("triton")
     from quant.kernels.triton import TritonRTNKernel
