@@ -57,6 +57,11 @@ class StudyRequest(BaseModel):
     bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8], min_length=1)
     groups: list[int | None] = Field(default_factory=lambda: [32, 64, 128], min_length=1,
                                      description="group sizes; null = per output channel")
+    granularity: str = Field("matrix", description="what shares one setting: matrix, block or layer")
+    sensitivity: bool = Field(False, description="measure (or reuse) the sensitivity table and enqueue solved seeds")
+    sensitivity_seqs: int | None = Field(None, ge=1, description="windows the sensitivity table is measured on")
+    multi_fidelity: bool | None = Field(None, description="stop hopeless children after the first batch "
+                                                          "(default: on for evo)")
     trust_remote_code: bool = False
 
     @field_validator("study")
@@ -81,6 +86,16 @@ class StudyRequest(BaseModel):
         if v not in SAMPLERS:
             raise ValueError(f"unknown sampler {v!r}; choose one of {', '.join(SAMPLERS)}")
         return v
+
+    @field_validator("granularity")
+    @classmethod
+    def _granularity(cls, v: str) -> str:
+        from search.space import check_granularity
+
+        try:
+            return check_granularity(v)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _settings(self) -> "StudyRequest":
@@ -172,8 +187,9 @@ class _Service:
                               n_calib=req.calib_seqs, seed=req.seed, trust_remote_code=req.trust_remote_code)
             cfg = SearchConfig(study=req.study, data=data, budget=req.budget, trials=req.trials,
                                sampler=req.sampler, workers=req.workers, storage=self.storage,
-                               bits=tuple(req.bits), groups=tuple(req.groups), ray_address=self.ray_address,
-                               progress=False)
+                               bits=tuple(req.bits), groups=tuple(req.groups), granularity=req.granularity,
+                               sensitivity=req.sensitivity, sensitivity_seqs=req.sensitivity_seqs,
+                               multi_fidelity=req.multi_fidelity, ray_address=self.ray_address, progress=False)
             job.summary = run_search(cfg)
             job.status = "done"
         except Exception as exc:  # a failed search is reported, never fatal to the service

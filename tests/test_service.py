@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import socket
 import threading
 import time
@@ -63,7 +64,7 @@ def searched(server, corpus):
     client, storage, _ = server
     body = {"study": "api", "model": "tiny-random-llama", "budget": "5bpw", "trials": 6, "workers": 1,
             "sampler": "nsga2", "dataset": corpus, "seq_len": 64, "eval_seqs": 4, "calib_seqs": 4,
-            "bits": [2, 3, 4, 8], "groups": [32, None]}
+            "bits": [2, 3, 4, 8], "groups": [32, None], "granularity": "layer"}
     r = client.post("/studies", json=body)
     assert r.status_code == 202, r.text
     bad = client.post("/studies", json={**body, "study": "broken", "model": "nope-model"})
@@ -74,12 +75,22 @@ def searched(server, corpus):
 
 
 def test_search_through_the_api_completes_and_reports_progress(searched) -> None:
-    client, _ = searched
+    client, storage = searched
     p = client.get("/studies/api").json()
     assert p["complete"] == 6 and p["failed"] == 0 and p["running"] == 0
     assert p["best_kl"] is not None and p["best_kl"] >= 0 and p["elapsed_s"] > 0 and p["trials_per_min"] > 0
     names = {s["study"] for s in client.get("/studies").json()}
     assert {"api", "broken"} <= names
+    row = Store(storage).get_study("api")
+    assert row.space["granularity"] == "layer"  # the request's search options reach the driver
+    layers = {}
+    for point in client.get("/studies/api/front").json():
+        doc = client.post("/studies/api/export", json={"trial": point["trial"]}).json()
+        for name, setting in doc["matrices"].items():
+            if ".layers." in name:  # every matrix of a layer shares its setting
+                layers.setdefault((point["trial"], name.split(".mlp.")[0].split(".self_attn.")[0]), set()).add(
+                    json.dumps(setting, sort_keys=True))
+    assert layers and all(len(s) == 1 for s in layers.values())
 
 
 def test_a_failed_search_is_recorded_and_the_service_survives(searched) -> None:
@@ -132,6 +143,7 @@ def test_auth_is_required_when_a_token_is_set(server) -> None:
     ("post", "/studies", {"study": "x", "budget": "3bpw", "colour": "red"}, 422, "colour"),
     ("post", "/studies", {"study": "x", "budget": "3bitz"}, 422, "malformed budget"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "sampler": "magic"}, 422, "unknown sampler"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "granularity": "row"}, 422, "unknown granularity"),
     ("post", "/studies", {"study": "../x", "budget": "3bpw"}, 422, "study names"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "trials": 0}, 422, "trials"),
     ("post", "/studies/api/export", {"trial": 1, "budget": "3bpw"}, 422, "exactly one"),
