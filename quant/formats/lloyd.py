@@ -2,7 +2,8 @@
 
 Default: each group (or row, per channel) gets its own ``2**b`` fp16 centroids,
 fitted by a few iterations of Lloyd's algorithm (1-D k-means) on the group's own
-weights, starting from the group's quantiles; codes are bit-packed. The
+weights (the better of a uniform-grid and a quantile start, see :func:`kmeans_1d`);
+codes are bit-packed. The
 centroids are the cost: ``2**b * 16`` bits per group, so small groups at 4 bits
 pay 2 extra bits per weight (``bits_per_weight`` shows it; the search sees it).
 
@@ -32,7 +33,7 @@ from quant.settings import QuantSetting
 __all__ = ["Lloyd", "nf_levels", "kmeans_1d"]
 
 PRESETS = ("nf",)
-KMEANS_ITERS = 10  # enough: the quantile start is already near a local optimum
+KMEANS_ITERS = 10  # per start; most of the gain comes in the first few steps
 
 
 @lru_cache(maxsize=None)
@@ -47,21 +48,35 @@ def nf_levels(bits: int) -> torch.Tensor:
     return torch.tensor(_nf_levels(bits), dtype=torch.float32)
 
 
-def kmeans_1d(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
-    """Sorted 1-D k-means centroids for each row of ``x`` ``(N, n)`` -> ``(N, k)``.
-
-    An empty cluster keeps its previous centroid, so every row keeps ``k`` levels.
-    """
-    n = x.shape[-1]
-    srt = x.sort(dim=-1).values
-    pos = ((torch.arange(k, dtype=torch.float32) + 0.5) / k * n).long().clamp_(max=n - 1)
-    c = srt[:, pos]  # (N, k) quantile start
+def _lloyd(x: torch.Tensor, c: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd steps from the sorted start ``c`` (N, k); the centroids and each row's squared error."""
     for _ in range(iters):
         idx = nearest_sorted(x, c)  # (N, n)
         sums = torch.zeros_like(c).scatter_add_(1, idx, x)
         counts = torch.zeros_like(c).scatter_add_(1, idx, torch.ones_like(x))
         c = torch.where(counts > 0, sums / counts.clamp(min=1), c).sort(dim=-1).values
-    return c
+    err = (x - torch.gather(c, 1, nearest_sorted(x, c))).square().sum(-1)
+    return c, err
+
+
+def kmeans_1d(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
+    """Sorted 1-D k-means centroids for each row of ``x`` ``(N, n)`` -> ``(N, k)``.
+
+    Two starts, the better kept per row: the uniform grid over the row's [min, max] (rtn's
+    levels, so the result is never worse than rtn's levels with the same codes) and the
+    row's quantiles. Neither wins everywhere (relative MSE on Gaussian rows, uniform /
+    quantile start: 4 bits in groups of 64, 0.0053 / 0.0083; 3 bits per channel,
+    0.0376 / 0.0346). An empty cluster keeps its previous centroid, so every row keeps
+    ``k`` levels.
+    """
+    n = x.shape[-1]
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    uniform = lo + (hi - lo) * torch.linspace(0, 1, k, device=x.device)
+    pos = ((torch.arange(k, dtype=torch.float32) + 0.5) / k * n).long().clamp_(max=n - 1)
+    quantiles = x.sort(dim=-1).values[:, pos]
+    c_u, err_u = _lloyd(x, uniform, iters)
+    c_q, err_q = _lloyd(x, quantiles, iters)
+    return torch.where((err_u <= err_q).unsqueeze(-1), c_u, c_q)
 
 
 @register_format
