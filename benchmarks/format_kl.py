@@ -10,7 +10,7 @@ the evaluation windows, and the real bits per weight from the packed bytes
 the LM head's inputs. ``vq`` (dim 2) uses index widths 4, 6 and 8, i.e. 2, 3 and 4
 bits per weight of codes. ``ternary`` has one rate (1.6-bit codes) and is listed with 2.
 
-    .venv/bin/python benchmarks/format_kl.py                  # 4 x 256 tokens, ~15 min on 2 cores
+    .venv/bin/python benchmarks/format_kl.py                  # 4 x 256 tokens, ~25 min on 1 thread
     .venv/bin/python benchmarks/format_kl.py --bits 3 --formats rtn,turbo
 """
 
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--bits", default="2,3,4")
     parser.add_argument("--formats", default=None, help="comma-separated format names to keep (default all)")
     parser.add_argument("--n-eval", type=int, default=4)
-    parser.add_argument("--n-calib", type=int, default=4)
+    parser.add_argument("--n-calib", type=int, default=32, help="calibration windows for gptq (4 gave 2-bit KL 24.1)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
