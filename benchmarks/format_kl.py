@@ -40,6 +40,7 @@ def settings_for(bits: int) -> list[tuple[str, dict[str, Any]]]:
         ("rtn (min-max)", {"format": "rtn", "bits": bits}),
         ("rtn clip", {"format": "rtn", "bits": bits, "options": {"clip": True}}),
         ("gptq (calib)", {"format": "gptq", "bits": bits}),
+        ("gptq clip", {"format": "gptq", "bits": bits, "options": {"clip": True}}),
         ("turbo", {"format": "turbo", "bits": bits}),
         ("lloyd (k-means)", {"format": "lloyd", "bits": bits}),
         ("nf (lloyd preset)", {"format": "lloyd", "bits": bits, "options": {"preset": "nf"}}),

@@ -83,6 +83,7 @@ class Evaluator:
         self.weights = {name: modules[name].weight.detach().clone() for name in self.matrices}
         self.numel = sum(h * w for h, w in self.matrices.values())
         self.reference = reference_logprobs(self.model, tokens, batch_size) if reference is None else reference
+        self._ref_top = torch.from_numpy(self.reference).argmax(-1)  # (B, T-1): the same for every trial
         self.cache = PackedCache(cache_bytes)
         # Biases of every linear layer (a tied LM head included), so float modules can be rebuilt
         # after a policy replaced them: a partial policy needs the unnamed matrices float.
@@ -102,7 +103,8 @@ class Evaluator:
         for i in range(0, len(ids), self.batch_size):
             batch = ids[i:i + self.batch_size]
             logprobs = _forward_logprobs(self.model, batch)
-            sums.add(logprobs, torch.from_numpy(self.reference[i:i + len(batch)]), batch[:, 1:])
+            sums.add(logprobs, torch.from_numpy(self.reference[i:i + len(batch)]), batch[:, 1:],
+                     ref_top=self._ref_top[i:i + len(batch)])
             if kl_low is None:
                 kl_low = sums.result()["kl"]
                 if prune_above is not None and kl_low > prune_above and len(ids) > len(batch):

@@ -29,6 +29,21 @@ def test_kl_matches_its_definition() -> None:
     assert math.isclose(sums.result()["kl"], expected, rel_tol=1e-6)
 
 
+def test_metrics_match_their_definitions_with_and_without_the_kept_reference_argmax() -> None:
+    g = torch.Generator().manual_seed(1)
+    p = torch.log_softmax(3 * torch.randn(2, 7, 11, generator=g), -1)
+    q = torch.log_softmax(p + torch.randn(2, 7, 11, generator=g), -1)
+    t = torch.randint(0, 11, (2, 7), generator=g)
+    plain, kept = MetricSums(), MetricSums()
+    plain.add(q, p, t)
+    kept.add(q, p, t, ref_top=p.argmax(-1))
+    expected = {"kl": float((p.exp() * (p - q)).sum(-1).mean()), "ppl": math.exp(-float(q.gather(-1, t[..., None]).mean())),
+                "top1": float((q.argmax(-1) == p.argmax(-1)).float().mean()), "logit_err": float((p - q).abs().mean())}
+    for out in (plain.result(), kept.result()):
+        assert out == pytest.approx(expected, rel=1e-5)
+    assert 0 < expected["top1"] < 1
+
+
 def test_eight_bit_is_near_lossless_and_two_bit_is_not(evaluator) -> None:
     names = list(evaluator.matrices)
     kl8 = evaluator.evaluate(Policy.uniform(names, QuantSetting("rtn", 8, None)))["kl"]

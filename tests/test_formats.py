@@ -126,7 +126,9 @@ def test_invalid_settings_are_rejected(setting: dict) -> None:
 # --- gptq -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("setting", [{"bits": 3, "group_size": 128}, {"bits": 4, "group_size": None},
-                                     {"bits": 2, "group_size": 32, "options": {"symmetric": True}}])
+                                     {"bits": 2, "group_size": 32, "options": {"symmetric": True}},
+                                     {"bits": 2, "group_size": 64, "options": {"clip": True}},
+                                     {"bits": 3, "group_size": None, "options": {"clip": True, "symmetric": True}}])
 def test_gptq_without_calibration_is_rtn_bit_for_bit(setting: dict) -> None:
     w = gaussian()
     a = quant.quantize(w, {"format": "rtn", **setting})
@@ -135,7 +137,8 @@ def test_gptq_without_calibration_is_rtn_bit_for_bit(setting: dict) -> None:
     assert all(torch.equal(a.buffers[k], b.buffers[k]) for k in a.buffers)
 
 
-@pytest.mark.parametrize("setting", [{"bits": 4, "group_size": 64}, {"bits": 3, "group_size": None}])
+@pytest.mark.parametrize("setting", [{"bits": 4, "group_size": 64}, {"bits": 3, "group_size": None},
+                                     {"bits": 2, "group_size": 64, "options": {"clip": True}}])
 def test_gptq_lowers_output_error_on_its_calibration_inputs(setting: dict) -> None:
     gen = torch.Generator().manual_seed(5)
     w = gaussian(64, 256)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from quant.formats._base import register_format
-from quant.formats.rtn import RTN
+from quant.formats.rtn import CLIP_GRID, RTN, _grid, _range, _sq_error
 from quant.packed import PackedTensor
 from quant.packing import pack_bits
 from quant.primitives import padded_in_features
@@ -34,7 +34,7 @@ BLOCK = 128  # columns per lazy update when per channel (grouped: one group per 
 class GPTQ(RTN):
     name = "gptq"
     # Not RTN's "outlier_frac": outliers would need to be chosen inside the error feedback.
-    options = {"symmetric": bool, "damp": float}
+    options = {"symmetric": bool, "damp": float, "clip": bool}
 
     def validate(self, setting: QuantSetting) -> None:
         super().validate(setting)
@@ -65,6 +65,7 @@ class GPTQ(RTN):
 
         g = setting.group_size
         symmetric = setting.options.get("symmetric", False)
+        clip = setting.options.get("clip", False)
         levels = 2**setting.bits - 1
         half = 2 ** (setting.bits - 1)
         block = g or BLOCK
@@ -78,13 +79,9 @@ class GPTQ(RTN):
             b1 = min(b0 + block, in_features)
             if g is not None or b0 == 0:
                 # Blocks are whole groups, so a group's grid sees every error pushed onto it.
-                span = wt[b0:b1] if g is not None else wt  # (B or in, out)
-                if symmetric:
-                    scale = (span.abs().amax(0) / (half - 1 if half > 1 else 1)).half()
-                    offset = None
-                else:
-                    lo = span.amin(0)
-                    scale, offset = ((span.amax(0) - lo) / levels).half(), lo.half()
+                span = (wt[b0:b1] if g is not None else wt).T.unsqueeze(1)  # (out, 1, B or in)
+                scale, offset = self._group_grid(span, setting.bits, symmetric, clip)
+                if offset is not None:
                     offsets.append(offset)
                 scales.append(scale)
                 s = scale.float().masked_fill(scale == 0, 1.0)
@@ -114,3 +111,23 @@ class GPTQ(RTN):
         if not symmetric:
             buffers["offset"] = torch.stack(offsets, dim=1)
         return PackedTensor(setting=setting, shape=tuple(weight.shape), buffers=buffers)
+
+    @staticmethod
+    def _group_grid(span: torch.Tensor, bits: int, symmetric: bool, clip: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One group's fp16 scale and offset ``(out,)`` from its weights as updated so far: rtn's grid,
+        and with ``clip`` rtn's range search. The error feedback keeps moving the weights, so at 2 bits
+        a min-max grid is dominated by a few pushed-out weights (KL 18.2 on SmolLM2 at 2 bits)."""
+        rng = _range(span, symmetric)
+        scale, offset = _grid(rng, bits)
+        if clip:
+            t, q = torch.empty_like(span), torch.empty_like(span)
+            best = _sq_error(span, scale, offset, bits, t, q)
+            for shrink in CLIP_GRID[1:]:
+                sc2, off2 = _grid(rng, bits, shrink)
+                err = _sq_error(span, sc2, off2, bits, t, q)
+                better = err < best
+                best = torch.where(better, err, best)
+                scale = torch.where(better.unsqueeze(-1), sc2, scale)
+                offset = None if offset is None else torch.where(better.unsqueeze(-1), off2, offset)
+        return scale.view(-1), None if offset is None else offset.view(-1)
