@@ -54,6 +54,21 @@ def _nearest(value: float, allowed: tuple[int, ...]) -> int:
     return min(allowed, key=lambda a: (abs(a - value), -a))
 
 
+def _approximations(s: Mapping[str, Any], *, fmt: str | None, bits: str | None, group: str | None) -> str:
+    """What changed for one matrix, as ``"format lloyd -> Q4_K, 3 bits -> 4"`` ('' when nothing did).
+
+    Each argument is the runtime's replacement, given only where it differs from the setting.
+    """
+    what = [f"format {s.get('format')} -> {fmt}"] if fmt else []
+    if bits:
+        what.append(f"{code_bits(s):g} bits -> {bits}")
+    if group:
+        what.append(group)
+    if (s.get("options") or {}).get("outlier_frac"):
+        what.append("sparse fp16 outliers dropped")
+    return ", ".join(what)
+
+
 def _is_embedding(name: str) -> bool:
     return name.endswith("embed_tokens") or name.endswith("wte") or name.endswith("embeddings")
 
@@ -70,17 +85,11 @@ def _gptq_setting(name: str, s: Mapping[str, Any], notes: list[str]) -> dict[str
     group = s.get("group_size")
     g = -1 if group is None else _nearest(group, _GPTQ_GROUPS) if group not in _GPTQ_GROUPS else group
     sym = bool((s.get("options") or {}).get("symmetric", False))
-    what = []
-    if s.get("format", "rtn") != "rtn":
-        what.append(f"format {s.get('format')} -> GPTQ integer")
-    if bits != eff:
-        what.append(f"{eff:g} bits -> {bits}")
-    if group is not None and g != group:
-        what.append(f"group {group} -> {g}")
-    if (s.get("options") or {}).get("outlier_frac"):
-        what.append("sparse fp16 outliers dropped")
+    what = _approximations(s, fmt="GPTQ integer" if s.get("format", "rtn") != "rtn" else None,
+                           bits=str(bits) if bits != eff else None,
+                           group=f"group {group} -> {g}" if group is not None and g != group else None)
     if what:
-        notes.append(f"{name}: " + ", ".join(what))
+        notes.append(f"{name}: {what}")
     return {"bits": bits, "group_size": g, "sym": sym}
 
 
@@ -150,18 +159,14 @@ def _to_llamacpp(doc: Mapping[str, Any]) -> RuntimeExport:
             ggml = "tq1_0"
         else:
             ggml = _GGML_BY_BITS[_nearest(eff, tuple(_GGML_BY_BITS))]
-        what = []
-        if s.get("format", "rtn") not in ("rtn", "ternary"):
-            what.append(f"format {s.get('format')} -> {ggml}")
-        if s.get("format") != "ternary" and float(int(ggml[1])) != eff:
-            what.append(f"{eff:g} bits -> {ggml[1]}")
-        if s.get("group_size") != _GGML_BLOCK[ggml]:
-            group = "per channel" if s.get("group_size") is None else f"group {s.get('group_size')}"
-            what.append(f"{group} -> {ggml}'s blocks of {_GGML_BLOCK[ggml]}")
-        if (s.get("options") or {}).get("outlier_frac"):
-            what.append("sparse fp16 outliers dropped")
+        group = "per channel" if s.get("group_size") is None else f"group {s.get('group_size')}"
+        what = _approximations(
+            s, fmt=ggml if s.get("format", "rtn") not in ("rtn", "ternary") else None,
+            bits=ggml[1] if s.get("format") != "ternary" and float(int(ggml[1])) != eff else None,
+            group=(f"{group} -> {ggml}'s blocks of {_GGML_BLOCK[ggml]}"
+                   if s.get("group_size") != _GGML_BLOCK[ggml] else None))
         if what:
-            notes.append(f"{name} ({target}): " + ", ".join(what))
+            notes.append(f"{name} ({target}): {what}")
         lines.append(f"{target}={ggml}")
     notes.append("K-quant types need rows of a multiple of 256 weights; llama-quantize falls back to "
                  "another type for tensors that are not")
@@ -189,17 +194,13 @@ def _to_torchao(doc: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]] | 
         # torchao's own serialized form (torchao.core.config.config_to_dict), so config_from_dict reads it.
         granularity = ({"_type": "PerAxis", "_version": 1, "_data": {"axis": 0}} if g is None
                        else {"_type": "PerGroup", "_version": 1, "_data": {"group_size": g}})
-        what = []
-        if s.get("format", "rtn") != "rtn":
-            what.append(f"format {s.get('format')} -> affine int{bits}")
-        if bits != eff:
-            what.append(f"{eff:g} bits -> {bits}")
-        if group is not None and g != group:
-            what.append(f"group {group} -> {'per channel' if g is None else g}")
-        if (s.get("options") or {}).get("outlier_frac"):
-            what.append("sparse fp16 outliers dropped")
+        what = _approximations(
+            s, fmt=f"affine int{bits}" if s.get("format", "rtn") != "rtn" else None,
+            bits=str(bits) if bits != eff else None,
+            group=(f"group {group} -> {'per channel' if g is None else g}"
+                   if group is not None and g != group else None))
         if what:
-            notes.append(f"{name}: " + ", ".join(what))
+            notes.append(f"{name}: {what}")
         sym = bool((s.get("options") or {}).get("symmetric", False))
         fqn[name] = {"_type": "IntxWeightOnlyConfig", "_version": 2, "_data": {
             "weight_dtype": {"_type": "torch.dtype", "_data": f"int{bits}"}, "granularity": granularity,
