@@ -92,7 +92,8 @@ def torch_ops(out_features: int, in_features: int) -> dict[str, Callable[[], obj
     k4 = prepare(quant.quantize(w, {"format": "rtn", "bits": 4, "group_size": 32}))
     k8 = prepare(quant.quantize(w, {"format": "rtn", "bits": 8, "group_size": None}))
     assert isinstance(k4, Int4Kernel) and isinstance(k8, Int8Kernel)
-    sz32, s8 = k4.scale_zero.float(), k8.scale.float()
+    w8, s8b = k8.weight[0], k8.scale[0]  # per channel: the kernel's one group
+    sz32, s8 = k4.scale_zero.float(), s8b.float()
     int4 = torch.ops.aten._weight_int4pack_mm_for_cpu
     int8 = torch.ops.aten._weight_int8pack_mm
     scale = (w.abs().amax(1) / 127).clamp(min=1e-8)
@@ -103,8 +104,8 @@ def torch_ops(out_features: int, in_features: int) -> dict[str, Callable[[], obj
         "dense bf16": lambda: F.linear(xb, wb),
         "int4 bf16-x": lambda: int4(xb, k4.weight, k4.kernel_group, k4.scale_zero),
         "int4 fp32-x": lambda: int4(x, k4.weight, k4.kernel_group, sz32),
-        "int8 bf16-x": lambda: int8(xb, k8.weight, k8.scale),
-        "int8 fp32-x": lambda: int8(x, k8.weight, s8),
+        "int8 bf16-x": lambda: int8(xb, w8, s8b),
+        "int8 fp32-x": lambda: int8(x, w8, s8),
         "fbgemm dyn-int8": lambda: torch.ops.quantized.linear_dynamic(x, fb),
     }
 

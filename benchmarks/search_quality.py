@@ -171,9 +171,9 @@ def main() -> int:
                          default=float("inf")) for i in range(len(results))]
             rows.append(_row(name, bpw, top, args.trials, time.perf_counter() - t0, pruned=pruned,
                              hypervolume=[round(h, 5) for h in hv], best_kl=curve))
-    print(f"\n{'method':<18}{'budget':>7}{'bpw':>7}{'kl':>10}{'ppl':>10}{'trials':>7}{'pruned':>7}{'seconds':>9}")
+    print(f"\n{'method':<18}{'budget':>7}{'bpw':>7}{'kl':>10}{'ppl':>11}{'trials':>7}{'pruned':>7}{'seconds':>9}")
     for r in rows:
-        print(f"{r['method']:<18}{r['budget_bpw']:>7.2f}{r['bpw']:>7.3f}{r['kl']:>10.4f}{r['ppl']:>10.2f}"
+        print(f"{r['method']:<18}{r['budget_bpw']:>7.2f}{r['bpw']:>7.3f}{r['kl']:>10.4f}{r['ppl']:>11.4g}"
               f"{r['trials']:>7}{r.get('pruned', ''):>7}{r['seconds']:>9.1f}")
     marks = sorted({max(1, args.trials * k // 4) for k in range(1, 5)})
     print(f"\nhypervolume of the feasible front (bytes / budget x KL, reference (1, 1.5 x best uniform KL)) "

@@ -53,8 +53,11 @@ def test_int_kernels_chosen_where_they_fit() -> None:
     # 128 does not divide 576: kernel groups of 64 over the real 576 columns, no padded activations.
     assert prepare(quant.quantize(_weight(96, 576), {"bits": 4, "group_size": 128})).kernel_group == 64
     assert kind(90, 4, 32) is RTNTiledKernel  # the int4 op needs out % 16 == 0
-    assert kind(96, 8, None) is Int8Kernel and kind(96, 8, 32) is RTNTiledKernel
-    assert kind(96, 3, 32) is RTNTiledKernel
+    assert kind(96, 2, 32) is Int4Kernel and kind(96, 3, 128) is Int4Kernel  # narrower codes, shifted
+    assert kind(96, 8, None) is Int8Kernel and kind(96, 5, 64) is Int8Kernel  # one int8 product per group
+    assert kind(90, 8, 128) is Int8Kernel  # any row count; a padded last group meets padded activations
+    gptq = quant.quantize(_weight(96, 576), {"format": "gptq", "bits": 4, "group_size": 32})
+    assert type(prepare(gptq)) is Int4Kernel  # gptq stores rtn's layout
     with_outliers = quant.quantize(_weight(96, 576), {"bits": 4, "group_size": 32, "options": {"outlier_frac": 0.01}})
     assert type(prepare(with_outliers)) is GenericKernel
 
@@ -96,7 +99,7 @@ def test_generic_tiles_cover_ragged_rows() -> None:
 @pytest.mark.parametrize("bias", [False, True])
 def test_quant_linear_dispatch(bias: bool) -> None:
     w = _weight(64, 576)
-    packed = quant.quantize(w, {"bits": 3, "group_size": 32})  # tiled path: float32-exact
+    packed = quant.quantize(w, {"format": "lloyd", "bits": 3, "group_size": 64})  # generic path: float32-exact
     b = torch.randn(64) if bias else None
     layer = quant.QuantLinear(packed, b)
     ref = F.linear(_x(5, 576), packed.dequantize(), b)

@@ -5,10 +5,11 @@
 :class:`~quant.modules.QuantLinear` calls it lazily for single-token inputs.
 Prefill and evaluation keep dequantize-then-matmul, which is faster for many tokens.
 
-Backends: torch's CPU weight-only int kernels for rtn 4-bit and 8-bit per channel,
-a Triton kernel for rtn on CUDA (imported only when a CUDA tensor asks for it), and a
-row-tiled path for rtn at other widths (one-byte codes) and a generic path for every
-format that decodes blocks of output rows at a time.
+Backends: torch's CPU weight-only int kernels for rtn's layout (rtn, gptq: int4 for
+2-4 bits, int8 one group at a time for 5-8 bits), a Triton kernel for rtn on CUDA
+(imported only when a CUDA tensor asks for it), a row-tiled path for rtn rows the int4
+op cannot take, and a generic path for every format that decodes blocks of output rows
+at a time.
 """
 
 from __future__ import annotations

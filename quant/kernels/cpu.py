@@ -81,7 +81,8 @@ def _rtn_scale_zero(packed: PackedTensor, mid: int) -> tuple[torch.Tensor, torch
 
 
 class RTNTiledKernel(Kernel):
-    """rtn at any width without a fitting int kernel: one-byte codes, decoded per row tile.
+    """rtn at 2-4 bits on a row count the int4 op cannot take (not a multiple of 16): one-byte codes,
+    decoded per row tile.
 
     The stored codes are unpacked once to one byte per weight (a quarter of float32),
     so each tile is two ops to decode (``q * scale + zero``) and one matmul, instead of
@@ -119,10 +120,14 @@ class RTNTiledKernel(Kernel):
 
 
 class Int4Kernel(Kernel):
-    """rtn 4-bit through ``torch.ops.aten._weight_int4pack_mm_for_cpu``.
+    """rtn at 1 to 4 bits through ``torch.ops.aten._weight_int4pack_mm_for_cpu``.
 
     The op computes ``x @ ((q - 8) * scale + zero).T`` per group of ``kernel_group``
-    input columns with a ``(K / kernel_group, N, 2)`` scale/zero table; it needs
+    input columns with a ``(K / kernel_group, N, 2)`` scale/zero table. Narrower codes
+    are shifted to centre on 8 (``q + 8 - 2**(b-1)``), so the zero stays the small
+    ``offset + 2**(b-1) * scale`` (exactly 0 when symmetric) and rounding the table to
+    bfloat16 costs no more than at 4 bits. The runtime layout is 4 bits per weight
+    whatever the stored width: decode speed bought with memory. The op needs
     ``N % 16 == 0`` and a group in :data:`INT4_GROUPS` dividing ``K``. The kernel runs
     over the real ``in_features`` columns only: a format group that does not divide
     the row (128 of 576) or a per-channel scale is cut into kernel groups that do
@@ -135,10 +140,11 @@ class Int4Kernel(Kernel):
         self.in_features = in_features
         self.kernel_group = kernel_group
         group = packed.setting.group_size or in_features
-        codes = _rtn_codes(packed)[:, :in_features].contiguous()  # (N, K) int32, padding dropped
+        mid = 2 ** (packed.setting.bits - 1)
+        codes = _rtn_codes(packed)[:, :in_features] + (8 - mid)  # (N, K) int32, padding dropped
         # innerKTiles only matters to the CUDA layout; the CPU op ignores it.
-        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)  # (N, K/2) uint8
-        scale, zero = _rtn_scale_zero(packed, 8)  # (N, G)
+        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)  # (N, K/2)
+        scale, zero = _rtn_scale_zero(packed, mid)  # (N, G)
         table = torch.stack([scale, zero], -1).repeat_interleave(group // kernel_group, dim=1)
         table = table[:, :in_features // kernel_group]  # (N, K/kg, 2)
         self.scale_zero = table.transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/kg, N, 2)
@@ -152,23 +158,37 @@ class Int4Kernel(Kernel):
 
 
 class Int8Kernel(Kernel):
-    """rtn 8-bit per channel through ``torch.ops.aten._weight_int8pack_mm``.
+    """rtn 5 to 8 bits through ``torch.ops.aten._weight_int8pack_mm``, one call per group.
 
-    The op takes signed int8 weights and one scale per output row; the asymmetric
-    zero is added in float32 as ``zero * sum(x)``, which is exact and costs one dot.
+    The op takes signed int8 weights (the codes less ``2**(b-1)``) and one scale per
+    output row, so a grouped weight is stored group-major, ``(G, N, g)``, and the product
+    is the sum of the G groups' products, each with its own per-row scale (per channel:
+    one group of the whole row). The asymmetric zero is added in float32 as the group
+    sums of ``x`` times the ``(G, N)`` zeros: one matmul, exact. A padded last group
+    meets zero-padded activations.
     """
 
     def __init__(self, packed: PackedTensor):
-        self.weight = (_rtn_codes(packed) - 128).to(torch.int8)  # (N, in)
-        scale, zero = _rtn_scale_zero(packed, 128)
-        self.scale = scale[:, 0].to(torch.bfloat16)  # (N,)
-        self.zero = zero[:, 0] if "offset" in packed.buffers else None  # (N,) float32
+        out_features, in_features = packed.shape
+        self.in_features = in_features
+        mid = 2 ** (packed.setting.bits - 1)
+        codes = (_rtn_codes(packed) - mid).to(torch.int8)  # (N, in_p)
+        scale, zero = _rtn_scale_zero(packed, mid)  # (N, G)
+        self.groups = scale.shape[1]
+        self.weight = codes.view(out_features, self.groups, -1).transpose(0, 1).contiguous()  # (G, N, g)
+        self.scale = scale.t().contiguous().to(torch.bfloat16)  # (G, N)
+        self.zero = zero.t().contiguous() if "offset" in packed.buffers else None  # (G, N) float32
         self.runtime_nbytes = self.weight.numel() + 2 * self.scale.numel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
-        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale).float()
+        in_p = self.weight.shape[0] * self.weight.shape[2]
+        xg = F.pad(x.float(), (0, in_p - self.in_features)).view(x.shape[0], self.groups, -1)  # (M, G, g)
+        xb = xg.to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(xb[:, 0].contiguous(), self.weight[0], self.scale[0]).float()
+        for i in range(1, self.groups):
+            y += torch.ops.aten._weight_int8pack_mm(xb[:, i].contiguous(), self.weight[i], self.scale[i])
         if self.zero is not None:
-            y = torch.addr(y, x.float().sum(1), self.zero)
+            y = torch.addmm(y, xg.sum(-1), self.zero)
         return y
 
 
@@ -182,13 +202,12 @@ def _int4_group(packed: PackedTensor) -> int | None:
 
 
 def prepare_cpu(packed: PackedTensor) -> Kernel:
-    """The int kernel when rtn's layout fits one (no outliers), else the generic path."""
+    """The int kernel for rtn's layout (rtn, gptq) without outliers, else the generic path."""
     setting = packed.setting
-    if setting.format == "rtn" and "outlier_idx" not in packed.buffers:
-        if setting.bits == 4 and (group := _int4_group(packed)) is not None:
+    if setting.format in ("rtn", "gptq") and "outlier_idx" not in packed.buffers:
+        if setting.bits <= 4 and (group := _int4_group(packed)) is not None:
             return Int4Kernel(packed, group)
-        if setting.bits == 8 and setting.group_size is None:
+        if setting.bits > 4:
             return Int8Kernel(packed)
-    if setting.format == "rtn" and "outlier_idx" not in packed.buffers:
-        return RTNTiledKernel(packed)
+        return RTNTiledKernel(packed)  # 2-4 bits with rows the int4 op cannot take
     return GenericKernel(packed)
