@@ -19,7 +19,7 @@ from torch import nn
 
 from evaluators.errors import UserError
 
-__all__ = ["LoadedModel", "load_model", "cache_dir", "MODEL_ALIASES"]
+__all__ = ["LoadedModel", "load_model", "check_model_name", "cache_dir", "MODEL_ALIASES"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,21 @@ def load_model(name: str, *, trust_remote_code: bool = False) -> LoadedModel:
     if name == "smollm2-135m":
         return _smollm2()
     return _hf_model(name, trust_remote_code=trust_remote_code)
+
+
+def check_model_name(name: str) -> None:
+    """Refuses, without loading anything, a name that cannot be a model: not an alias, not a model
+    folder, not of a hub id's form. Whether a hub id exists is known only when it loads."""
+    if name in MODEL_ALIASES:
+        return
+    path = Path(name)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"model path {name} is a file; pass the model folder (with config.json)")
+    if path.exists() and not (path / "config.json").exists():
+        raise UserError(f"model folder {name} has no config.json; is it a Hugging Face model folder?")
+    if not path.exists() and "/" not in name:
+        raise UserError(f"unknown model {name!r}: use an alias ({', '.join(MODEL_ALIASES)}), "
+                        "a local model folder or a Hugging Face id like org/name")
 
 
 def _byte_encode(text: str) -> np.ndarray:
@@ -151,15 +166,9 @@ def _declares_own_code(config_file: Path) -> bool:
 def _hf_model(name: str, *, trust_remote_code: bool, alias: str | None = None) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_model_name(name)
     path = Path(name)
     is_local = path.exists()
-    if is_local and not path.is_dir():
-        raise UserError(f"model path {name} is a file; pass the model folder (with config.json)")
-    if is_local and not (path / "config.json").exists():
-        raise UserError(f"model folder {name} has no config.json; is it a Hugging Face model folder?")
-    if not is_local and "/" not in name:
-        raise UserError(f"unknown model {name!r}: use an alias ({', '.join(MODEL_ALIASES)}), "
-                        "a local model folder or a Hugging Face id like org/name")
     if is_local and not trust_remote_code and _declares_own_code(path / "config.json"):
         raise UserError(f"model {name} runs its own code (auto_map in config.json); "
                         "pass --trust-remote-code if you trust it")

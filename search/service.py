@@ -71,6 +71,17 @@ class StudyRequest(BaseModel):
             raise ValueError("study names use letters, digits, '.', '_' and '-' (at most 128, not starting with a symbol)")
         return v
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        from evaluators.models import check_model_name
+
+        try:
+            check_model_name(v)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
     @field_validator("budget")
     @classmethod
     def _budget(cls, v: str) -> str:

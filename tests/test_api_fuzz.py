@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import threading
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -50,9 +51,12 @@ bad_bits = st.one_of(*[st.lists(st.integers(2, 8), max_size=3).flatmap(
 bad_groups = st.one_of(*[st.lists(st.sampled_from([32, 64, None]), max_size=3).flatmap(
     lambda ok: st.sampled_from([0, -32, 48, 100, 7]).map(lambda g: ok + [g]))] * 3,
     st.just([]), st.text(max_size=5), st.just({}))
+# Names that are no alias, no folder here and not of a hub id's form (org/name).
+bad_model = st.text(alphabet="abcxyz-_.", min_size=1, max_size=12).filter(
+    lambda t: t not in ("smollm2-135m", "tiny-random-llama") and not Path(t).exists())
 
 DEFECTS = {
-    "study": bad_study, "budget": bad_budget, "model": not_a_string, "dataset": not_a_string,
+    "study": bad_study, "budget": bad_budget, "model": bad_model | not_a_string, "dataset": not_a_string,
     "trials": st.integers(max_value=0) | st.integers(min_value=1_000_001) | not_an_int,
     "workers": st.integers(max_value=0) | st.integers(min_value=4097) | not_an_int,
     "seq_len": st.integers(max_value=1) | st.integers(min_value=(1 << 20) + 1) | not_an_int,

@@ -60,15 +60,17 @@ def _wait(client: httpx.Client, study: str, timeout: float = 240) -> dict:
 
 
 @pytest.fixture(scope="module")
-def searched(server, corpus):
+def searched(server, corpus, tmp_path_factory):
     client, storage, _ = server
+    corrupt = tmp_path_factory.mktemp("corrupt-model")
+    (corrupt / "config.json").write_text("{not json")
     body = {"study": "api", "model": "tiny-random-llama", "budget": "5bpw", "trials": 6, "workers": 1,
             "sampler": "nsga2", "dataset": corpus, "seq_len": 64, "eval_seqs": 4, "calib_seqs": 4,
             "bits": [2, 3, 4, 8], "groups": [32, None], "granularity": "layer"}
     r = client.post("/studies", json=body)
     assert r.status_code == 202, r.text
-    bad = client.post("/studies", json={**body, "study": "broken", "model": "nope-model"})
-    assert bad.status_code == 202  # the model is only found to be unknown once the search starts
+    bad = client.post("/studies", json={**body, "study": "broken", "model": str(corrupt)})
+    assert bad.status_code == 202  # a model folder is found to be corrupt only once the search loads it
     progress = _wait(client, "api")
     assert progress["status"] == "done", progress
     return client, storage
@@ -96,7 +98,7 @@ def test_search_through_the_api_completes_and_reports_progress(searched) -> None
 def test_a_failed_search_is_recorded_and_the_service_survives(searched) -> None:
     client, _ = searched
     p = _wait(client, "broken", 60)
-    assert p["status"] == "failed" and "unknown model 'nope-model'" in p["error"]
+    assert p["status"] == "failed" and "config.json' is not a valid JSON file" in p["error"]
     assert client.get("/studies/api").status_code == 200
 
 
@@ -142,6 +144,7 @@ def test_auth_is_required_when_a_token_is_set(server) -> None:
     ("get", "/studies/nope/front", None, 404, "no study named 'nope'"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "colour": "red"}, 422, "colour"),
     ("post", "/studies", {"study": "x", "budget": "3bitz"}, 422, "malformed budget"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "model": "nope-model"}, 422, "unknown model 'nope-model'"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "sampler": "magic"}, 422, "unknown sampler"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "granularity": "row"}, 422, "unknown granularity"),
     ("post", "/studies", {"study": "../x", "budget": "3bpw"}, 422, "study names"),
