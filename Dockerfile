@@ -3,8 +3,8 @@ FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 TURBOQUANT_CACHE=/cache
 WORKDIR /app
-# CPU torch first: a plain `torch` requirement would pull the multi-GB CUDA build.
-RUN pip install torch==2.13.0
+# CPU torch first, from PyTorch's CPU index: PyPI's torch wheel for Linux is the multi-GB CUDA build.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY quant quant
 COPY evaluators evaluators
