@@ -56,15 +56,18 @@ def _hv(points: list[tuple[float, float]], budget: int, kl_ref: float) -> float:
 
 
 def _run_sampler(name: str, ev: Evaluator, space: SearchSpace, budget: int, seeds: list, trials: int,
-                 kl_ref: float, measured: dict, keep: int) -> tuple[list[dict], list[float], int, optuna.Study]:
+                 kl_ref: float, measured: dict, keep: int,
+                 table: object) -> tuple[list[dict], list[float], int, optuna.Study]:
     """One study: seeds, then sampler proposals up to ``trials``. Returns the full results of each
-    trial (pruned ones: None), the hypervolume after each trial, pruned count and the study."""
-    study = optuna.create_study(directions=["minimize", "minimize"],
-                                sampler=make_sampler(name, 0, space.n_params, space=space,
-                                                     budget_bytes=budget))
+    trial (pruned ones: None), the hypervolume after each trial, pruned count and the study.
+    ``evo`` draws its moves by the sensitivity table as the driver's does; ``evo-unguided`` without."""
+    sampler = make_sampler(name.removesuffix("-unguided"), 0, space.n_params, space=space, budget_bytes=budget)
+    if name == "evo":
+        sampler.guide(table)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
     for label, policy in seeds:
         study.enqueue_trial(space.params(policy), user_attrs={"seed": label})
-    gate = FirstBatchGate(budget, keep=keep) if name == "evo" else None
+    gate = FirstBatchGate(budget, keep=keep) if name.startswith("evo") else None
     results, hv, points, pruned = [], [], [], 0
     for _ in range(trials):
         trial = study.ask()
@@ -101,7 +104,7 @@ def main() -> int:
     ap.add_argument("--bits", default="2,3,4,5")
     ap.add_argument("--groups", default="64,128")
     ap.add_argument("--trials", type=int, default=24, help="trials per sampler and budget (seeds included)")
-    ap.add_argument("--samplers", default="nsga2,tpe,evo")
+    ap.add_argument("--samplers", default="nsga2,tpe,evo", help="also evo-unguided: evo without the table")
     ap.add_argument("--keep", type=int, default=6, help="evo multi-fidelity: children must beat the k-th best")
     ap.add_argument("--storage", default="sqlite:///turboquant.db", help="where the sensitivity table is kept")
     ap.add_argument("--json", default=None)
@@ -163,7 +166,7 @@ def main() -> int:
         for name in args.samplers.split(","):
             t0 = time.perf_counter()
             results, hv, pruned, study = _run_sampler(name, ev, space, budget, seeds, args.trials, kl_ref,
-                                                      measured, args.keep)
+                                                      measured, args.keep, table)
             studies[(name, bpw)] = study
             feasible = [r for r in results if r is not None and r["bytes"] <= budget]
             top = min(feasible, key=lambda r: r["kl"])

@@ -113,11 +113,13 @@ def _enqueue_seeds(study: optuna.Study, space: SearchSpace, budget_bytes: int) -
     return len(seeds)
 
 
-def _enqueue_solved(cfg: SearchConfig, study: optuna.Study, store: Store, loaded: Any, tokens: Any,
-                    space: SearchSpace, budget_bytes: int) -> Any:
-    """Sensitivity table (measured in-process, or reused from the store), then DP / greedy seeds at
-    several budgets ahead of the uniform ones. Returns the reference it computed on the way."""
+def _use_sensitivity(cfg: SearchConfig, study: optuna.Study, store: Store, loaded: Any, tokens: Any,
+                     space: SearchSpace, budget_bytes: int, created: bool) -> Any:
+    """Sensitivity table (measured in-process, or reused from the store); a new study gets DP / greedy
+    seeds at several budgets ahead of the uniform ones, and evo (new or resumed) draws its moves by
+    the table. Returns the reference it computed on the way."""
     from evaluators import Evaluator
+    from search.evo import EvoSampler
     from search.seeds import enqueue_solved_seeds
     from search.sensitivity import measure_sensitivity
 
@@ -126,8 +128,12 @@ def _enqueue_solved(cfg: SearchConfig, study: optuna.Study, store: Store, loaded
                                 model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
                                 windows=cfg.sensitivity_seqs, progress=cfg.progress)
     log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
-    seeds = enqueue_solved_seeds(study, table, space, budget_bytes, cfg.seed_budgets)
-    log.info("enqueued %d solved seeds", len(seeds))
+    if created:
+        seeds = enqueue_solved_seeds(study, table, space, budget_bytes, cfg.seed_budgets)
+        log.info("enqueued %d solved seeds", len(seeds))
+    if isinstance(study.sampler, EvoSampler):
+        study.sampler.guide(table)
+        log.info("evo draws its moves by the sensitivity table")
     return evaluator.reference
 
 
@@ -180,9 +186,9 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             gate.add(t.user_attrs.get("kl_low"), t.values[1])
     reference = None
+    if cfg.sensitivity:
+        reference = _use_sensitivity(cfg, study, store, loaded, tokens, space, budget_bytes, created)
     if created:
-        if cfg.sensitivity:
-            reference = _enqueue_solved(cfg, study, store, loaded, tokens, space, budget_bytes)
         _enqueue_seeds(study, space, budget_bytes)
     _reconcile(study, store, row)
 

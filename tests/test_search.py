@@ -1,6 +1,7 @@
 """End to end through the CLI: search into SQLite with 2 Ray workers, front, resume, export, eval."""
 
 import json
+import logging
 
 import pytest
 
@@ -98,13 +99,21 @@ def test_search_that_cannot_fit_in_memory_is_refused_with_the_estimate(corpus, t
     assert "needs about" in err and "GiB is available" in err
 
 
-def test_sensitivity_seeds_are_enqueued_when_asked(corpus, local_ray, tmp_path) -> None:
+def test_sensitivity_seeds_are_enqueued_when_asked(corpus, local_ray, tmp_path, caplog) -> None:
     storage = f"sqlite:///{tmp_path}/s.db"
     argv = ["search", "--model", "tiny-random-llama", "--dataset", corpus, "--seq-len", "64", "--eval-seqs", "4",
             "--budget", "3.5bpw", "--bits", "2,4", "--groups", "32", "--workers", "2", "--trials", "6",
-            "--sensitivity", "--storage", storage, "--study", "sens"]
-    assert main(argv) == 0
+            "--sampler", "evo", "--sensitivity", "--storage", storage, "--study", "sens"]
+    with caplog.at_level(logging.INFO, logger="search.driver"):
+        assert main(argv) == 0
+    assert "evo draws its moves by the sensitivity table" in caplog.text
     store = Store(storage)
     frame = store.trials_frame(store.get_study("sens"))
     solved = frame[frame["seed"].fillna("").str.startswith(("dp:", "greedy:"))]
     assert len(solved) >= 1 and (solved["bpw"] <= 3.5 + 1e-9).all()
+    caplog.clear()  # resumed: the table is reused, evo guided again, no seed enqueued twice
+    with caplog.at_level(logging.INFO, logger="search.driver"):
+        assert main([*argv[:argv.index("--trials") + 1], "9", *argv[argv.index("--trials") + 2:]]) == 0
+    assert "0 pairs measured" in caplog.text and "evo draws its moves by the sensitivity table" in caplog.text
+    again = store.trials_frame(store.get_study("sens"))
+    assert len(again) >= 9 and not again["seed"].dropna().duplicated().any()  # queued seeds run once
