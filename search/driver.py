@@ -26,7 +26,7 @@ from search.samplers import SAMPLERS, make_sampler
 from search.space import DEFAULT_BITS, DEFAULT_GROUPS, SearchSpace, check_granularity
 from search.workers import TrialWorker, init_ray
 from studies import DEFAULT_STORAGE, Store, StoreError
-from studies.retry import DB_ERRORS, with_db_retry
+from studies.retry import DB_ERRORS, SCHEMA_RACE_SECONDS, with_db_retry
 
 __all__ = ["SearchConfig", "run_search", "FULL_PRECISION_BITS"]
 
@@ -39,6 +39,17 @@ FULL_PRECISION_BITS = 16  # a bf16/fp16 checkpoint: budgets at or above it need 
 
 def _db(fn, what: str):
     return with_db_retry(fn, what, retry_on=_RETRY_ON)
+
+
+def optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage on ``url``. Searches starting together on a new database race to create
+    Optuna's schema (the loser fails with "table studies already exists" or a duplicate schema
+    version); a retry finds the schema made."""
+    try:
+        return with_db_retry(lambda: optuna.storages.RDBStorage(url), "opening the storage",
+                             retry_on=_RETRY_ON, timeout=SCHEMA_RACE_SECONDS, first_wait=0.2)
+    except Exception as exc:  # Optuna wraps driver errors in several types
+        raise StoreError(f"cannot open storage {url}: {str(exc).splitlines()[0]}") from None
 
 
 @dataclass
@@ -91,10 +102,7 @@ def _open_study(cfg: SearchConfig, store: Store, space: SearchSpace, budget_byte
             raise UserError(f"study {cfg.study!r} already exists with a different {what}; "
                             "resume it with the same options or choose another --study name")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        storage = optuna.storages.RDBStorage(cfg.storage)
-    except Exception as exc:  # Optuna wraps driver errors in several types
-        raise StoreError(f"cannot open storage {cfg.storage}: {str(exc).splitlines()[0]}") from None
+    storage = optuna_storage(cfg.storage)
     study = optuna.create_study(study_name=cfg.study, storage=storage, directions=["minimize", "minimize"],
                                 sampler=make_sampler(cfg.sampler, cfg.data.seed, space.n_params, space=space,
                                                     budget_bytes=budget_bytes), load_if_exists=True)

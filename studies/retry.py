@@ -8,11 +8,14 @@ from typing import Callable, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-__all__ = ["with_db_retry", "DB_ERRORS"]
+__all__ = ["with_db_retry", "DB_ERRORS", "SCHEMA_RACE_SECONDS"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DB_ERRORS: tuple[type[BaseException], ...] = (OperationalError, DBAPIError)
+# Creating a schema that another process is creating at the same moment fails once and then
+# finds it made; a few short retries ride that out without making a bad URL slow to report.
+SCHEMA_RACE_SECONDS = 3.0
 
 
 def with_db_retry(fn: Callable[[], T], what: str, *, retry_on: tuple[type[BaseException], ...] = DB_ERRORS,

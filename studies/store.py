@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import and_, bindparam, create_engine, event, func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from studies.models import FRONT_INDEX, Base, SensitivityRow, StudyRow, TrialRow
 from studies.pareto import front_indices
+from studies.retry import SCHEMA_RACE_SECONDS, with_db_retry
 
 __all__ = ["Store", "StoreError", "DEFAULT_STORAGE", "FRONT_COLUMNS"]
 
@@ -79,8 +80,11 @@ class Store:
         self.url = url
         self.engine = make_engine(url)
         try:
-            Base.metadata.create_all(self.engine)
-        except OperationalError as exc:
+            # Processes opening a new database together race to create the tables ("table
+            # tq_studies already exists"): create_all checks first, so a second pass completes.
+            with_db_retry(lambda: Base.metadata.create_all(self.engine), "creating the tables",
+                          timeout=SCHEMA_RACE_SECONDS, first_wait=0.2)
+        except DBAPIError as exc:
             raise StoreError(f"cannot open storage {url}: {str(exc.orig).strip().splitlines()[0]}") from None
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         try:  # databases made before the index existed get it now (create_all skips existing tables)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -33,3 +34,31 @@ def test_two_searches_and_a_reader_share_one_sqlite_file(corpus, tmp_path) -> No
         frame = store.trials_frame(store.get_study(name))
         assert (frame["state"] == "complete").sum() == 20 and frame["trial"].is_unique
     assert reads > 0
+
+
+def _open_both(url: str, barrier, results) -> None:
+    from search.driver import optuna_storage
+
+    barrier.wait()  # every process opens the new database at the same moment
+    try:
+        Store(url)
+        optuna_storage(url)
+        results.put("ok")
+    except Exception as exc:  # reported to the test, which names it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_searches_starting_together_on_a_new_database_all_open_it(tmp_path) -> None:
+    # Without the retry in optuna_storage, 4 processes racing to create Optuna's schema lost 3 of 4
+    # rounds here ("table studies already exists", a duplicate alembic_version row).
+    ctx = multiprocessing.get_context("spawn")
+    for k in range(3):
+        url = f"sqlite:///{tmp_path}/new{k}.db"
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_both, args=(url, barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+        assert outcomes == ["ok"] * 4, outcomes
