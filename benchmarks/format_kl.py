@@ -6,8 +6,8 @@ the evaluation windows, and the real bits per weight from the packed bytes
 (``PackedTensor.nbytes`` over all matrices, scales / codebooks / padding included).
 
 ``gptq`` uses input Hessians collected on the calibration windows of the float model
-(:func:`quant.collect_hessians`, layers treated independently); the tied table uses
-the LM head's inputs. ``vq`` (dim 2) uses index widths 4, 6 and 8, i.e. 2, 3 and 4
+(:func:`evaluators.calibration_hessians`, layers treated independently, as in a search);
+the tied table uses the LM head's inputs. ``vq`` (dim 2) uses index widths 4, 6 and 8, i.e. 2, 3 and 4
 bits per weight of codes. ``ternary`` has one rate (1.6-bit codes) and is listed with 2.
 
     .venv/bin/python benchmarks/format_kl.py                  # 4 x 256 tokens, ~25 min on 1 thread
@@ -51,19 +51,6 @@ def settings_for(bits: int) -> list[tuple[str, dict[str, Any]]]:
     return [(label, {**s, "group_size": GROUP}) for label, s in rows]
 
 
-class CalibratedQuantizer(PackedCache):
-    """Quantizes every matrix afresh (nothing is reused across rows); gptq gets its Hessian."""
-
-    def __init__(self, hessians: dict[str, torch.Tensor]):
-        super().__init__(max_bytes=0)
-        self.hessians = hessians
-
-    def get(self, name: str, weight: torch.Tensor, setting: quant.QuantSetting) -> quant.PackedTensor:
-        if setting.format == "gptq" and name in self.hessians:
-            return quant.quantize(weight, setting, hessian=self.hessians[name])
-        return quant.quantize(weight, setting)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", default="2,3,4")
@@ -80,20 +67,12 @@ def main() -> None:
     loaded, tokens = config.load()
     start = time.perf_counter()
     evaluator = Evaluator(loaded, tokens)
-    model = evaluator.model
-    ids = torch.from_numpy(tokens.calib)
-    hessians = quant.collect_hessians(model, [ids[i:i + 2] for i in range(0, len(ids), 2)])
-    # The tied table is also the LM head: GPTQ it for the head's inputs.
-    for name in evaluator.matrices:
-        head = next((n for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and n not in evaluator.matrices
-                     and m.weight is getattr(model.get_submodule(name), "weight", None)), None)
-        if head is not None and head in hessians:
-            hessians[name] = hessians[head]
-    evaluator.cache = CalibratedQuantizer(hessians)
+    # Every row quantizes afresh (nothing reused across rows); the evaluator collects the Hessians
+    # (the tied table gets the head's) when the first gptq row needs them.
+    evaluator.cache = PackedCache(max_bytes=0)
     print(f"smollm2-135m, {args.n_eval} x {args.seq_len} evaluation tokens, {args.n_calib} x {args.seq_len} "
-          f"calibration tokens (gptq), group {GROUP}, {torch.get_num_threads()} threads; reference and "
-          f"Hessians in {time.perf_counter() - start:.0f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+          f"calibration tokens (gptq), group {GROUP}, {torch.get_num_threads()} threads; reference "
+          f"in {time.perf_counter() - start:.0f} s; load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"| bits | {'format':<18} | {'setting':<24} | bits/w | {'KL':>7} | {'ppl':>9} | top-1 | s quant |")
     print(f"|------|{'-' * 20}|{'-' * 26}|--------|---------|-----------|-------|---------|", flush=True)
     for bits in (int(b) for b in args.bits.split(",")):

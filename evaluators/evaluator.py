@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -16,7 +17,9 @@ from evaluators.metrics import MetricSums
 from evaluators.models import LoadedModel
 from quant.modules import QuantEmbedding, QuantLinear
 
-__all__ = ["Evaluator", "reference_logprobs"]
+__all__ = ["Evaluator", "calibration_hessians", "reference_logprobs"]
+
+log = logging.getLogger(__name__)
 
 
 def _forward_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T-1, V)
@@ -32,6 +35,30 @@ def reference_logprobs(model: nn.Module, tokens: TokenSets, batch_size: int = 2)
     return torch.cat(parts).numpy()
 
 
+@torch.inference_mode()
+def calibration_hessians(model: nn.Module, tokens: TokenSets, names: Iterable[str],
+                         batch_size: int = 2) -> dict[str, torch.Tensor]:
+    """Input Hessians of the weight matrices ``names`` over the calibration windows (disjoint from
+    the evaluation windows); ``{}`` without calibration windows (gptq then runs data-free, as rtn).
+
+    A tied embedding gets its LM head's Hessian: the table is GPTQ'd for the head's inputs (as a
+    lookup table it sees no input activations at all).
+    """
+    ids = torch.from_numpy(tokens.calib)
+    if not len(ids):
+        log.warning("no calibration windows (--calib-seqs 0): gptq runs without data, as rtn")
+        return {}
+    names = set(names)
+    modules = dict(model.named_modules())
+    tied = {head: name for name in names for head, m in modules.items()
+            if isinstance(m, nn.Linear) and head not in names and m.weight is getattr(modules[name], "weight", None)}
+    hessians = quant.collect_hessians(model, [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)],
+                                      [*names, *tied])
+    for head, name in tied.items():
+        hessians[name] = hessians.pop(head)
+    return hessians
+
+
 class PackedCache:
     """Quantized matrices by (name, setting), bounded in bytes (least recently used goes first).
 
@@ -45,7 +72,8 @@ class PackedCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, name: str, weight: torch.Tensor, setting: quant.QuantSetting) -> quant.PackedTensor:
+    def get(self, name: str, weight: torch.Tensor, setting: quant.QuantSetting,
+            hessians: Mapping[str, torch.Tensor]) -> quant.PackedTensor:
         key = (name, setting.key())
         packed = self._items.get(key)
         if packed is not None:
@@ -53,7 +81,7 @@ class PackedCache:
             self._items.move_to_end(key)
             return packed
         self.misses += 1
-        packed = quant.quantize(weight, setting)
+        packed = quant.quantize_calibrated(name, weight, setting, hessians)
         self._items[key] = packed
         self._bytes += packed.nbytes
         while self._bytes > self.max_bytes and len(self._items) > 1:
@@ -85,6 +113,7 @@ class Evaluator:
         self.reference = reference_logprobs(self.model, tokens, batch_size) if reference is None else reference
         self._ref_top = torch.from_numpy(self.reference).argmax(-1)  # (B, T-1): the same for every trial
         self.cache = PackedCache(cache_bytes)
+        self.hessians: dict[str, torch.Tensor] | None = None  # collected when a policy first needs them
         # Biases of every linear layer (a tied LM head included), so float modules can be rebuilt
         # after a policy replaced them: a partial policy needs the unnamed matrices float.
         self._biases = {name: None if m.bias is None else m.bias.detach().clone()
@@ -110,6 +139,12 @@ class Evaluator:
                 if prune_above is not None and kl_low > prune_above and len(ids) > len(batch):
                     return {"pruned": True, "kl_low": kl_low, "windows": len(batch)}
         return {**sums.result(), "pruned": False, "kl_low": kl_low, "windows": len(ids)}
+
+    def _calibrate(self, settings: Iterable[quant.QuantSetting]) -> None:
+        """Collects the input Hessians once, on the float model, when ``settings`` first need them."""
+        if self.hessians is None and quant.needs_hessians(settings):
+            self.restore_float()
+            self.hessians = calibration_hessians(self.model, self.tokens, self.matrices, self.batch_size)
 
     def _float_module(self, name: str, module: nn.Module, params: dict[str, nn.Parameter]) -> nn.Module:
         """A float module equivalent to ``module`` (quantized or not) sharing the kept float weight."""
@@ -148,10 +183,11 @@ class Evaluator:
         swapped for quantized ones; :meth:`evaluate` works as before afterwards.
         """
         self.restore_float()
+        self._calibrate(settings.values())
         modules = dict(self.model.named_modules())
         packed_all = {}
         for name, setting in settings.items():
-            packed = self.cache.get(name, self.weights[name], setting)
+            packed = self.cache.get(name, self.weights[name], setting, self.hessians or {})
             packed_all[name] = packed
             module = modules[name]
             if isinstance(module, nn.Embedding):
@@ -173,8 +209,9 @@ class Evaluator:
         result then has ``pruned=True`` and only ``kl_low`` (see :meth:`_measure`), bytes and timings.
         """
         t0 = time.perf_counter()
+        self._calibrate(policy.settings.values())
         packed = quant.apply_policy(self.model, policy, weights=self.weights, cache_dense=True,
-                                    quantizer=lambda n, w, s: self.cache.get(n, w, s))
+                                    quantizer=lambda n, w, s: self.cache.get(n, w, s, self.hessians or {}))
         t1 = time.perf_counter()
         result = self._measure(prune_above)
         t2 = time.perf_counter()

@@ -8,7 +8,7 @@ Public API::
 """
 
 from quant.apply import apply_policy, quantize
-from quant.calibration import collect_hessians
+from quant.calibration import collect_hessians, needs_hessians, quantize_calibrated
 from quant.checkpoint import PackedCheckpoint, load_checkpoint, read_packed_tensors, save_checkpoint
 from quant.formats import Format, format_names, get_format, register_format
 from quant.modules import QuantEmbedding, QuantLinear
@@ -19,6 +19,6 @@ from quant.settings import QuantSetting
 
 __all__ = [
     "Format", "POLICY_VERSION", "PackedCheckpoint", "PackedTensor", "Policy", "PolicyError", "QuantEmbedding", "QuantLinear",
-    "QuantSetting", "apply_policy", "collect_hessians", "load_checkpoint", "read_packed_tensors", "save_checkpoint", "format_names", "get_format", "pack_bits", "packed_size", "quantize",
+    "QuantSetting", "apply_policy", "collect_hessians", "load_checkpoint", "needs_hessians", "quantize_calibrated", "read_packed_tensors", "save_checkpoint", "format_names", "get_format", "pack_bits", "packed_size", "quantize",
     "register_format", "unpack_bits", "weight_matrices",
 ]

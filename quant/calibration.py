@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["collect_hessians"]
+from quant.apply import quantize
+from quant.formats import get_format
+from quant.packed import PackedTensor
+from quant.settings import QuantSetting
+
+__all__ = ["collect_hessians", "needs_hessians", "quantize_calibrated"]
 
 
 @torch.inference_mode()
@@ -50,3 +55,18 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor],
         for handle in handles:
             handle.remove()
     return hessians
+
+
+def needs_hessians(settings: Iterable[QuantSetting]) -> bool:
+    """Whether any of ``settings`` uses a format that takes input Hessians."""
+    return any("hessian" in get_format(s.format).calibration for s in settings)
+
+
+def quantize_calibrated(name: str, weight: torch.Tensor, setting: QuantSetting,
+                        hessians: Mapping[str, torch.Tensor]) -> PackedTensor:
+    """:func:`quant.quantize` with matrix ``name``'s Hessian for the formats that take one.
+
+    A matrix without a Hessian (an embedding, whose input is token ids) is quantized data-free.
+    """
+    h = hessians.get(name) if "hessian" in get_format(setting.format).calibration else None
+    return quantize(weight, setting) if h is None else quantize(weight, setting, hessian=h)

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, help="study name (default: MODEL-BUDGET)")
     p.add_argument("--bits", default="2,3,4,5,6,8", help="allowed bit-widths")
     p.add_argument("--groups", default="32,64,128", help="allowed group sizes; 'ch' = per output channel")
+    p.add_argument("--formats", default="rtn", help="allowed quantizers, comma-separated: rtn, gptq, turbo, "
+                   "lloyd, vq, ternary; boolean options with '+' (gptq+clip)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local Ray)")
     p.add_argument("--memory-limit", default=None, help="memory the search may use, e.g. 8GB (default: available)")
     p.add_argument("--granularity", default="matrix", help="what shares one setting: matrix, block "
@@ -124,6 +126,8 @@ def _add_sensitivity_parser(sub) -> None:
                    "(each layer's attention and MLP) or layer")
     p.add_argument("--bits", default="2,3,4,5,6,8", help="allowed bit-widths")
     p.add_argument("--groups", default="32,64,128", help="allowed group sizes; 'ch' = per output channel")
+    p.add_argument("--formats", default="rtn", help="allowed quantizers, comma-separated: rtn, gptq, turbo, "
+                   "lloyd, vq, ternary; boolean options with '+' (gptq+clip)")
     p.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///turboquant.db)")
     p.add_argument("--top", type=int, default=10, help="print the N most sensitive matrices")
     p.add_argument("--sensitivity-seqs", type=int, default=None,
@@ -131,7 +135,7 @@ def _add_sensitivity_parser(sub) -> None:
 
 
 def _data_and_space(args: argparse.Namespace):
-    """The data options (shared by search and sensitivity) and the allowed bits and groups."""
+    """The data options (shared by search and sensitivity) and the allowed bits, groups and formats."""
     from evaluators.context import DataConfig
 
     data = DataConfig(model=args.model, dataset=args.dataset, seq_len=args.seq_len, n_eval=args.eval_seqs,
@@ -143,15 +147,15 @@ def _data_and_space(args: argparse.Namespace):
         from evaluators.errors import UserError
 
         raise UserError("--bits and --groups take comma-separated integers (groups may use 'ch')") from None
-    return data, bits, groups
+    return data, bits, groups, tuple(f.strip() for f in args.formats.split(","))
 
 
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from search.sensitivity import run_sensitivity
 
-    data, bits, groups = _data_and_space(args)
+    data, bits, groups, formats = _data_and_space(args)
     table = run_sensitivity(data, bits, groups, _storage(args), granularity=args.granularity,
-                            windows=args.sensitivity_seqs)
+                            windows=args.sensitivity_seqs, formats=formats)
     pairs = table.computed + table.reused
     per = f", {table.seconds / table.computed:.3f} s per pair" if table.computed else ""
     print(f"sensitivity of {args.model}: {len(table.units)} units ({args.granularity}) x {len(table.settings)} settings = {pairs} "
@@ -188,10 +192,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from search.budget import parse_budget
     from search.driver import SearchConfig, run_search
 
-    data, bits, groups = _data_and_space(args)
+    data, bits, groups, formats = _data_and_space(args)
     study = args.study or f"{args.model.replace('/', '_')}-{args.budget}"
     cfg = SearchConfig(study=study, data=data, budget=args.budget, trials=args.trials, sampler=args.sampler,
-                       workers=args.workers, storage=_storage(args), bits=bits, groups=groups,
+                       workers=args.workers, storage=_storage(args), bits=bits, groups=groups, formats=formats,
                        ray_address=args.ray_address,
                        memory_limit=None if args.memory_limit is None else parse_budget(args.memory_limit, 8),
                        sensitivity=args.sensitivity, granularity=args.granularity,
@@ -315,7 +319,8 @@ def _cmd_eval_checkpoint(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     import quant
-    from evaluators import UserError, load_model
+    from evaluators import UserError, calibration_hessians, load_model
+    from evaluators.context import DataConfig
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file; the checkpoint is a folder (give a new or existing folder)")
@@ -324,9 +329,17 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     model_name = provenance.get("model") if isinstance(provenance, dict) else policy.meta.get("model")
     if not model_name:
         raise UserError(f"policy {args.policy} names no model; export it with turboquant export")
-    loaded = load_model(model_name, trust_remote_code=bool((provenance or {}).get("trust_remote_code")))
+    hessians = {}
+    if quant.needs_hessians(policy.settings.values()):  # gptq: the calibration windows the search used
+        if not isinstance(provenance, dict):
+            raise UserError(f"policy {args.policy} uses gptq but has no provenance naming its calibration data")
+        loaded, tokens = DataConfig.from_dict(provenance).load()
+        hessians = calibration_hessians(loaded.model, tokens, quant.weight_matrices(loaded.model))
+    else:
+        loaded = load_model(model_name, trust_remote_code=bool((provenance or {}).get("trust_remote_code")))
     try:
-        packed = quant.apply_policy(loaded.model, policy)
+        packed = quant.apply_policy(loaded.model, policy,
+                                    quantizer=lambda n, w, s: quant.quantize_calibrated(n, w, s, hessians))
     except quant.PolicyError as exc:
         raise UserError(f"policy {args.policy} does not fit model {model_name}: {exc}") from None
     out = quant.save_checkpoint(loaded.model, policy, args.out)

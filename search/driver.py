@@ -63,6 +63,7 @@ class SearchConfig:
     storage: str = DEFAULT_STORAGE
     bits: tuple[int, ...] = DEFAULT_BITS
     groups: tuple[int | None, ...] = DEFAULT_GROUPS
+    formats: tuple[str, ...] = ("rtn",)  # format labels, e.g. "gptq+clip" (see search.space.format_setting)
     granularity: str = "matrix"  # what shares one setting: matrix, block (attention / MLP) or layer
     ray_address: str | None = None
     max_retries: int = 2
@@ -93,10 +94,11 @@ def _open_study(cfg: SearchConfig, store: Store, space: SearchSpace, budget_byte
                 provenance: dict[str, Any]) -> tuple[optuna.Study, Any, bool]:
     existing = store.find_study(cfg.study)
     if existing is not None:
-        mismatch = [k for k in ("model", "dataset", "seq_len", "n_eval", "seed")
-                    if existing.provenance.get(k) != provenance.get(k)]
-        if existing.space.get("granularity", "matrix") != space.granularity:
-            mismatch.append("granularity")
+        mismatch = [k for k in ("model", "dataset", "seq_len", "n_eval", "n_calib", "seed")
+                    if existing.provenance.get(k, provenance.get(k)) != provenance.get(k)]
+        wanted = space.to_dict()  # a resumed study must propose from the same space
+        mismatch += [k for k in ("bits", "groups", "formats", "granularity")
+                     if existing.space.get(k, "matrix" if k == "granularity" else None) != wanted[k]]
         if mismatch or existing.budget_bytes != budget_bytes:
             what = ", ".join(mismatch) or "budget"
             raise UserError(f"study {cfg.study!r} already exists with a different {what}; "
@@ -172,9 +174,10 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     check_granularity(cfg.granularity)  # both before minutes of loading
     if cfg.sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    SearchSpace({}, cfg.bits, cfg.groups, granularity=cfg.granularity)  # refuses bad --bits/--groups now
+    SearchSpace({}, cfg.bits, cfg.groups, cfg.formats, granularity=cfg.granularity)  # bad options: refused now
     loaded, tokens = cfg.data.load()
-    space = SearchSpace(quant.weight_matrices(loaded.model), cfg.bits, cfg.groups, granularity=cfg.granularity)
+    space = SearchSpace(quant.weight_matrices(loaded.model), cfg.bits, cfg.groups, cfg.formats,
+                        granularity=cfg.granularity)
     budget_bytes = parse_budget(cfg.budget, space.numel)
     min_bytes = space.min_bytes()
     if budget_bytes < min_bytes:

@@ -27,8 +27,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-import quant
-from search.space import SearchSpace, _group_label
+from search.space import SearchSpace, _group_label, format_setting
 
 __all__ = ["EvoSampler"]
 
@@ -65,7 +64,7 @@ class EvoSampler(optuna.samplers.BaseSampler):
             for b, bits in enumerate(space.bits):
                 for g, group in enumerate(space.groups):
                     for f, fmt in enumerate(space.formats):
-                        self.cost[i, b, g, f] = space.unit_nbytes(name, quant.QuantSetting(fmt, bits, group))
+                        self.cost[i, b, g, f] = space.unit_nbytes(name, format_setting(fmt, bits, group))
         numel = np.array([sum(h * w for h, w in (space.matrices[m] for m in space.units[u])) for u in self.names],
                          dtype=np.float64)
         # Partners for a move: units within a factor 2 in size, so one step up and one down cancel.
@@ -82,7 +81,7 @@ class EvoSampler(optuna.samplers.BaseSampler):
             for b, bits in enumerate(self.space.bits):
                 for g, group in enumerate(self.space.groups):
                     for f, fmt in enumerate(self.formats):
-                        loss[i, b, g, f] = table.kl[name][quant.QuantSetting(fmt, bits, group).key()]
+                        loss[i, b, g, f] = table.kl[name][format_setting(fmt, bits, group).key()]
         self.loss = loss
 
     # Optuna's interface --------------------------------------------------------------------------

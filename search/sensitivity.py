@@ -105,15 +105,16 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
 
 
 def run_sensitivity(data: DataConfig, bits: tuple[int, ...], groups: tuple[int | None, ...], storage: str, *,
-                    granularity: str = "matrix", windows: int | None = None,
+                    granularity: str = "matrix", windows: int | None = None, formats: tuple[str, ...] = ("rtn",),
                     progress: bool = True) -> SensitivityTable:
     """Loads model and data, then measures (or reuses) the table for the space's settings."""
     from search.space import SearchSpace, check_granularity
 
     check_granularity(granularity)  # before minutes of loading
+    SearchSpace({}, bits, groups, formats)  # refuses bad --bits / --groups / --formats now, too
     store = Store(storage)
     loaded, tokens = data.load()
-    space = SearchSpace(quant.weight_matrices(loaded.model), bits, groups, granularity=granularity)
+    space = SearchSpace(quant.weight_matrices(loaded.model), bits, groups, formats, granularity=granularity)
     evaluator = Evaluator(loaded, tokens)
     return measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
                                model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,

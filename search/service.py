@@ -57,6 +57,9 @@ class StudyRequest(BaseModel):
     bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8], min_length=1)
     groups: list[int | None] = Field(default_factory=lambda: [32, 64, 128], min_length=1,
                                      description="group sizes; null = per output channel")
+    formats: list[str] = Field(default_factory=lambda: ["rtn"], min_length=1,
+                               description="quantizers: rtn, gptq, turbo, lloyd, vq, ternary; options with '+' "
+                                           "(gptq+clip)")
     granularity: str = Field("matrix", description="what shares one setting: matrix, block or layer")
     sensitivity: bool = Field(False, description="measure (or reuse) the sensitivity table and enqueue solved seeds")
     sensitivity_seqs: int | None = Field(None, ge=1, description="windows the sensitivity table is measured on")
@@ -110,11 +113,11 @@ class StudyRequest(BaseModel):
 
     @model_validator(mode="after")
     def _settings(self) -> "StudyRequest":
-        # Unsupported bits / group sizes are a 422 now, not a search that fails in the background.
+        # Unsupported formats / bits / group sizes are a 422 now, not a search that fails in the background.
         from search.space import SearchSpace
 
         try:
-            SearchSpace({}, tuple(self.bits), tuple(self.groups))
+            SearchSpace({}, tuple(self.bits), tuple(self.groups), tuple(self.formats))
         except UserError as exc:
             raise ValueError(str(exc)) from None
         return self
@@ -198,7 +201,8 @@ class _Service:
                               n_calib=req.calib_seqs, seed=req.seed, trust_remote_code=req.trust_remote_code)
             cfg = SearchConfig(study=req.study, data=data, budget=req.budget, trials=req.trials,
                                sampler=req.sampler, workers=req.workers, storage=self.storage,
-                               bits=tuple(req.bits), groups=tuple(req.groups), granularity=req.granularity,
+                               bits=tuple(req.bits), groups=tuple(req.groups), formats=tuple(req.formats),
+                               granularity=req.granularity,
                                sensitivity=req.sensitivity, sensitivity_seqs=req.sensitivity_seqs,
                                multi_fidelity=req.multi_fidelity, ray_address=self.ray_address, progress=False)
             job.summary = run_search(cfg)

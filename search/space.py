@@ -14,7 +14,8 @@ import optuna
 import quant
 from evaluators.errors import UserError
 
-__all__ = ["SearchSpace", "DEFAULT_BITS", "DEFAULT_GROUPS", "GRANULARITIES", "check_granularity", "units_of"]
+__all__ = ["SearchSpace", "DEFAULT_BITS", "DEFAULT_GROUPS", "GRANULARITIES", "check_granularity", "format_label",
+           "format_setting", "units_of"]
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUPS: tuple[int | None, ...] = (32, 64, 128)
@@ -25,6 +26,17 @@ _LAYER = re.compile(r"^(?P<layer>.*?\.(?:layers|h|blocks|block|layer)\.\d+)\.(?P
 
 def _group_label(group: int | None) -> str:
     return "ch" if group is None else str(group)
+
+
+def format_setting(label: str, bits: int, group: int | None) -> quant.QuantSetting:
+    """The setting a format label names: ``gptq`` or, with boolean options, ``gptq+clip``."""
+    name, *flags = label.split("+")
+    return quant.QuantSetting(name, bits, group, dict.fromkeys(flags, True))
+
+
+def format_label(setting: quant.QuantSetting) -> str:
+    """The inverse of :func:`format_setting`."""
+    return "+".join([setting.format, *sorted(k for k, v in setting.options.items() if v is True)])
 
 
 def check_granularity(granularity: str) -> str:
@@ -52,7 +64,8 @@ def units_of(matrices: dict[str, tuple[int, int]], granularity: str = "matrix") 
 @dataclass
 class SearchSpace:
     """Per-unit settings: bits from ``bits`` (an ordered integer index, so NSGA-II's
-    mutation and crossover respect order), group size and format as categoricals.
+    mutation and crossover respect order), group size and format as categoricals. A format is
+    a label: a format name, optionally with boolean options (``gptq+clip``).
 
     Attributes:
         matrices: name -> (out, in) of every weight matrix the policy covers.
@@ -70,13 +83,18 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         self.bits = tuple(sorted(self.bits))
+        if not self.formats or not self.bits or not self.groups:
+            raise UserError("the search space needs at least one format, one bit-width and one group size")
+        if len(set(self.formats)) != len(self.formats):
+            raise UserError(f"formats are listed twice: {list(self.formats)}")
         for fmt in self.formats:
             for b in self.bits:
                 for g in self.groups:
                     try:
-                        quant.QuantSetting(fmt, b, g).validate()
+                        format_setting(fmt, b, g).validate()
                     except ValueError as exc:  # a user's --bits / --groups: say which, exit 2
-                        raise UserError(f"allowed bits {list(self.bits)} / groups {list(self.groups)}: {exc}") from None
+                        raise UserError(f"allowed formats {list(self.formats)} / bits {list(self.bits)} / groups "
+                                        f"{list(self.groups)}: {exc}") from None
         self.units = units_of(self.matrices, self.granularity)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +111,7 @@ class SearchSpace:
         return sum(h * w for h, w in self.matrices.values())
 
     def settings(self) -> list[quant.QuantSetting]:
-        return [quant.QuantSetting(f, b, g) for f in self.formats for b in self.bits for g in self.groups]
+        return [format_setting(f, b, g) for f in self.formats for b in self.bits for g in self.groups]
 
     def suggest(self, trial: optuna.Trial) -> quant.Policy:
         labels = [_group_label(g) for g in self.groups]
@@ -103,7 +121,7 @@ class SearchSpace:
             group = self.groups[labels.index(trial.suggest_categorical(f"{unit}:group", labels))]
             fmt = trial.suggest_categorical(f"{unit}:format", list(self.formats)) if len(self.formats) > 1 \
                 else self.formats[0]
-            settings.update(dict.fromkeys(members, quant.QuantSetting(fmt, bits, group)))
+            settings.update(dict.fromkeys(members, format_setting(fmt, bits, group)))
         return quant.Policy(settings)
 
     def expand(self, per_unit: dict[str, quant.QuantSetting]) -> quant.Policy:
@@ -119,7 +137,7 @@ class SearchSpace:
             out[f"{name}:bits"] = self.bits.index(s.bits)
             out[f"{name}:group"] = _group_label(s.group_size)
             if len(self.formats) > 1:
-                out[f"{name}:format"] = s.format
+                out[f"{name}:format"] = format_label(s)
         return out
 
     def nbytes(self, policy: quant.Policy) -> int:

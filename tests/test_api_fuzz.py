@@ -27,7 +27,7 @@ from studies import Store
 VALID = {"study": "fz", "budget": "4bpw", "model": "tiny-random-llama", "dataset": "/nonexistent/corpus.txt",
          "trials": 1, "workers": 1}
 FIELDS = {"study", "model", "budget", "trials", "workers", "sampler", "dataset", "seq_len", "eval_seqs",
-          "calib_seqs", "seed", "bits", "groups", "trust_remote_code"}
+          "calib_seqs", "seed", "bits", "groups", "formats", "trust_remote_code"}
 # What the README documents as a budget: a number and an optional unit.
 BUDGET = re.compile(r"\s*[0-9]*\.?[0-9]+\s*(bpw|b|kb|mb|gb|kib|mib|gib)?\s*", re.IGNORECASE)
 
@@ -51,6 +51,11 @@ bad_bits = st.one_of(*[st.lists(st.integers(2, 8), max_size=3).flatmap(
 bad_groups = st.one_of(*[st.lists(st.sampled_from([32, 64, None]), max_size=3).flatmap(
     lambda ok: st.sampled_from([0, -32, 48, 100, 7]).map(lambda g: ok + [g]))] * 3,
     st.just([]), st.text(max_size=5), st.just({}))
+# Lists with a format that does not exist, an option it lacks, or no format at all.
+bad_formats = st.one_of(
+    st.lists(st.sampled_from(["rtn", "gptq", "gptq+clip", "turbo"]), max_size=2).flatmap(
+        lambda ok: st.sampled_from(["magic", "", "rtn+bogus", "gptq+", "RTN", "+clip"]).map(lambda f: ok + [f])),
+    st.just([]), st.text(max_size=5), not_an_int.map(lambda v: [v]))
 # Names that are no alias, no folder here and not of a hub id's form (org/name).
 bad_model = st.text(alphabet="abcxyz-_.", min_size=1, max_size=12).filter(
     lambda t: t not in ("smollm2-135m", "tiny-random-llama") and not Path(t).exists())
@@ -62,7 +67,7 @@ DEFECTS = {
     "seq_len": st.integers(max_value=1) | st.integers(min_value=(1 << 20) + 1) | not_an_int,
     "eval_seqs": st.integers(max_value=0) | not_an_int, "calib_seqs": st.integers(max_value=-1) | not_an_int,
     "seed": not_an_int, "sampler": st.text(max_size=10).filter(lambda s: s not in ("nsga2", "tpe", "random", "gp", "evo"))
-    | not_a_string, "bits": bad_bits, "groups": bad_groups,
+    | not_a_string, "bits": bad_bits, "groups": bad_groups, "formats": bad_formats,
     "trust_remote_code": st.sampled_from(["maybe", "2", [], {}, 0.5]),
 }
 

@@ -16,8 +16,9 @@ from studies import Store, export_policy
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, data_config, local_ray) -> tuple[str, str]:
     storage = f"sqlite:///{tmp_path_factory.mktemp('ckdb') / 'c.db'}"
+    # gptq in the space: apply must quantize it with the search's calibration Hessians to reproduce the KL.
     run_search(SearchConfig(study="ck", data=data_config, budget="5bpw", trials=6, workers=1, storage=storage,
-                            bits=(2, 3, 4, 8), groups=(32, None), progress=False))
+                            bits=(2, 3, 4, 8), groups=(32, None), formats=("rtn", "gptq+clip"), progress=False))
     return storage, "ck"
 
 
@@ -25,8 +26,11 @@ def study(tmp_path_factory, data_config, local_ray) -> tuple[str, str]:
 def applied(study, tmp_path_factory) -> tuple[dict, str]:
     storage, name = study
     store = Store(storage)
-    point = store.front(store.get_study(name)).iloc[0]  # the smallest front point: the most mixed one
-    doc = export_policy(store, name, trial=int(point["trial"]))
+    docs = [export_policy(store, name, trial=int(t)) for t in store.front(store.get_study(name))["trial"]]
+    formats = [{s["format"] for s in d["matrices"].values()} for d in docs]
+    # A front point mixing both formats if there is one, else one with gptq.
+    doc = next((d for d, f in zip(docs, formats) if f == {"rtn", "gptq"}), None) or \
+        next(d for d, f in zip(docs, formats) if "gptq" in f)
     folder = tmp_path_factory.mktemp("ckpt")
     (folder / "policy.json").write_text(json.dumps(doc))
     assert main(["apply", str(folder / "policy.json"), "--out", str(folder / "out")]) == 0

@@ -104,3 +104,23 @@ def test_a_trial_swaps_only_the_matrices_that_changed(evaluator) -> None:
     evaluator.restore_float()
     fresh = evaluator.evaluate(quant.Policy({**base, changed: other}))
     assert r["kl"] == pytest.approx(fresh["kl"], rel=1e-6) and r["bytes"] == fresh["bytes"]
+
+
+def test_gptq_is_calibrated_on_the_calibration_windows_and_beats_rtn(data_config) -> None:
+    from dataclasses import replace
+
+    from evaluators import Evaluator
+
+    loaded, tokens = data_config.load()
+    ev = Evaluator(loaded, tokens)
+    rtn = ev.evaluate(quant.Policy.uniform(list(ev.matrices), quant.QuantSetting("rtn", 3, 32)))
+    assert ev.hessians is None  # nothing collected for formats that take no data
+    gptq = ev.evaluate(quant.Policy.uniform(list(ev.matrices), quant.QuantSetting("gptq", 3, 32)))
+    # One Hessian per linear matrix (this model's embedding is untied: a lookup, no inputs to weigh).
+    assert set(ev.hessians) == set(ev.matrices) - {"model.embed_tokens"} and gptq["bytes"] == rtn["bytes"]
+    assert gptq["kl"] < rtn["kl"]
+    # Without calibration windows gptq falls back to the identity Hessian: rtn, bit for bit.
+    loaded0, tokens0 = replace(data_config, n_calib=0).load()
+    ev0 = Evaluator(loaded0, tokens0)
+    data_free = ev0.evaluate(quant.Policy.uniform(list(ev0.matrices), quant.QuantSetting("gptq", 3, 32)))
+    assert ev0.hessians == {} and data_free["kl"] == rtn["kl"]

@@ -34,6 +34,8 @@ class Format(abc.ABC):
     bits_range: tuple[int, int] = (2, 8)
     group_sizes: tuple[int | None, ...] = (32, 64, 128, 256, None)
     options: dict[str, type] = {}
+    # Calibration keywords :meth:`quantize` takes (gptq: "hessian"); without them it runs data-free.
+    calibration: tuple[str, ...] = ()
 
     def validate(self, setting: QuantSetting) -> None:
         lo, hi = self.bits_range

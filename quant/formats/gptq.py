@@ -35,6 +35,7 @@ class GPTQ(RTN):
     name = "gptq"
     # Not RTN's "outlier_frac": outliers would need to be chosen inside the error feedback.
     options = {"symmetric": bool, "damp": float, "clip": bool}
+    calibration = ("hessian",)
 
     def validate(self, setting: QuantSetting) -> None:
         super().validate(setting)
@@ -44,7 +45,7 @@ class GPTQ(RTN):
                              f"Hessian diagonal added for stability), got {damp!r}")
 
     def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
-        unknown = set(calibration) - {"hessian"}
+        unknown = set(calibration) - set(self.calibration)
         if unknown:
             raise ValueError(f"gptq takes calibration 'hessian' ((in, in) sum of x x^T), got {sorted(unknown)}")
         out_features, in_features = weight.shape
