@@ -124,3 +124,22 @@ def test_gptq_is_calibrated_on_the_calibration_windows_and_beats_rtn(data_config
     ev0 = Evaluator(loaded0, tokens0)
     data_free = ev0.evaluate(quant.Policy.uniform(list(ev0.matrices), quant.QuantSetting("gptq", 3, 32)))
     assert ev0.hessians == {} and data_free["kl"] == rtn["kl"]
+
+
+def test_gptq_gives_the_same_codes_on_any_thread_count() -> None:
+    # apply (any thread count) must re-create the codes a 1-thread search worker measured; the
+    # column loop's products split differently on 2 threads (6 of 7 SmolLM2 matrices differed).
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1536, 576, generator=g)
+    x = torch.randn(2048, 576, generator=g) @ torch.randn(576, 576, generator=g)  # correlated inputs
+    setting = quant.QuantSetting("gptq", 2, 64, {"clip": True})
+    threads = torch.get_num_threads()
+    codes = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            codes.append(quant.quantize(weight, setting, hessian=x.T @ x).buffers["codes"])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*codes)
+    assert torch.get_num_threads() == threads  # one_thread put the caller's count back

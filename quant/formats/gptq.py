@@ -22,7 +22,7 @@ from quant.formats._base import register_format
 from quant.formats.rtn import CLIP_GRID, RTN, _grid, _range, _sq_error
 from quant.packed import PackedTensor
 from quant.packing import pack_bits
-from quant.primitives import padded_in_features
+from quant.primitives import one_thread, padded_in_features
 from quant.settings import QuantSetting
 
 __all__ = ["GPTQ"]
@@ -45,6 +45,10 @@ class GPTQ(RTN):
                              f"Hessian diagonal added for stability), got {damp!r}")
 
     def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
+        with one_thread():  # the same codes whatever the caller's thread count (see one_thread)
+            return self._quantize(weight, setting, **calibration)
+
+    def _quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
         unknown = set(calibration) - set(self.calibration)
         if unknown:
             raise ValueError(f"gptq takes calibration 'hessian' ((in, in) sum of x x^T), got {sorted(unknown)}")
