@@ -8,5 +8,6 @@ from evaluators.models import MODEL_ALIASES, LoadedModel, cache_dir, load_model
 
 __all__ = [
     "DEFAULT_CORPUS", "Evaluator", "LoadedModel", "METRIC_NAMES", "MODEL_ALIASES", "MetricSums", "TokenSets",
-    "UserError", "cache_dir", "calibration_hessians", "load_corpus", "load_model", "make_token_sets", "reference_logprobs",
+    "UserError", "cache_dir", "calibration_hessians", "load_corpus", "load_model", "make_token_sets",
+    "reference_logprobs",
 ]

@@ -19,6 +19,7 @@ from quant.settings import QuantSetting
 
 __all__ = [
     "Format", "POLICY_VERSION", "PackedCheckpoint", "PackedTensor", "Policy", "PolicyError", "QuantEmbedding", "QuantLinear",
-    "QuantSetting", "apply_policy", "collect_hessians", "load_checkpoint", "needs_hessians", "quantize_calibrated", "read_packed_tensors", "save_checkpoint", "format_names", "get_format", "pack_bits", "packed_size", "quantize",
+    "QuantSetting", "apply_policy", "collect_hessians", "load_checkpoint", "needs_hessians", "quantize_calibrated",
+    "read_packed_tensors", "save_checkpoint", "format_names", "get_format", "pack_bits", "packed_size", "quantize",
     "register_format", "unpack_bits", "weight_matrices",
 ]
