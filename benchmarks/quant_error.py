@@ -7,6 +7,7 @@ embedded SmolLM2-135M (errors and variances summed over those matrices).
 
     .venv/bin/python benchmarks/quant_error.py            # Gaussian only, ~1 min
     .venv/bin/python benchmarks/quant_error.py --real     # + SmolLM2 layers 0, 15, 29
+    .venv/bin/python benchmarks/quant_error.py --real --match turbo   # the turbo rows only
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ SETTINGS: list[dict] = (
     + [{"format": "rtn", "bits": b, "group_size": 128, "options": {"outlier_frac": 0.005}} for b in (2, 3, 4)]
     + [{"format": "turbo", "bits": b, "group_size": 128} for b in (1, 2, 3, 4)]
     + [{"format": "turbo", "bits": b, "group_size": 128, "options": {"qjl": True}} for b in (1, 2, 3)]
+    + [{"format": "turbo", "bits": b, "group_size": 128, "options": {"rotation": "orthogonal"}} for b in (1, 2, 3, 4)]
     + [{"format": "lloyd", "bits": b, "group_size": 128} for b in (1, 2, 3)]
     + [{"format": "lloyd", "bits": b, "group_size": None} for b in (2, 3, 4)]
     + [{"format": "lloyd", "bits": b, "group_size": 64, "options": {"preset": "nf"}} for b in (2, 3, 4)]
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="also measure SmolLM2-135M's linear layers")
     parser.add_argument("--layers", default="0,15,29", help="blocks of SmolLM2 to use with --real")
     parser.add_argument("--shape", default="1024,1024", help="shape of the Gaussian matrix (out,in)")
+    parser.add_argument("--match", default="", help="only the settings whose label contains this text")
     args = parser.parse_args()
 
     out, inp = (int(v) for v in args.shape.split(","))
@@ -83,6 +86,8 @@ def main() -> None:
     print(rule)
     for setting in SETTINGS:
         label = quant.QuantSetting.from_dict(setting).describe()
+        if args.match not in label:
+            continue
         bpw, mse, _ = measure(gaussian, setting)
         row = f"| {label:<28} | {bpw:14.3f} | {mse:13.5f} |"
         if real is not None:

@@ -34,6 +34,7 @@ CASES: dict[str, list[tuple[dict, float]]] = {
         ({"bits": 3, "group_size": 256, "options": {"qjl": True}}, 0.07),
         ({"bits": 1, "group_size": 32}, 0.38),
         ({"bits": 3, "group_size": 128, "options": {"outlier_frac": 0.01, "seed": 1}}, 0.04),
+        ({"bits": 3, "group_size": 64, "options": {"rotation": "orthogonal", "seed": 3}}, 0.04),
     ],
     "lloyd": [
         ({"bits": 2, "group_size": 128}, 0.13),
@@ -110,6 +111,7 @@ def test_quantize_is_deterministic(name: str, setting: dict, bound: float) -> No
 @pytest.mark.parametrize("setting", [
     {"format": "turbo", "bits": 4, "group_size": None},  # Hadamard needs a power of two
     {"format": "turbo", "bits": 4, "group_size": 128, "options": {"seed": -1}},
+    {"format": "turbo", "bits": 4, "group_size": 128, "options": {"rotation": "random"}},
     {"format": "ternary", "bits": 3, "group_size": 128},
     {"format": "lloyd", "bits": 4, "group_size": 128, "options": {"preset": "fp4"}},
     {"format": "lloyd", "bits": 6, "group_size": 32},  # 64 centroids for 32 weights
@@ -182,10 +184,23 @@ def test_lloyd_beats_rtn_levels_with_the_same_codes(bits: int, group: int | None
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("group", [128, 256])
-def test_turbo_reaches_lloyd_max_on_gaussian(bits: int, group: int) -> None:
+@pytest.mark.parametrize("rotation", ["hadamard", "orthogonal"])
+def test_turbo_reaches_lloyd_max_on_gaussian(bits: int, group: int, rotation: str) -> None:
     w = gaussian(256, 1024, seed=1)
-    d = quant.quantize(w, {"format": "turbo", "bits": bits, "group_size": group}).dequantize()
+    d = quant.quantize(w, {"format": "turbo", "bits": bits, "group_size": group,
+                           "options": {"rotation": rotation}}).dequantize()
     assert rel_mse(w, d) == pytest.approx(LLOYD_MAX_MSE[bits], rel=0.05)
+
+
+def test_turbo_orthogonal_rotation_is_orthogonal_seeded_and_not_stored() -> None:
+    from quant.formats.turbo import _orthogonal
+
+    q = _orthogonal(3, 64)
+    torch.testing.assert_close(q @ q.T, torch.eye(64), rtol=0, atol=1e-5)
+    assert torch.equal(q, _orthogonal(3, 64)) and not torch.equal(q, _orthogonal(4, 64))
+    packed = quant.quantize(gaussian(8, 256), {"format": "turbo", "bits": 3, "group_size": 64,
+                                               "options": {"rotation": "orthogonal"}})
+    assert set(packed.buffers) == {"codes", "scale"}
 
 
 def test_fwht_is_orthonormal_and_self_inverse() -> None:

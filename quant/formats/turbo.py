@@ -8,7 +8,10 @@ of N(0, 1), serves every group once ``y`` is divided by an fp16 per-group scale
 (the RMS). Decoding looks the codes up, multiplies by the scale and rotates back
 (``w = D H y``, both factors being their own inverses).
 
-Only the seed is an option; the rotation is rebuilt from it, never stored.
+Only the seed is stored (as an option); the rotation is rebuilt from it, never stored.
+Option ``rotation: "orthogonal"`` uses a seeded Haar-random orthogonal ``g x g`` matrix
+``Q`` instead of ``H D`` (``y = Q w``, ``w = Q^T y``): the rotation of the TurboQuant
+paper, at ``g^2`` multiply-adds per group where the Hadamard costs ``g log g``.
 
 Option ``qjl``: adds a 1-bit QJL sketch of the rotated residual ``r = y - y_hat``:
 ``sign(S r)`` with ``S`` a seeded ``g x g`` Gaussian matrix, plus the fp16 ``|r|``
@@ -33,14 +36,16 @@ from quant.formats._common import n_groups, nearest_sorted, unpack_rows
 from quant.outliers import supports_outliers
 from quant.packed import PackedTensor
 from quant.packing import pack_bits, packed_size
-from quant.primitives import group_view, padded_in_features, ungroup
+from quant.primitives import group_view, one_thread, padded_in_features, ungroup
 from quant.settings import QuantSetting
 
 __all__ = ["Turbo", "lloyd_max_gaussian", "fwht", "rotation_signs"]
 
-# Offset between the seed of the sign flips and that of the QJL matrix, so the two
-# random objects are independent for every user seed.
+# Offsets between the seed of the sign flips and those of the QJL and orthogonal matrices, so
+# the random objects are independent for every user seed.
 _QJL_SEED_OFFSET = 0x9E3779B9
+_ORTHOGONAL_SEED_OFFSET = 0x85EBCA6B
+ROTATIONS = ("hadamard", "orthogonal")
 
 
 @lru_cache(maxsize=None)
@@ -95,6 +100,28 @@ def rotation_signs(seed: int, g: int) -> torch.Tensor:
     return torch.randint(0, 2, (g,), generator=gen).float() * 2 - 1
 
 
+@lru_cache(maxsize=32)
+def _orthogonal(seed: int, g: int) -> torch.Tensor:
+    """The seeded Haar-random orthogonal ``(g, g)`` matrix (QR of a Gaussian, signs fixed)."""
+    gen = torch.Generator().manual_seed((seed + _ORTHOGONAL_SEED_OFFSET) % 2**63)
+    with one_thread():  # the same matrix on any thread count: decoding must match encoding bit for bit
+        q, r = torch.linalg.qr(torch.randn(g, g, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def _rotate(w: torch.Tensor, seed: int, g: int, rotation: str) -> torch.Tensor:
+    """Rotated coordinates of each group (the last dimension, length ``g``)."""
+    if rotation == "orthogonal":
+        return w @ _orthogonal(seed, g).to(w.device).T
+    return fwht(w * rotation_signs(seed, g).to(w.device))
+
+
+def _unrotate(y: torch.Tensor, seed: int, g: int, rotation: str) -> torch.Tensor:
+    if rotation == "orthogonal":
+        return y @ _orthogonal(seed, g).to(y.device)
+    return fwht(y) * rotation_signs(seed, g).to(y.device)
+
+
 def _levels(bits: int) -> torch.Tensor:
     return torch.tensor(lloyd_max_gaussian(bits)[0], dtype=torch.float32)
 
@@ -110,10 +137,13 @@ class Turbo(Format):
     name = "turbo"
     bits_range = (1, 8)
     group_sizes = (32, 64, 128, 256)  # the Hadamard transform needs a power of two
-    options = {"seed": int, "qjl": bool}
+    options = {"seed": int, "qjl": bool, "rotation": str}
 
     def validate(self, setting: QuantSetting) -> None:
         super().validate(setting)
+        if setting.options.get("rotation", "hadamard") not in ROTATIONS:
+            raise ValueError(f"option 'rotation' of format 'turbo' must be one of {ROTATIONS}, "
+                             f"got {setting.options.get('rotation')!r}")
         seed = setting.options.get("seed", 0)
         if isinstance(seed, bool) or seed < 0:
             raise ValueError(f"option 'seed' of format 'turbo' must be a non-negative integer, got {seed!r}")
@@ -122,7 +152,7 @@ class Turbo(Format):
         g = setting.group_size
         seed = setting.options.get("seed", 0)
         w = group_view(weight, g)  # (out, G, g)
-        y = fwht(w * rotation_signs(seed, g).to(w.device))  # rotated coordinates
+        y = _rotate(w, seed, g, setting.options.get("rotation", "hadamard"))  # rotated coordinates
         scale = y.pow(2).mean(-1, keepdim=True).sqrt().half()  # (out, G, 1)
         s = scale.float().masked_fill(scale == 0, 1.0)
         levels = _levels(setting.bits).to(w.device)
@@ -152,7 +182,7 @@ class Turbo(Format):
             norm = norm if rows is None else norm[rows]
             y = y + math.sqrt(math.pi / 2) / g * norm.float().unsqueeze(-1) * (
                 signs @ _qjl_matrix(seed, g).to(y.device))  # S^T sign(S r), batched as row vectors
-        w = fwht(y) * rotation_signs(seed, g).to(y.device)
+        w = _unrotate(y, seed, g, setting.options.get("rotation", "hadamard"))
         return ungroup(w, in_features)
 
     def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:
