@@ -139,6 +139,16 @@ def test_gptq_without_calibration_is_rtn_bit_for_bit(setting: dict) -> None:
     assert all(torch.equal(a.buffers[k], b.buffers[k]) for k in a.buffers)
 
 
+@pytest.mark.parametrize("setting", [{"bits": 3, "group_size": 128}, {"bits": 4, "group_size": None},
+                                     {"bits": 2, "group_size": 64, "options": {"clip": True}}])
+def test_gptq_act_order_without_calibration_is_rtn_bit_for_bit(setting: dict) -> None:
+    # Equal Hessian diagonals keep the column order; the static grids are rtn's grids.
+    w = gaussian()
+    a = quant.quantize(w, {"format": "rtn", **setting})
+    b = quant.quantize(w, {"format": "gptq", **setting, "options": {**setting.get("options", {}), "act_order": True}})
+    assert all(torch.equal(a.buffers[k], b.buffers[k]) for k in a.buffers) and a.buffers.keys() == b.buffers.keys()
+
+
 @pytest.mark.parametrize("setting", [{"bits": 4, "group_size": 64}, {"bits": 3, "group_size": None},
                                      {"bits": 2, "group_size": 64, "options": {"clip": True}}])
 def test_gptq_lowers_output_error_on_its_calibration_inputs(setting: dict) -> None:
@@ -149,8 +159,13 @@ def test_gptq_lowers_output_error_on_its_calibration_inputs(setting: dict) -> No
     x = x * (0.2 + 2 * torch.rand(256, generator=gen))
     rtn = quant.quantize(w, {"format": "rtn", **setting}).dequantize()
     gptq = quant.quantize(w, {"format": "gptq", **setting}, hessian=x.T @ x).dequantize()
+    ordered = quant.quantize(w, {"format": "gptq", **setting, "options": {**setting.get("options", {}),
+                                                                          "act_order": True}},
+                             hessian=x.T @ x).dequantize()
     out_err = lambda d: float((x @ (d - w).T).pow(2).mean())  # noqa: E731
     assert out_err(gptq) < 0.85 * out_err(rtn)
+    # Uneven input scales are what activation order exploits: 0.59/0.57/0.71 -> 0.40/0.39/0.55 of rtn.
+    assert out_err(ordered) < 0.9 * out_err(gptq)
 
 
 def test_gptq_rejects_a_hessian_of_the_wrong_shape() -> None:

@@ -10,6 +10,10 @@ Frantar et al. 2022, written here from the paper's equations).
 Calibration: ``quant.quantize(w, setting, hessian=H)`` with ``H`` the
 ``(in, in)`` sum of ``x x^T`` over calibration inputs. Without it the Hessian is
 the identity: nothing is propagated and the result equals ``rtn`` bit for bit.
+
+Option ``act_order``: columns in decreasing order of their Hessian diagonal (largest inputs
+first), each group's grid fixed up front from the original weights since the stored groups
+stay in column order; with ``clip`` as well, rtn's range search picks those grids.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ BLOCK = 128  # columns per lazy update when per channel (grouped: one group per 
 class GPTQ(RTN):
     name = "gptq"
     # Not RTN's "outlier_frac": outliers would need to be chosen inside the error feedback.
-    options = {"symmetric": bool, "damp": float, "clip": bool}
+    options = {"symmetric": bool, "damp": float, "clip": bool, "act_order": bool}
     calibration = ("hessian",)
 
     def validate(self, setting: QuantSetting) -> None:
@@ -65,24 +69,41 @@ class GPTQ(RTN):
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
         h += setting.options.get("damp", 0.01) * torch.diag(h).mean() * torch.eye(in_features, device=w.device)
-        # Upper Cholesky factor of H^-1: row i holds the weights that spread column i's error.
-        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
         g = setting.group_size
         symmetric = setting.options.get("symmetric", False)
         clip = setting.options.get("clip", False)
         levels = 2**setting.bits - 1
         half = 2 ** (setting.bits - 1)
+        act_order = setting.options.get("act_order", False)
+        # Activation order: the columns with the largest inputs (Hessian diagonal) first, while the
+        # most error can still be pushed onto the rest. The stored groups stay in column order, so
+        # their grids are fixed up front from the original weights ("static groups").
+        perm, static = None, None
+        scales, offsets = [], []
+        if act_order:
+            perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+            width = g or in_features
+            for c0 in range(0, in_features, width):
+                scale, offset = self._group_grid(w[:, c0:c0 + width].unsqueeze(1), setting.bits, symmetric, clip)
+                scales.append(scale)
+                if offset is not None:
+                    offsets.append(offset)
+            static = [(sc.float().masked_fill(sc == 0, 1.0), sc.float(), None if symmetric else offsets[i].float())
+                      for i, sc in enumerate(scales)]
+            group_of = (perm // width).tolist()  # the stored group of each column, in quantization order
+            h, w = h[perm][:, perm], w[:, perm]
+        # Upper Cholesky factor of H^-1: row i holds the weights that spread column i's error.
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
         block = g or BLOCK
         diag = torch.diagonal(u).tolist()
         # Transposed, so column j of the weight is a contiguous row: the column loop below is
         # Python-bound (one short op after another), and contiguous rows keep each op cheap.
         wt = w.T.contiguous()  # (in, out)
         codes_t = torch.empty(in_features, out_features, dtype=torch.uint8, device=w.device)
-        scales, offsets = [], []
         for b0 in range(0, in_features, block):
             b1 = min(b0 + block, in_features)
-            if g is not None or b0 == 0:
+            if static is None and (g is not None or b0 == 0):
                 # Blocks are whole groups, so a group's grid sees every error pushed onto it.
                 span = (wt[b0:b1] if g is not None else wt).T.unsqueeze(1)  # (out, 1, B or in)
                 scale, offset = self._group_grid(span, setting.bits, symmetric, clip)
@@ -95,6 +116,8 @@ class GPTQ(RTN):
             wb = wt[b0:b1].clone()  # (B, out), updated row by row; row j ends as column j's scaled error
             for j in range(b1 - b0):
                 col = wb[j]
+                if static is not None:  # this column's own group's grid
+                    s, sf, of = static[group_of[b0 + j]]
                 if of is None:
                     q = torch.div(col, s).round_().add_(half).clamp_(0, levels)
                     deq = (q - half).mul_(sf)
@@ -107,6 +130,8 @@ class GPTQ(RTN):
                     wb[j + 1:].addr_(u[b0 + j, b0 + j + 1:b1], e, alpha=-1)
             if b1 < in_features:  # the block's errors reach the later columns at once
                 wt[b1:].addmm_(u[b0:b1, b1:].T, wb, alpha=-1)
+        if perm is not None:  # back to column order
+            codes_t = codes_t[torch.argsort(perm)]
         codes = codes_t.T  # (out, in)
 
         pad = padded_in_features(in_features, g) - in_features
