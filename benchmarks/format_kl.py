@@ -41,6 +41,7 @@ def settings_for(bits: int) -> list[tuple[str, dict[str, Any]]]:
         ("rtn clip", {"format": "rtn", "bits": bits, "options": {"clip": True}}),
         ("gptq (calib)", {"format": "gptq", "bits": bits}),
         ("gptq clip", {"format": "gptq", "bits": bits, "options": {"clip": True}}),
+        ("gptq clip+act", {"format": "gptq", "bits": bits, "options": {"clip": True, "act_order": True}}),
         ("turbo", {"format": "turbo", "bits": bits}),
         ("lloyd (k-means)", {"format": "lloyd", "bits": bits}),
         ("nf (lloyd preset)", {"format": "lloyd", "bits": bits, "options": {"preset": "nf"}}),
