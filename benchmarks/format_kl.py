@@ -44,6 +44,7 @@ def settings_for(bits: int) -> list[tuple[str, dict[str, Any]]]:
         ("gptq clip+act", {"format": "gptq", "bits": bits, "options": {"clip": True, "act_order": True}}),
         ("turbo", {"format": "turbo", "bits": bits}),
         ("lloyd (k-means)", {"format": "lloyd", "bits": bits}),
+        ("lloyd weighted", {"format": "lloyd", "bits": bits, "options": {"weighted": True}}),
         ("nf (lloyd preset)", {"format": "lloyd", "bits": bits, "options": {"preset": "nf"}}),
         (f"vq dim2 idx{2 * bits}", {"format": "vq", "bits": 2 * bits, "options": {"dim": 2}}),
     ]

@@ -57,9 +57,14 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor],
     return hessians
 
 
+def _takes_hessian(setting: QuantSetting) -> bool:
+    fmt = get_format(setting.format)
+    return "hessian" in fmt.calibration and fmt.uses_calibration(setting)
+
+
 def needs_hessians(settings: Iterable[QuantSetting]) -> bool:
-    """Whether any of ``settings`` uses a format that takes input Hessians."""
-    return any("hessian" in get_format(s.format).calibration for s in settings)
+    """Whether any of ``settings`` quantizes with input Hessians (gptq; lloyd with ``weighted``)."""
+    return any(_takes_hessian(s) for s in settings)
 
 
 def quantize_calibrated(name: str, weight: torch.Tensor, setting: QuantSetting,
@@ -68,5 +73,5 @@ def quantize_calibrated(name: str, weight: torch.Tensor, setting: QuantSetting,
 
     A matrix without a Hessian (an embedding, whose input is token ids) is quantized data-free.
     """
-    h = hessians.get(name) if "hessian" in get_format(setting.format).calibration else None
+    h = hessians.get(name) if _takes_hessian(setting) else None
     return quantize(weight, setting) if h is None else quantize(weight, setting, hessian=h)

@@ -37,6 +37,10 @@ class Format(abc.ABC):
     # Calibration keywords :meth:`quantize` takes (gptq: "hessian"); without them it runs data-free.
     calibration: tuple[str, ...] = ()
 
+    def uses_calibration(self, setting: QuantSetting) -> bool:
+        """Whether quantizing ``setting`` reads the calibration data (so it must be collected)."""
+        return bool(self.calibration)
+
     def validate(self, setting: QuantSetting) -> None:
         lo, hi = self.bits_range
         if not lo <= setting.bits <= hi:

@@ -7,6 +7,10 @@ codes are bit-packed. The
 centroids are the cost: ``2**b * 16`` bits per group, so small groups at 4 bits
 pay 2 extra bits per weight (``bits_per_weight`` shows it; the search sees it).
 
+Option ``weighted`` (with calibration ``hessian=H``): the k-means weighs each weight by the
+energy of its input channel, ``H[j, j] = sum x_j^2`` over the calibration tokens, so the
+centroids sit where the layer's output error is made; without ``H`` it is plain k-means.
+
 Option ``preset="nf"``: one fixed codebook of normal quantiles scaled to
 ``[-1, 1]`` (the NormalFloat idea), multiplied by each group's fp16 absmax; only
 that scale is stored per group. Its levels reach the absmax, so it needs
@@ -48,19 +52,22 @@ def nf_levels(bits: int) -> torch.Tensor:
     return torch.tensor(_nf_levels(bits), dtype=torch.float32)
 
 
-def _lloyd(x: torch.Tensor, c: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd steps from the sorted start ``c`` (N, k); the centroids and each row's squared error."""
+def _lloyd(x: torch.Tensor, c: torch.Tensor, iters: int, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd steps from the sorted start ``c`` (N, k) with element weights ``a`` (N, n); the
+    centroids and each row's weighted squared error. (The nearest centroid does not depend on
+    the weights; each centroid is the weighted mean of its cluster.)"""
     for _ in range(iters):
         idx = nearest_sorted(x, c)  # (N, n)
-        sums = torch.zeros_like(c).scatter_add_(1, idx, x)
-        counts = torch.zeros_like(c).scatter_add_(1, idx, torch.ones_like(x))
-        c = torch.where(counts > 0, sums / counts.clamp(min=1), c).sort(dim=-1).values
-    err = (x - torch.gather(c, 1, nearest_sorted(x, c))).square().sum(-1)
+        sums = torch.zeros_like(c).scatter_add_(1, idx, a * x)
+        mass = torch.zeros_like(c).scatter_add_(1, idx, a)
+        c = torch.where(mass > 0, sums / mass.clamp(min=1e-30), c).sort(dim=-1).values
+    err = (a * (x - torch.gather(c, 1, nearest_sorted(x, c))).square()).sum(-1)
     return c, err
 
 
-def kmeans_1d(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
-    """Sorted 1-D k-means centroids for each row of ``x`` ``(N, n)`` -> ``(N, k)``.
+def kmeans_1d(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted 1-D k-means centroids for each row of ``x`` ``(N, n)`` -> ``(N, k)``; with ``weights``
+    (broadcastable to ``x``) each element counts that much in the means and the error.
 
     Two starts, the better kept per row: the uniform grid over the row's [min, max] (rtn's
     levels, so the result is never worse than rtn's levels with the same codes) and the
@@ -74,8 +81,9 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tenso
     uniform = lo + (hi - lo) * torch.linspace(0, 1, k, device=x.device)
     pos = ((torch.arange(k, dtype=torch.float32) + 0.5) / k * n).long().clamp_(max=n - 1)
     quantiles = x.sort(dim=-1).values[:, pos]
-    c_u, err_u = _lloyd(x, uniform, iters)
-    c_q, err_q = _lloyd(x, quantiles, iters)
+    a = torch.ones_like(x) if weights is None else weights.expand_as(x)
+    c_u, err_u = _lloyd(x, uniform, iters, a)
+    c_q, err_q = _lloyd(x, quantiles, iters, a)
     return torch.where((err_u <= err_q).unsqueeze(-1), c_u, c_q)
 
 
@@ -84,7 +92,11 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tenso
 class Lloyd(Format):
     name = "lloyd"
     bits_range = (1, 8)
-    options = {"preset": str}
+    options = {"preset": str, "weighted": bool}
+    calibration = ("hessian",)
+
+    def uses_calibration(self, setting: QuantSetting) -> bool:
+        return bool(setting.options.get("weighted", False))
 
     def validate(self, setting: QuantSetting) -> None:
         super().validate(setting)
@@ -108,7 +120,17 @@ class Lloyd(Format):
             codes = nearest_sorted(w / s, nf_levels(setting.bits).to(w.device))
             buffers = {"scale": scale.squeeze(-1)}
         else:
-            centroids = kmeans_1d(w.reshape(-1, g), 2**setting.bits).half()  # (out*G, K)
+            energy = None
+            h = calibration.get("hessian")
+            if setting.options.get("weighted", False) and h is not None:
+                in_features = weight.shape[1]
+                if tuple(h.shape) != (in_features, in_features):
+                    raise ValueError(f"hessian must be ({in_features}, {in_features}), got {tuple(h.shape)}")
+                # Each column's input energy, laid out like the groups (padding columns weigh nothing).
+                e = torch.zeros(groups * g, device=w.device)
+                e[:in_features] = torch.diagonal(h).float().clamp(min=0)
+                energy = e.view(1, groups, g).expand(out_features, -1, -1).reshape(-1, g)
+            centroids = kmeans_1d(w.reshape(-1, g), 2**setting.bits, weights=energy).half()  # (out*G, K)
             # Code against the fp16 centroids actually stored, so decoding sees no drift.
             codes = nearest_sorted(w.reshape(-1, g), centroids.float()).view(out_features, groups, g)
             buffers = {"centroids": centroids.view(out_features, groups, -1)}
