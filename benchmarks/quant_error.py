@@ -30,6 +30,7 @@ SETTINGS: list[dict] = (
     + [{"format": "turbo", "bits": b, "group_size": 128} for b in (1, 2, 3, 4)]
     + [{"format": "turbo", "bits": b, "group_size": 128, "options": {"qjl": True}} for b in (1, 2, 3)]
     + [{"format": "turbo", "bits": b, "group_size": 128, "options": {"rotation": "orthogonal"}} for b in (1, 2, 3, 4)]
+    + [{"format": "turbo", "bits": b, "group_size": 128, "options": {"half_scales": True}} for b in (1, 2, 3, 4)]
     + [{"format": "lloyd", "bits": b, "group_size": 128} for b in (1, 2, 3)]
     + [{"format": "lloyd", "bits": b, "group_size": None} for b in (2, 3, 4)]
     + [{"format": "lloyd", "bits": b, "group_size": 64, "options": {"preset": "nf"}} for b in (2, 3, 4)]

@@ -35,6 +35,8 @@ CASES: dict[str, list[tuple[dict, float]]] = {
         ({"bits": 1, "group_size": 32}, 0.38),
         ({"bits": 3, "group_size": 128, "options": {"outlier_frac": 0.01, "seed": 1}}, 0.04),
         ({"bits": 3, "group_size": 64, "options": {"rotation": "orthogonal", "seed": 3}}, 0.04),
+        ({"bits": 2, "group_size": 128, "options": {"half_scales": True, "qjl": True}}, 0.2),
+        ({"bits": 3, "group_size": 64, "options": {"half_scales": True}}, 0.04),
     ],
     "lloyd": [
         ({"bits": 2, "group_size": 128}, 0.13),

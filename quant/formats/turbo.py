@@ -9,6 +9,8 @@ of N(0, 1), serves every group once ``y`` is divided by an fp16 per-group scale
 (``w = D H y``, both factors being their own inverses).
 
 Only the seed is stored (as an option); the rotation is rebuilt from it, never stored.
+Option ``half_scales``: one fp16 scale per half group (2 more bytes per group), for real
+weights whose rotated coordinates stay heavy-tailed; ``quant_error.py`` measures it.
 Option ``rotation: "orthogonal"`` uses a seeded Haar-random orthogonal ``g x g`` matrix
 ``Q`` instead of ``H D`` (``y = Q w``, ``w = Q^T y``): the rotation of the TurboQuant
 paper, at ``g^2`` multiply-adds per group where the Hadamard costs ``g log g``.
@@ -122,6 +124,11 @@ def _unrotate(y: torch.Tensor, seed: int, g: int, rotation: str) -> torch.Tensor
     return fwht(y) * rotation_signs(seed, g).to(y.device)
 
 
+def _scales_per_group(setting: QuantSetting) -> int:
+    """Option ``half_scales``: one fp16 scale per half of each rotated group instead of one per group."""
+    return 2 if setting.options.get("half_scales", False) else 1
+
+
 def _levels(bits: int) -> torch.Tensor:
     return torch.tensor(lloyd_max_gaussian(bits)[0], dtype=torch.float32)
 
@@ -137,7 +144,7 @@ class Turbo(Format):
     name = "turbo"
     bits_range = (1, 8)
     group_sizes = (32, 64, 128, 256)  # the Hadamard transform needs a power of two
-    options = {"seed": int, "qjl": bool, "rotation": str}
+    options = {"seed": int, "qjl": bool, "rotation": str, "half_scales": bool}
 
     def validate(self, setting: QuantSetting) -> None:
         super().validate(setting)
@@ -153,11 +160,14 @@ class Turbo(Format):
         seed = setting.options.get("seed", 0)
         w = group_view(weight, g)  # (out, G, g)
         y = _rotate(w, seed, g, setting.options.get("rotation", "hadamard"))  # rotated coordinates
-        scale = y.pow(2).mean(-1, keepdim=True).sqrt().half()  # (out, G, 1)
+        k = _scales_per_group(setting)
+        yk = y.reshape(y.shape[0], -1, g // k)  # (out, G*k, g/k): each scale's span
+        scale = yk.pow(2).mean(-1, keepdim=True).sqrt().half()  # (out, G*k, 1)
         s = scale.float().masked_fill(scale == 0, 1.0)
         levels = _levels(setting.bits).to(w.device)
-        codes = nearest_sorted(y / s, levels)  # (out, G, g)
+        codes = nearest_sorted(yk / s, levels).view_as(y)  # (out, G, g)
         buffers = {"codes": pack_bits(codes.to(torch.uint8), setting.bits), "scale": scale.squeeze(-1)}
+        s = s.expand(-1, -1, g // k).reshape_as(y)  # each coordinate's scale
         if setting.options.get("qjl", False):
             r = y - levels[codes] * s  # (out, G, g) residual in the rotated basis
             proj = r @ _qjl_matrix(seed, g).to(w.device).T  # (out, G, m)
@@ -174,7 +184,9 @@ class Turbo(Format):
         codes = unpack_rows(packed.buffers["codes"], setting.bits, out_features, in_p, rows)
         scale = packed.buffers["scale"] if rows is None else packed.buffers["scale"][rows]
         levels = _levels(setting.bits).to(scale.device)
-        y = levels[codes.long()].view(codes.shape[0], -1, g) * scale.float().unsqueeze(-1)  # (R, G, g)
+        k = _scales_per_group(setting)
+        y = (levels[codes.long()].view(codes.shape[0], -1, g // k)
+             * scale.float().unsqueeze(-1)).view(codes.shape[0], -1, g)  # (R, G, g)
         if "qjl_signs" in packed.buffers:
             signs = unpack_rows(packed.buffers["qjl_signs"], 1, out_features, in_p, rows)
             signs = signs.view(codes.shape[0], -1, g).float() * 2 - 1  # (R, G, m)
@@ -189,7 +201,7 @@ class Turbo(Format):
         out_features, in_features = shape
         in_p = padded_in_features(in_features, setting.group_size)
         groups = out_features * n_groups(in_features, setting.group_size)
-        total = packed_size(out_features * in_p, setting.bits) + 2 * groups
+        total = packed_size(out_features * in_p, setting.bits) + 2 * groups * _scales_per_group(setting)
         if setting.options.get("qjl", False):
             total += packed_size(out_features * in_p, 1) + 2 * groups
         return total
