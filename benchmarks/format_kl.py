@@ -31,10 +31,10 @@ from evaluators import Evaluator  # noqa: E402
 from evaluators.context import DataConfig  # noqa: E402
 from evaluators.evaluator import PackedCache  # noqa: E402
 
-GROUP = 64
+GROUP = 64  # the default of --group
 
 
-def settings_for(bits: int) -> list[tuple[str, dict[str, Any]]]:
+def settings_for(bits: int, group: int | None = GROUP) -> list[tuple[str, dict[str, Any]]]:
     """(row label, setting) of every format at ``bits``."""
     rows = [
         ("rtn (min-max)", {"format": "rtn", "bits": bits}),
@@ -50,12 +50,13 @@ def settings_for(bits: int) -> list[tuple[str, dict[str, Any]]]:
     ]
     if bits == 2:
         rows.append(("ternary", {"format": "ternary", "bits": 2}))
-    return [(label, {**s, "group_size": GROUP}) for label, s in rows]
+    return [(label, {**s, "group_size": group}) for label, s in rows]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", default="2,3,4")
+    parser.add_argument("--group", default=str(GROUP), help="group size of every setting; 'ch' = per output channel")
     parser.add_argument("--formats", default=None, help="comma-separated format names to keep (default all)")
     parser.add_argument("--n-eval", type=int, default=4)
     parser.add_argument("--n-calib", type=int, default=32, help="calibration windows for gptq (4 gave 2-bit KL 24.1)")
@@ -64,6 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep = None if args.formats is None else set(args.formats.split(","))
+    group = None if args.group == "ch" else int(args.group)
 
     config = DataConfig(model="smollm2-135m", seq_len=args.seq_len, n_eval=args.n_eval, n_calib=args.n_calib)
     loaded, tokens = config.load()
@@ -73,12 +75,12 @@ def main() -> None:
     # (the tied table gets the head's) when the first gptq row needs them.
     evaluator.cache = PackedCache(max_bytes=0)
     print(f"smollm2-135m, {args.n_eval} x {args.seq_len} evaluation tokens, {args.n_calib} x {args.seq_len} "
-          f"calibration tokens (gptq), group {GROUP}, {torch.get_num_threads()} threads; reference "
+          f"calibration tokens (gptq), group {args.group}, {torch.get_num_threads()} threads; reference "
           f"in {time.perf_counter() - start:.0f} s; load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"| bits | {'format':<18} | {'setting':<24} | bits/w | {'KL':>7} | {'ppl':>9} | top-1 | s quant |")
     print(f"|------|{'-' * 20}|{'-' * 26}|--------|---------|-----------|-------|---------|", flush=True)
     for bits in (int(b) for b in args.bits.split(",")):
-        for label, raw in settings_for(bits):
+        for label, raw in settings_for(bits, group):
             if keep is not None and raw["format"] not in keep and label.split()[0] not in keep:
                 continue
             setting = quant.QuantSetting.from_dict(raw)
