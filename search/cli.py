@@ -26,6 +26,14 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow models that run their own code")
 
 
+def _space_args(p: argparse.ArgumentParser) -> None:
+    """What the search (and the sensitivity table) may give each unit; read by :func:`_data_and_space`."""
+    p.add_argument("--bits", default="2,3,4,5,6,8", help="allowed bit-widths")
+    p.add_argument("--groups", default="32,64,128", help="allowed group sizes; 'ch' = per output channel")
+    p.add_argument("--formats", default="rtn", help="allowed quantizers, comma-separated: rtn, gptq, turbo, "
+                   "lloyd, vq, ternary; boolean options with '+' (gptq+clip)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turboquant", description="Mixed-precision quantization search.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -40,10 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///turboquant.db)")
     p.add_argument("--study", default=None, help="study name (default: MODEL-BUDGET)")
-    p.add_argument("--bits", default="2,3,4,5,6,8", help="allowed bit-widths")
-    p.add_argument("--groups", default="32,64,128", help="allowed group sizes; 'ch' = per output channel")
-    p.add_argument("--formats", default="rtn", help="allowed quantizers, comma-separated: rtn, gptq, turbo, "
-                   "lloyd, vq, ternary; boolean options with '+' (gptq+clip)")
+    _space_args(p)
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local Ray)")
     p.add_argument("--memory-limit", default=None, help="memory the search may use, e.g. 8GB (default: available)")
     p.add_argument("--granularity", default="matrix", help="what shares one setting: matrix, block "
@@ -124,10 +129,7 @@ def _add_sensitivity_parser(sub) -> None:
     _data_args(p)
     p.add_argument("--granularity", default="matrix", help="unit measured on its own: matrix, block "
                    "(each layer's attention and MLP) or layer")
-    p.add_argument("--bits", default="2,3,4,5,6,8", help="allowed bit-widths")
-    p.add_argument("--groups", default="32,64,128", help="allowed group sizes; 'ch' = per output channel")
-    p.add_argument("--formats", default="rtn", help="allowed quantizers, comma-separated: rtn, gptq, turbo, "
-                   "lloyd, vq, ternary; boolean options with '+' (gptq+clip)")
+    _space_args(p)
     p.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///turboquant.db)")
     p.add_argument("--top", type=int, default=10, help="print the N most sensitive matrices")
     p.add_argument("--sensitivity-seqs", type=int, default=None,

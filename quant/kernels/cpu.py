@@ -120,7 +120,7 @@ class RTNTiledKernel(Kernel):
 
 
 class Int4Kernel(Kernel):
-    """rtn at 1 to 4 bits through ``torch.ops.aten._weight_int4pack_mm_for_cpu``.
+    """rtn's layout at 2 to 4 bits through ``torch.ops.aten._weight_int4pack_mm_for_cpu``.
 
     The op computes ``x @ ((q - 8) * scale + zero).T`` per group of ``kernel_group``
     input columns with a ``(K / kernel_group, N, 2)`` scale/zero table. Narrower codes
