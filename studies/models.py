@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "StudyRow", "TrialRow", "SensitivityRow", "FRONT_INDEX"]
+__all__ = ["Base", "StudyRow", "TrialRow", "SensitivityRow", "FRONT_INDEX", "WIDE_COLUMNS"]
 
 
 def _now() -> datetime:
@@ -28,8 +28,9 @@ class StudyRow(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True, index=True)
     model: Mapped[str] = mapped_column(String(1024))
     dataset: Mapped[str] = mapped_column(String(1024))
-    budget_bytes: Mapped[int] = mapped_column(Integer)
-    numel: Mapped[int] = mapped_column(Integer)  # weights covered by the policy (for bits per weight)
+    # Byte and weight counts are 64-bit: a 7B model's bytes pass 2**31 (see studies.migrate).
+    budget_bytes: Mapped[int] = mapped_column(BigInteger)
+    numel: Mapped[int] = mapped_column(BigInteger)  # weights covered by the policy (for bits per weight)
     sampler: Mapped[str] = mapped_column(String(64))
     space: Mapped[dict[str, Any]] = mapped_column(JSON)
     provenance: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -52,7 +53,7 @@ class TrialRow(Base):
     number: Mapped[int] = mapped_column(Integer)  # Optuna's trial number
     state: Mapped[str] = mapped_column(String(16))  # complete | failed
     policy: Mapped[dict[str, Any]] = mapped_column(JSON)
-    bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     bpw: Mapped[float | None] = mapped_column(Float, nullable=True)
     kl: Mapped[float | None] = mapped_column(Float, nullable=True)
     ppl: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -89,6 +90,12 @@ class SensitivityRow(Base):
     matrix: Mapped[str] = mapped_column(String(512))
     kl: Mapped[float] = mapped_column(Float)
     ppl: Mapped[float | None] = mapped_column(Float, nullable=True)
-    bytes: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+# The columns that hold byte or weight counts; databases made before they were 64-bit are widened
+# when opened (studies.migrate).
+WIDE_COLUMNS = ((StudyRow.__table__, ("budget_bytes", "numel")), (TrialRow.__table__, ("bytes",)),
+                (SensitivityRow.__table__, ("bytes",)))

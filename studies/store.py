@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from studies.migrate import migrate
 from studies.models import FRONT_INDEX, Base, SensitivityRow, StudyRow, TrialRow
 from studies.pareto import front_indices
 from studies.retry import SCHEMA_RACE_SECONDS, with_db_retry
@@ -84,6 +85,9 @@ class Store:
             # tq_studies already exists"): create_all checks first, so a second pass completes.
             with_db_retry(lambda: Base.metadata.create_all(self.engine), "creating the tables",
                           timeout=SCHEMA_RACE_SECONDS, first_wait=0.2)
+            # Tables an older version made keep their rows and get today's column types.
+            with_db_retry(lambda: migrate(self.engine), "migrating the tables", timeout=SCHEMA_RACE_SECONDS,
+                          first_wait=0.2)
         except DBAPIError as exc:
             raise StoreError(f"cannot open storage {url}: {str(exc.orig).strip().splitlines()[0]}") from None
         self._session = sessionmaker(self.engine, expire_on_commit=False)

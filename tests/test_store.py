@@ -1,5 +1,8 @@
 import json
+import shutil
+import sqlite3
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,3 +108,67 @@ def test_cached_front_follows_every_write(storage_url) -> None:
         {np.nan: None}).to_dict(orient="records")
     with pytest.raises(StoreError, match="no study named 'nope'"):
         reader.front_json("nope")
+
+
+# A database written before the byte columns were 64-bit (tests/data, made by commit 65c2f6d's code).
+V1 = Path(__file__).parent / "data"
+BIG = 7_000_000_000  # a 7B model's bytes at 8 bits: past 2**32
+
+
+def test_old_sqlite_database_opens_keeps_its_trials_and_holds_64_bit_counts(tmp_path) -> None:
+    path = tmp_path / "v1.db"
+    shutil.copy(V1 / "studies_v1.db", path)
+    with sqlite3.connect(path) as con:  # the file really has the old 32-bit-era column types
+        ddl = con.execute("SELECT sql FROM sqlite_master WHERE name = 'tq_trials'").fetchone()[0]
+    assert "bytes INTEGER" in ddl
+    store = Store(f"sqlite:///{path}")
+    old = store.get_study("old")
+    frame = store.trials_frame(old)
+    assert list(frame["trial"]) == [0, 1, 2, 3] and list(frame["bytes"].iloc[:3]) == [40_000, 45_000, 50_000]
+    assert list(store.front(old)["trial"]) == [0, 1, 2]  # budget 60 000: every complete trial fits
+    assert store.sensitivity("m", "d")[("a", "rtn:4:32")]["bytes"] == 1234
+    # SQLite's INTEGER is 64-bit already: counts past 2**32 round-trip exactly in the old file.
+    big = store.create_study(name="big", model="m", dataset="d", budget_bytes=2 * BIG, numel=BIG, sampler="nsga2",
+                             space={}, provenance={})
+    store.record_trial(big, 0, state="complete", policy={}, bytes=BIG + 1, bpw=8.0, kl=0.1)
+    store.record_sensitivity("m", "d", [{"matrix": "b", "setting": "rtn:4:32", "kl": 0.1, "ppl": 2.0,
+                                         "bytes": BIG + 3, "seconds": 0.1}])
+    again = Store(f"sqlite:///{path}")
+    row = again.get_study("big")
+    assert (row.budget_bytes, row.numel) == (2 * BIG, BIG)
+    assert again.trial(row, 0).bytes == BIG + 1 and again.trial(row, 0).feasible
+    assert list(again.front(row)["bytes"]) == [BIG + 1]
+    assert again.sensitivity("m", "d")[("b", "rtn:4:32")]["bytes"] == BIG + 3
+
+
+def test_old_postgres_database_is_widened_and_keeps_its_rows(postgres) -> None:
+    from sqlalchemy import create_engine, text
+
+    from studies.migrate import narrow_columns
+
+    name = f"v1_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(postgres.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    url = postgres.url.rsplit("/", 1)[0] + "/" + name
+    engine = create_engine(url)
+    with engine.begin() as conn:  # today's tables as the old code wrote them, with one study and trial
+        for statement in (V1 / "schema_v1_postgresql.sql").read_text().split(";"):
+            if statement.strip():
+                conn.execute(text(statement))
+        conn.execute(text("INSERT INTO tq_studies (name, model, dataset, budget_bytes, numel, sampler, space, "
+                          "provenance, created_at) VALUES ('old', 'm', 'd', 60000, 100000, 'nsga2', '{}', '{}', now())"))
+        conn.execute(text("INSERT INTO tq_trials (study_id, number, state, policy, bytes, bpw, kl, feasible, "
+                          "timings, created_at) VALUES (1, 0, 'complete', '{}', 50000, 4.0, 0.2, true, '{}', now())"))
+    assert len(narrow_columns(engine)) == 4
+    with pytest.raises(Exception, match="out of range"):  # what the old schema did with a 7B model
+        with engine.begin() as conn:
+            conn.execute(text(f"UPDATE tq_trials SET bytes = {BIG}"))
+    store = Store(url)
+    assert narrow_columns(engine) == []
+    old = store.get_study("old")
+    assert list(store.front(old)["trial"]) == [0] and store.trial(old, 0).bytes == 50_000
+    store.record_trial(old, 1, state="complete", policy={}, bytes=BIG, bpw=8.0, kl=0.1)
+    assert Store(url).trial(old, 1).bytes == BIG
+    engine.dispose()
