@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from search.space import SearchSpace, _group_label, format_setting
+from search.space import SearchSpace
 
 __all__ = ["EvoSampler"]
 
@@ -55,16 +55,14 @@ class EvoSampler(optuna.samplers.BaseSampler):
         self._rng = np.random.default_rng(seed)
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
         self.names = list(space.units)  # a genome row per unit (a matrix, block or layer)
-        self.labels = [_group_label(g) for g in space.groups]
+        self.labels = space.group_labels
         self.formats = list(space.formats)
         n_b, n_g, n_f = len(space.bits), len(space.groups), len(space.formats)
         # cost[i, b, g, f]: exact bytes of unit i at that setting, so a child's size needs no policy.
         self.cost = np.zeros((len(self.names), n_b, n_g, n_f), dtype=np.int64)
         for i, name in enumerate(self.names):
-            for b, bits in enumerate(space.bits):
-                for g, group in enumerate(space.groups):
-                    for f, fmt in enumerate(space.formats):
-                        self.cost[i, b, g, f] = space.unit_nbytes(name, format_setting(fmt, bits, group))
+            for b, g, f in np.ndindex(n_b, n_g, n_f):
+                self.cost[i, b, g, f] = space.unit_nbytes(name, space.setting_at((b, g, f)))
         numel = np.array([sum(h * w for h, w in (space.matrices[m] for m in space.units[u])) for u in self.names],
                          dtype=np.float64)
         # Partners for a move: units within a factor 2 in size, so one step up and one down cancel.
@@ -78,22 +76,14 @@ class EvoSampler(optuna.samplers.BaseSampler):
         over this space's units and settings."""
         loss = np.zeros(self.cost.shape)
         for i, name in enumerate(self.names):
-            for b, bits in enumerate(self.space.bits):
-                for g, group in enumerate(self.space.groups):
-                    for f, fmt in enumerate(self.formats):
-                        loss[i, b, g, f] = table.kl[name][format_setting(fmt, bits, group).key()]
+            for b, g, f in np.ndindex(loss.shape[1:]):
+                loss[i, b, g, f] = table.kl[name][self.space.setting_at((b, g, f)).key()]
         self.loss = loss
 
     # Optuna's interface --------------------------------------------------------------------------
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
-        space: dict[str, BaseDistribution] = {}
-        for name in self.names:
-            space[f"{name}:bits"] = IntDistribution(0, len(self.space.bits) - 1)
-            space[f"{name}:group"] = CategoricalDistribution(self.labels)
-            if len(self.formats) > 1:
-                space[f"{name}:format"] = CategoricalDistribution(self.formats)
-        return space
+        return self.space.distributions()
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
@@ -101,15 +91,15 @@ class EvoSampler(optuna.samplers.BaseSampler):
             return {}  # an enqueued seed: its params are fixed already
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-            if len(t.params) == len(search_space):
-                self._seen.add(self._encode(t.params).tobytes())
+            if self.space.covers(t.params):
+                self._seen.add(self.space.indices(t.params).tobytes())
         parents = self._parents(trials)
         for _ in range(20):  # a few tries for a child not measured yet
             child = self._child(parents)
             if child.tobytes() not in self._seen:
                 break
         self._seen.add(child.tobytes())
-        return self._decode(child)
+        return self.space.from_indices(child)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
@@ -125,28 +115,11 @@ class EvoSampler(optuna.samplers.BaseSampler):
         """Bytes of a genome: ``(n_matrices, 3)`` rows of (bits index, group index, format index)."""
         return int(self.cost[np.arange(len(self.names)), genome[:, 0], genome[:, 1], genome[:, 2]].sum())
 
-    def _encode(self, params: dict[str, Any]) -> np.ndarray:
-        g = np.zeros((len(self.names), 3), dtype=np.int64)
-        for i, name in enumerate(self.names):
-            g[i, 0] = int(params[f"{name}:bits"])
-            g[i, 1] = self.labels.index(params[f"{name}:group"])
-            g[i, 2] = self.formats.index(params[f"{name}:format"]) if len(self.formats) > 1 else 0
-        return g
-
-    def _decode(self, g: np.ndarray) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for i, name in enumerate(self.names):
-            out[f"{name}:bits"] = int(g[i, 0])
-            out[f"{name}:group"] = self.labels[int(g[i, 1])]
-            if len(self.formats) > 1:
-                out[f"{name}:format"] = self.formats[int(g[i, 2])]
-        return out
-
     def _parents(self, trials: list[FrozenTrial]) -> list[np.ndarray]:
         feasible = [t for t in trials if t.values is not None and t.values[1] <= self.budget
-                    and all(f"{n}:bits" in t.params for n in self.names)]
+                    and self.space.covers(t.params)]
         feasible.sort(key=lambda t: t.values[0])
-        return [self._encode(t.params) for t in feasible[:self.population]]
+        return [self.space.indices(t.params) for t in feasible[:self.population]]
 
     def _child(self, parents: list[np.ndarray]) -> np.ndarray:
         rng = self._rng

@@ -1,6 +1,8 @@
 """The search space: per unit (a weight matrix, or a block or layer of them), a choice of setting.
 
-The only place that maps Optuna params to policies.
+The only place that maps Optuna params to policies: the parameter names (:func:`param_names`),
+their distributions, and the index form of a unit's setting that samplers of our own work on
+(:meth:`SearchSpace.indices` / :meth:`SearchSpace.from_indices`).
 """
 
 from __future__ import annotations
@@ -9,13 +11,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
 import quant
 from evaluators.errors import UserError
 
 __all__ = ["SearchSpace", "DEFAULT_BITS", "DEFAULT_GROUPS", "GRANULARITIES", "check_granularity", "format_label",
-           "format_setting", "units_of"]
+           "format_setting", "param_names", "units_of"]
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUPS: tuple[int | None, ...] = (32, 64, 128)
@@ -26,6 +30,11 @@ _LAYER = re.compile(r"^(?P<layer>.*?\.(?:layers|h|blocks|block|layer)\.\d+)\.(?P
 
 def _group_label(group: int | None) -> str:
     return "ch" if group is None else str(group)
+
+
+def param_names(unit: str) -> tuple[str, str, str]:
+    """A unit's Optuna parameters: its bits (an index into the allowed bits), group and format labels."""
+    return f"{unit}:bits", f"{unit}:group", f"{unit}:format"
 
 
 def format_setting(label: str, bits: int, group: int | None) -> quant.QuantSetting:
@@ -113,16 +122,60 @@ class SearchSpace:
     def settings(self) -> list[quant.QuantSetting]:
         return [format_setting(f, b, g) for f in self.formats for b in self.bits for g in self.groups]
 
+    @property
+    def group_labels(self) -> list[str]:
+        """The group sizes as Optuna's categorical values ('ch' = per output channel)."""
+        return [_group_label(g) for g in self.groups]
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """Every parameter :meth:`suggest` draws, by name (a single format is fixed, not a parameter)."""
+        out: dict[str, BaseDistribution] = {}
+        for unit in self.units:
+            bits, group, fmt = param_names(unit)
+            out[bits] = IntDistribution(0, len(self.bits) - 1)
+            out[group] = CategoricalDistribution(self.group_labels)
+            if len(self.formats) > 1:
+                out[fmt] = CategoricalDistribution(list(self.formats))
+        return out
+
     def suggest(self, trial: optuna.Trial) -> quant.Policy:
-        labels = [_group_label(g) for g in self.groups]
         settings = {}
         for unit, members in self.units.items():
-            bits = self.bits[trial.suggest_int(f"{unit}:bits", 0, len(self.bits) - 1)]
-            group = self.groups[labels.index(trial.suggest_categorical(f"{unit}:group", labels))]
-            fmt = trial.suggest_categorical(f"{unit}:format", list(self.formats)) if len(self.formats) > 1 \
-                else self.formats[0]
-            settings.update(dict.fromkeys(members, format_setting(fmt, bits, group)))
+            bits, group, fmt = param_names(unit)
+            row = (trial.suggest_int(bits, 0, len(self.bits) - 1),
+                   self.group_labels.index(trial.suggest_categorical(group, self.group_labels)),
+                   self.formats.index(trial.suggest_categorical(fmt, list(self.formats))) if len(self.formats) > 1
+                   else 0)
+            settings.update(dict.fromkeys(members, self.setting_at(row)))
         return quant.Policy(settings)
+
+    def setting_at(self, row: Any) -> quant.QuantSetting:
+        """The setting of one index row: (bits index, group index, format index)."""
+        return format_setting(self.formats[int(row[2])], self.bits[int(row[0])], self.groups[int(row[1])])
+
+    def covers(self, params: dict[str, Any]) -> bool:
+        """Whether ``params`` set every unit of this space (a trial of another space does not)."""
+        per_unit = 3 if len(self.formats) > 1 else 2
+        return len(params) == per_unit * len(self.units) and all(param_names(u)[0] in params for u in self.units)
+
+    def indices(self, params: dict[str, Any]) -> np.ndarray:
+        """``(n_units, 3)`` rows of (bits index, group index, format index), units in order."""
+        out = np.zeros((len(self.units), 3), dtype=np.int64)
+        for i, unit in enumerate(self.units):
+            bits, group, fmt = param_names(unit)
+            out[i] = (int(params[bits]), self.group_labels.index(params[group]),
+                      self.formats.index(params[fmt]) if len(self.formats) > 1 else 0)
+        return out
+
+    def from_indices(self, rows: np.ndarray) -> dict[str, Any]:
+        """The inverse of :meth:`indices`: the Optuna params of one index row per unit."""
+        out: dict[str, Any] = {}
+        for unit, row in zip(self.units, rows):
+            bits, group, fmt = param_names(unit)
+            out[bits], out[group] = int(row[0]), self.group_labels[int(row[1])]
+            if len(self.formats) > 1:
+                out[fmt] = self.formats[int(row[2])]
+        return out
 
     def expand(self, per_unit: dict[str, quant.QuantSetting]) -> quant.Policy:
         """The policy giving every matrix its unit's setting."""
@@ -131,14 +184,9 @@ class SearchSpace:
     def params(self, policy: quant.Policy) -> dict[str, Any]:
         """The Optuna params that :meth:`suggest` maps to ``policy`` (for enqueueing seeds).
         A unit takes the setting of its first matrix."""
-        out: dict[str, Any] = {}
-        for name, members in self.units.items():
-            s = policy.settings[members[0]]
-            out[f"{name}:bits"] = self.bits.index(s.bits)
-            out[f"{name}:group"] = _group_label(s.group_size)
-            if len(self.formats) > 1:
-                out[f"{name}:format"] = format_label(s)
-        return out
+        first = [policy.settings[members[0]] for members in self.units.values()]
+        return self.from_indices(np.array([(self.bits.index(s.bits), self.groups.index(s.group_size),
+                                            self.formats.index(format_label(s)) if len(self.formats) > 1 else 0) for s in first], dtype=np.int64))
 
     def nbytes(self, policy: quant.Policy) -> int:
         return policy.expected_nbytes(self.matrices)
