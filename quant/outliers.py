@@ -1,7 +1,8 @@
 """Sparse outliers (SpQR-style): the worst-served weights kept in fp16 with their positions.
 
-A format opts in with the :func:`supports_outliers` class decorator, which adds the
-option ``outlier_frac`` (a float in ``[0, 0.1]``) and wraps the format's methods:
+A format opts in with the :func:`supports_outliers` class decorator, whose ``Options``
+derive from :class:`OutlierOptions` (option ``outlier_frac``, a float in ``[0, 0.1]``);
+the decorator wraps the format's methods:
 
 1. the ``k = floor(outlier_frac * numel)`` weights farthest from their row's median
    (in units of the row's RMS) are set aside and replaced by that median, so they
@@ -17,18 +18,38 @@ Both buffers are in :attr:`PackedTensor.buffers`, so their 6 bytes per outlier c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
+from quant.formats._options import FormatOptions
 from quant.packed import PackedTensor
 from quant.settings import QuantSetting
 
-__all__ = ["supports_outliers", "outlier_count", "select_outliers", "apply_outliers", "MAX_OUTLIER_FRAC"]
+__all__ = ["OutlierOptions", "supports_outliers", "outlier_count", "select_outliers", "apply_outliers",
+           "MAX_OUTLIER_FRAC"]
 
 MAX_OUTLIER_FRAC = 0.1  # beyond this a sparse fp16 list costs more than a denser format
 BYTES_PER_OUTLIER = 6  # int32 position + fp16 value
 C = TypeVar("C", bound=type)
+
+
+@dataclass(frozen=True)
+class OutlierOptions(FormatOptions):
+    """The option of every format that supports outliers.
+
+    Attributes:
+        outlier_frac: fraction of the weights kept in fp16 with their positions, in ``[0, 0.1]``.
+    """
+
+    outlier_frac: float = 0.0
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.outlier_frac <= MAX_OUTLIER_FRAC:
+            raise ValueError(f"option 'outlier_frac' must be in [0, {MAX_OUTLIER_FRAC}], got "
+                             f"{self.outlier_frac!r} (e.g. 0.005 keeps 0.5% of weights)")
 
 
 def outlier_count(shape: tuple[int, int], frac: float) -> int:
@@ -78,23 +99,18 @@ def _replace_extremes(weight: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def supports_outliers(cls: C) -> C:
-    """Class decorator: adds the ``outlier_frac`` option to a :class:`quant.formats.Format`.
+    """Class decorator for a :class:`quant.formats.Format` whose ``Options`` derive from :class:`OutlierOptions`.
 
-    It wraps ``validate``, ``quantize``, ``decode`` (so ``dequantize`` and
-    ``dequantize_rows`` see the outliers too) and ``expected_nbytes``.
+    It wraps ``quantize``, ``decode`` (so ``dequantize`` and ``dequantize_rows`` see the
+    outliers too) and ``expected_nbytes``.
     """
-    cls.options = {**cls.options, "outlier_frac": float}
-    validate, quantize, decode, expected_nbytes = cls.validate, cls.quantize, cls.decode, cls.expected_nbytes
-
-    def _validate(self: Any, setting: QuantSetting) -> None:
-        validate(self, setting)
-        frac = setting.options.get("outlier_frac", 0.0)
-        if not 0.0 <= frac <= MAX_OUTLIER_FRAC:
-            raise ValueError(f"option 'outlier_frac' of format {self.name!r} must be in "
-                             f"[0, {MAX_OUTLIER_FRAC}], got {frac!r} (e.g. 0.005 keeps 0.5% of weights)")
+    if not issubclass(cls.Options, OutlierOptions):
+        raise TypeError(f"{cls.__name__}.Options must derive from quant.outliers.OutlierOptions "
+                        f"to support outliers (it adds the option outlier_frac)")
+    quantize, decode, expected_nbytes = cls.quantize, cls.decode, cls.expected_nbytes
 
     def _quantize(self: Any, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
-        k = outlier_count(tuple(weight.shape), setting.options.get("outlier_frac", 0.0))
+        k = outlier_count(tuple(weight.shape), self.options_of(setting).outlier_frac)
         if k == 0:
             return quantize(self, weight, setting, **calibration)
         packed = quantize(self, _replace_extremes(weight, k), setting, **calibration)
@@ -109,9 +125,8 @@ def supports_outliers(cls: C) -> C:
         return apply_outliers(w, packed.buffers["outlier_idx"], packed.buffers["outlier_val"], rows)
 
     def _expected_nbytes(self: Any, shape: tuple[int, int], setting: QuantSetting) -> int:
-        k = outlier_count(shape, setting.options.get("outlier_frac", 0.0))
+        k = outlier_count(shape, self.options_of(setting).outlier_frac)
         return expected_nbytes(self, shape, setting) + BYTES_PER_OUTLIER * k
 
-    cls.validate, cls.quantize, cls.decode = _validate, _quantize, _decode
-    cls.expected_nbytes = _expected_nbytes
+    cls.quantize, cls.decode, cls.expected_nbytes = _quantize, _decode, _expected_nbytes
     return cls

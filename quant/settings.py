@@ -18,8 +18,13 @@ class QuantSetting:
         bits: bits per code.
         group_size: weights per group along the input dimension that share a scale;
             ``None`` means one group per output channel (the whole row).
-        options: format-specific options (for ``rtn``: ``symmetric``), validated
-            by the format.
+        options: format-specific options as a plain JSON object (for ``rtn``:
+            ``symmetric``); the format parses them into its typed ``Options``
+            (``get_format(name).options_of(setting)``), refusing unknown keys.
+
+    :meth:`from_dict` fills a missing ``bits`` or ``group_size`` with the format's own
+    default (``Format.default_bits`` / ``default_group_size``), so a format of fixed
+    geometry is named by its name alone: ``{"format": "q4_k"}``.
     """
 
     format: str = "rtn"
@@ -47,8 +52,14 @@ class QuantSetting:
         unknown = set(data) - {"format", "bits", "group_size", "options"}
         if unknown:
             raise ValueError(f"unknown setting keys {sorted(unknown)}; allowed: format, bits, group_size, options")
-        bits = data.get("bits", 4)
-        group = data.get("group_size", 128)
+        name = data.get("format", "rtn")
+        if not isinstance(name, str):
+            raise ValueError(f"format must be a format name (a string), got {name!r}")
+        from quant.formats import get_format
+
+        fmt = get_format(name)
+        bits = data.get("bits", fmt.default_bits)
+        group = data.get("group_size", fmt.default_group_size)
         if isinstance(bits, bool) or not isinstance(bits, int):
             raise ValueError(f"bits must be an integer, got {bits!r}")
         if group is not None and (isinstance(group, bool) or not isinstance(group, int)):
@@ -56,7 +67,7 @@ class QuantSetting:
         options = data.get("options") or {}
         if not isinstance(options, Mapping):
             raise ValueError(f"options must be an object, got {options!r}")
-        setting = cls(format=str(data.get("format", "rtn")), bits=bits, group_size=group, options=dict(options))
+        setting = cls(format=name, bits=bits, group_size=group, options=dict(options))
         setting.validate()
         return setting
 
@@ -67,7 +78,15 @@ class QuantSetting:
         get_format(self.format).validate(self)
 
     def describe(self) -> str:
-        """Short human label such as ``rtn4g128`` or ``rtn8ch``."""
-        group = "ch" if self.group_size is None else f"g{self.group_size}"
+        """Short human label such as ``rtn4g128``, ``rtn8ch``, or ``q4_k`` for a format of fixed geometry."""
+        from quant.formats import get_format
+
         extra = "".join(f",{k}={v}" for k, v in sorted(self.options.items()))
+        try:
+            fixed = get_format(self.format).fixed_geometry
+        except ValueError:  # an unknown format still gets a label (for the error that names it)
+            fixed = False
+        if fixed:
+            return f"{self.format}{extra}"
+        group = "ch" if self.group_size is None else f"g{self.group_size}"
         return f"{self.format}{self.bits}{group}{extra}"

@@ -13,40 +13,56 @@ the identity: nothing is propagated and the result equals ``rtn`` bit for bit.
 
 Option ``act_order``: columns in decreasing order of their Hessian diagonal (largest inputs
 first), each group's grid fixed up front from the original weights since the stored groups
-stay in column order; with ``clip`` as well, rtn's range search picks those grids.
+stay in column order; with ``clip`` as well, the range search picks those grids.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from quant.formats._affine import AffineFormat, AffineOptions
 from quant.formats._base import register_format
-from quant.formats.rtn import CLIP_GRID, RTN, _grid, _range, _sq_error
 from quant.packed import PackedTensor
 from quant.packing import pack_bits
-from quant.primitives import one_thread, padded_in_features
+from quant.primitives import affine_grid, one_thread, padded_in_features
 from quant.settings import QuantSetting
 
-__all__ = ["GPTQ"]
+__all__ = ["GPTQ", "GptqOptions"]
 
 BLOCK = 128  # columns per lazy update when per channel (grouped: one group per block)
 
 
-@register_format
-class GPTQ(RTN):
-    name = "gptq"
-    # Not RTN's "outlier_frac": outliers would need to be chosen inside the error feedback.
-    options = {"symmetric": bool, "damp": float, "clip": bool, "act_order": bool}
-    calibration = ("hessian",)
+@dataclass(frozen=True)
+class GptqOptions(AffineOptions):
+    """``symmetric`` and ``clip`` (see :class:`AffineOptions`), and:
 
-    def validate(self, setting: QuantSetting) -> None:
-        super().validate(setting)
-        damp = setting.options.get("damp", 0.01)
-        if not 0.0 < damp <= 1.0:
-            raise ValueError(f"option 'damp' of format 'gptq' must be in (0, 1] (a fraction of the mean "
-                             f"Hessian diagonal added for stability), got {damp!r}")
+    Attributes:
+        damp: fraction of the mean Hessian diagonal added to it for stability, in (0, 1].
+        act_order: quantize columns by decreasing Hessian diagonal (static group grids).
+
+    No ``outlier_frac``: outliers would need to be chosen inside the error feedback.
+    """
+
+    damp: float = 0.01
+    act_order: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 < self.damp <= 1.0:
+            raise ValueError(f"option 'damp' must be in (0, 1] (a fraction of the mean Hessian diagonal "
+                             f"added for stability), got {self.damp!r}")
+
+
+@register_format
+class GPTQ(AffineFormat):
+    """GPTQ's codes in rtn's ``affine-int`` layout: rtn's decoding, bytes and kernels."""
+
+    name = "gptq"
+    Options = GptqOptions
+    calibration = ("hessian",)
 
     def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
         with one_thread():  # the same codes whatever the caller's thread count (see one_thread)
@@ -68,14 +84,13 @@ class GPTQ(RTN):
         dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
-        h += setting.options.get("damp", 0.01) * torch.diag(h).mean() * torch.eye(in_features, device=w.device)
+        opts = self.options_of(setting)
+        h += opts.damp * torch.diag(h).mean() * torch.eye(in_features, device=w.device)
 
         g = setting.group_size
-        symmetric = setting.options.get("symmetric", False)
-        clip = setting.options.get("clip", False)
+        symmetric, clip, act_order = opts.symmetric, opts.clip, opts.act_order
         levels = 2**setting.bits - 1
         half = 2 ** (setting.bits - 1)
-        act_order = setting.options.get("act_order", False)
         # Activation order: the columns with the largest inputs (Hessian diagonal) first, while the
         # most error can still be pushed onto the rest. The stored groups stay in column order, so
         # their grids are fixed up front from the original weights ("static groups").
@@ -145,19 +160,8 @@ class GPTQ(RTN):
     @staticmethod
     def _group_grid(span: torch.Tensor, bits: int, symmetric: bool, clip: bool
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One group's fp16 scale and offset ``(out,)`` from its weights as updated so far: rtn's grid,
-        and with ``clip`` rtn's range search. The error feedback keeps moving the weights, so at 2 bits
+        """One group's fp16 scale and offset ``(out,)`` from its weights as updated so far: the affine grid,
+        and with ``clip`` its range search. The error feedback keeps moving the weights, so at 2 bits
         a min-max grid is dominated by a few pushed-out weights (KL 18.2 on SmolLM2 at 2 bits)."""
-        rng = _range(span, symmetric)
-        scale, offset = _grid(rng, bits)
-        if clip:
-            t, q = torch.empty_like(span), torch.empty_like(span)
-            best = _sq_error(span, scale, offset, bits, t, q)
-            for shrink in CLIP_GRID[1:]:
-                sc2, off2 = _grid(rng, bits, shrink)
-                err = _sq_error(span, sc2, off2, bits, t, q)
-                better = err < best
-                best = torch.where(better, err, best)
-                scale = torch.where(better.unsqueeze(-1), sc2, scale)
-                offset = None if offset is None else torch.where(better.unsqueeze(-1), off2, offset)
+        scale, offset = affine_grid(span, bits, symmetric, clip)
         return scale.view(-1), None if offset is None else offset.view(-1)

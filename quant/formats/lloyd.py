@@ -19,6 +19,7 @@ that scale is stored per group. Its levels reach the absmax, so it needs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -28,13 +29,13 @@ from scipy.special import ndtri
 
 from quant.formats._base import Format, register_format
 from quant.formats._common import n_groups, nearest_sorted, unpack_rows
-from quant.outliers import supports_outliers
+from quant.outliers import OutlierOptions, supports_outliers
 from quant.packed import PackedTensor
 from quant.packing import pack_bits, packed_size
 from quant.primitives import group_view, padded_in_features, ungroup
 from quant.settings import QuantSetting
 
-__all__ = ["Lloyd", "nf_levels", "kmeans_1d"]
+__all__ = ["Lloyd", "LloydOptions", "nf_levels", "kmeans_1d"]
 
 PRESETS = ("nf",)
 KMEANS_ITERS = 10  # per start; most of the gain comes in the first few steps
@@ -87,22 +88,41 @@ def kmeans_1d(x: torch.Tensor, k: int, iters: int = KMEANS_ITERS, weights: torch
     return torch.where((err_u <= err_q).unsqueeze(-1), c_u, c_q)
 
 
+@dataclass(frozen=True)
+class LloydOptions(OutlierOptions):
+    """Options of ``lloyd`` (and ``outlier_frac``).
+
+    Attributes:
+        preset: ``None`` (k-means per group) or ``"nf"`` (one fixed normal-quantile codebook).
+        weighted: k-means weighted by each input channel's calibration energy (needs ``hessian``).
+    """
+
+    preset: str | None = None
+    weighted: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"option 'preset' must be one of {PRESETS}, got {self.preset!r}")
+        if self.weighted and self.preset is not None:
+            raise ValueError(f"options 'weighted' and 'preset' {self.preset!r} do not combine: a preset "
+                             f"codebook is fixed, so there is nothing to weight; drop one of them")
+
+
 @register_format
-@supports_outliers  # option "outlier_frac": sparse fp16 outliers (quant/outliers.py)
+@supports_outliers  # sparse fp16 outliers (quant/outliers.py)
 class Lloyd(Format):
     name = "lloyd"
+    layout = "scalar-codebook"  # per-group fp16 centroids, or (preset) a fixed codebook times an fp16 scale
+    Options = LloydOptions
     bits_range = (1, 8)
-    options = {"preset": str, "weighted": bool}
     calibration = ("hessian",)
 
     def uses_calibration(self, setting: QuantSetting) -> bool:
-        return bool(setting.options.get("weighted", False))
+        return self.options_of(setting).weighted
 
-    def validate(self, setting: QuantSetting) -> None:
-        super().validate(setting)
-        preset = setting.options.get("preset")
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"option 'preset' of format 'lloyd' must be one of {PRESETS}, got {preset!r}")
+    def check_setting(self, setting: QuantSetting, opts: LloydOptions) -> None:
+        preset = opts.preset
         if preset == "nf" and setting.bits < 2:
             raise ValueError("lloyd preset 'nf' needs bits >= 2: one bit would give the levels +-absmax; "
                              "use lloyd without a preset for 1 bit")
@@ -114,7 +134,8 @@ class Lloyd(Format):
     def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
         w = group_view(weight, setting.group_size)  # (out, G, g)
         out_features, groups, g = w.shape
-        if setting.options.get("preset") == "nf":
+        opts = self.options_of(setting)
+        if opts.preset == "nf":
             scale = w.abs().amax(-1, keepdim=True).half()  # (out, G, 1)
             s = scale.float().masked_fill(scale == 0, 1.0)
             codes = nearest_sorted(w / s, nf_levels(setting.bits).to(w.device))
@@ -122,7 +143,7 @@ class Lloyd(Format):
         else:
             energy = None
             h = calibration.get("hessian")
-            if setting.options.get("weighted", False) and h is not None:
+            if opts.weighted and h is not None:
                 in_features = weight.shape[1]
                 if tuple(h.shape) != (in_features, in_features):
                     raise ValueError(f"hessian must be ({in_features}, {in_features}), got {tuple(h.shape)}")
@@ -157,5 +178,5 @@ class Lloyd(Format):
         out_features, in_features = shape
         in_p = padded_in_features(in_features, setting.group_size)
         groups = out_features * n_groups(in_features, setting.group_size)
-        per_group = 2 if setting.options.get("preset") == "nf" else 2 * 2**setting.bits
+        per_group = 2 if self.options_of(setting).preset == "nf" else 2 * 2**setting.bits
         return packed_size(out_features * in_p, setting.bits) + groups * per_group

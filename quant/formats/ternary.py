@@ -8,13 +8,14 @@ start on byte boundaries so an embedding lookup can decode single rows.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from quant.formats._base import Format, register_format
 from quant.formats._common import n_groups
-from quant.outliers import supports_outliers
+from quant.outliers import OutlierOptions, supports_outliers
 from quant.packed import PackedTensor
 from quant.primitives import group_view, padded_in_features, ungroup
 from quant.settings import QuantSetting
@@ -46,7 +47,7 @@ def unpack_trits(data: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @register_format
-@supports_outliers  # option "outlier_frac": sparse fp16 outliers (quant/outliers.py)
+@supports_outliers  # sparse fp16 outliers (quant/outliers.py)
 class Ternary(Format):
     """Ternary weights; ``bits`` must be 2 (the search's slot), effective rate 1.6 bits.
 
@@ -62,8 +63,15 @@ class Ternary(Format):
     """
 
     name = "ternary"
+    layout = "trits-base3-5"
+    Options = OutlierOptions  # outlier_frac only
     bits_range = (2, 2)
-    options = {}
+    default_bits = 2
+    runtime_types = {"llamacpp": "tq1_0"}  # llama.cpp's ternary type (blocks of 256)
+    native_runtimes = ("llamacpp",)
+
+    def code_bits(self, setting: QuantSetting) -> float:
+        return round(math.log2(3), 2)  # what a trit carries (1.58), not the 1.6 bits five per byte cost
 
     def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
         w = group_view(weight, setting.group_size)  # (out, G, g)

@@ -26,6 +26,7 @@ energy); it costs one more bit per weight.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -35,13 +36,13 @@ from scipy.special import ndtr, ndtri
 
 from quant.formats._base import Format, register_format
 from quant.formats._common import n_groups, nearest_sorted, unpack_rows
-from quant.outliers import supports_outliers
+from quant.outliers import OutlierOptions, supports_outliers
 from quant.packed import PackedTensor
 from quant.packing import pack_bits, packed_size
 from quant.primitives import group_view, one_thread, padded_in_features, ungroup
 from quant.settings import QuantSetting
 
-__all__ = ["Turbo", "lloyd_max_gaussian", "fwht", "rotation_signs"]
+__all__ = ["Turbo", "TurboOptions", "lloyd_max_gaussian", "fwht", "rotation_signs"]
 
 # Offsets between the seed of the sign flips and those of the QJL and orthogonal matrices, so
 # the random objects are independent for every user seed.
@@ -124,9 +125,9 @@ def _unrotate(y: torch.Tensor, seed: int, g: int, rotation: str) -> torch.Tensor
     return fwht(y) * rotation_signs(seed, g).to(y.device)
 
 
-def _scales_per_group(setting: QuantSetting) -> int:
+def _scales_per_group(opts: "TurboOptions") -> int:
     """Option ``half_scales``: one fp16 scale per half of each rotated group instead of one per group."""
-    return 2 if setting.options.get("half_scales", False) else 1
+    return 2 if opts.half_scales else 1
 
 
 def _levels(bits: int) -> torch.Tensor:
@@ -138,29 +139,46 @@ def _qjl_matrix(seed: int, g: int) -> torch.Tensor:
     return torch.randn(g, g, generator=gen)  # (m=g, g)
 
 
+@dataclass(frozen=True)
+class TurboOptions(OutlierOptions):
+    """Options of ``turbo`` (and ``outlier_frac``).
+
+    Attributes:
+        seed: seed of the rotation (and of the QJL matrix); a non-negative integer.
+        qjl: add the 1-bit QJL sketch of the rotated residual.
+        rotation: ``"hadamard"`` (randomized Walsh-Hadamard) or ``"orthogonal"`` (Haar-random).
+        half_scales: one fp16 scale per half group instead of one per group.
+    """
+
+    seed: int = 0
+    qjl: bool = False
+    rotation: str = "hadamard"
+    half_scales: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"option 'rotation' must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.seed < 0:
+            raise ValueError(f"option 'seed' must be a non-negative integer, got {self.seed!r}")
+
+
 @register_format
-@supports_outliers  # option "outlier_frac": sparse fp16 outliers (quant/outliers.py)
+@supports_outliers  # sparse fp16 outliers (quant/outliers.py)
 class Turbo(Format):
     name = "turbo"
+    layout = "rotated-codebook"  # codes on the Lloyd-Max levels of N(0, 1), fp16 scale per group (span)
+    Options = TurboOptions
     bits_range = (1, 8)
     group_sizes = (32, 64, 128, 256)  # the Hadamard transform needs a power of two
-    options = {"seed": int, "qjl": bool, "rotation": str, "half_scales": bool}
-
-    def validate(self, setting: QuantSetting) -> None:
-        super().validate(setting)
-        if setting.options.get("rotation", "hadamard") not in ROTATIONS:
-            raise ValueError(f"option 'rotation' of format 'turbo' must be one of {ROTATIONS}, "
-                             f"got {setting.options.get('rotation')!r}")
-        seed = setting.options.get("seed", 0)
-        if isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"option 'seed' of format 'turbo' must be a non-negative integer, got {seed!r}")
 
     def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
         g = setting.group_size
-        seed = setting.options.get("seed", 0)
+        opts = self.options_of(setting)
+        seed = opts.seed
         w = group_view(weight, g)  # (out, G, g)
-        y = _rotate(w, seed, g, setting.options.get("rotation", "hadamard"))  # rotated coordinates
-        k = _scales_per_group(setting)
+        y = _rotate(w, seed, g, opts.rotation)  # rotated coordinates
+        k = _scales_per_group(opts)
         yk = y.reshape(y.shape[0], -1, g // k)  # (out, G*k, g/k): each scale's span
         scale = yk.pow(2).mean(-1, keepdim=True).sqrt().half()  # (out, G*k, 1)
         s = scale.float().masked_fill(scale == 0, 1.0)
@@ -168,7 +186,7 @@ class Turbo(Format):
         codes = nearest_sorted(yk / s, levels).view_as(y)  # (out, G, g)
         buffers = {"codes": pack_bits(codes.to(torch.uint8), setting.bits), "scale": scale.squeeze(-1)}
         s = s.expand(-1, -1, g // k).reshape_as(y)  # each coordinate's scale
-        if setting.options.get("qjl", False):
+        if opts.qjl:
             r = y - levels[codes] * s  # (out, G, g) residual in the rotated basis
             proj = r @ _qjl_matrix(seed, g).to(w.device).T  # (out, G, m)
             buffers["qjl_signs"] = pack_bits((proj >= 0).to(torch.uint8), 1)
@@ -178,13 +196,14 @@ class Turbo(Format):
     def decode(self, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         setting = packed.setting
         g = setting.group_size
-        seed = setting.options.get("seed", 0)
+        opts = self.options_of(setting)
+        seed = opts.seed
         out_features, in_features = packed.shape
         in_p = padded_in_features(in_features, g)
         codes = unpack_rows(packed.buffers["codes"], setting.bits, out_features, in_p, rows)
         scale = packed.buffers["scale"] if rows is None else packed.buffers["scale"][rows]
         levels = _levels(setting.bits).to(scale.device)
-        k = _scales_per_group(setting)
+        k = _scales_per_group(opts)
         y = (levels[codes.long()].view(codes.shape[0], -1, g // k)
              * scale.float().unsqueeze(-1)).view(codes.shape[0], -1, g)  # (R, G, g)
         if "qjl_signs" in packed.buffers:
@@ -194,14 +213,15 @@ class Turbo(Format):
             norm = norm if rows is None else norm[rows]
             y = y + math.sqrt(math.pi / 2) / g * norm.float().unsqueeze(-1) * (
                 signs @ _qjl_matrix(seed, g).to(y.device))  # S^T sign(S r), batched as row vectors
-        w = _unrotate(y, seed, g, setting.options.get("rotation", "hadamard"))
+        w = _unrotate(y, seed, g, opts.rotation)
         return ungroup(w, in_features)
 
     def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:
         out_features, in_features = shape
         in_p = padded_in_features(in_features, setting.group_size)
         groups = out_features * n_groups(in_features, setting.group_size)
-        total = packed_size(out_features * in_p, setting.bits) + 2 * groups * _scales_per_group(setting)
-        if setting.options.get("qjl", False):
+        opts = self.options_of(setting)
+        total = packed_size(out_features * in_p, setting.bits) + 2 * groups * _scales_per_group(opts)
+        if opts.qjl:
             total += packed_size(out_features * in_p, 1) + 2 * groups
         return total

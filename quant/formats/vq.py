@@ -11,19 +11,20 @@ gives 0.5..2. The codebook (``K * dim * 2`` bytes) is stored and counted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from quant.formats._base import Format, register_format
 from quant.formats._common import n_groups, unpack_rows
-from quant.outliers import supports_outliers
+from quant.outliers import OutlierOptions, supports_outliers
 from quant.packed import PackedTensor
 from quant.packing import pack_bits, packed_size
 from quant.primitives import group_view, padded_in_features, ungroup
 from quant.settings import QuantSetting
 
-__all__ = ["VQ", "kmeans", "nearest_vectors"]
+__all__ = ["VQ", "VqOptions", "kmeans", "nearest_vectors"]
 
 DIMS = (2, 4)
 FIT_SAMPLE = 1 << 15  # vectors used to fit the codebook: >= 128 per entry even at 256 entries
@@ -69,21 +70,35 @@ def kmeans(x: torch.Tensor, k: int, iters: int = FIT_ITERS, seed: int = 0) -> to
     return c
 
 
+@dataclass(frozen=True)
+class VqOptions(OutlierOptions):
+    """Options of ``vq`` (and ``outlier_frac``).
+
+    Attributes:
+        dim: weights per vector, one of :data:`DIMS`; a code of ``bits`` bits covers ``dim`` weights.
+    """
+
+    dim: int = 2
+
+    def check(self) -> None:
+        super().check()
+        if self.dim not in DIMS:
+            raise ValueError(f"option 'dim' must be one of {DIMS}, got {self.dim!r}")
+
+
 @register_format
-@supports_outliers  # option "outlier_frac": sparse fp16 outliers (quant/outliers.py)
+@supports_outliers  # sparse fp16 outliers (quant/outliers.py)
 class VQ(Format):
     name = "vq"
+    layout = "vector-codebook"  # codes of dim-vectors, fp16 scale per group, one fp16 codebook per matrix
+    Options = VqOptions
     bits_range = (2, 8)
-    options = {"dim": int}
 
-    def validate(self, setting: QuantSetting) -> None:
-        super().validate(setting)
-        dim = setting.options.get("dim", 2)
-        if dim not in DIMS:
-            raise ValueError(f"option 'dim' of format 'vq' must be one of {DIMS}, got {dim!r}")
+    def code_bits(self, setting: QuantSetting) -> float:
+        return setting.bits / self.options_of(setting).dim  # one code per dim weights
 
     def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
-        dim = setting.options.get("dim", 2)
+        dim = self.options_of(setting).dim
         w = group_view(weight, setting.group_size)  # (out, G, g)
         if w.shape[-1] % dim:
             raise ValueError(f"vq with dim {dim} needs rows divisible by {dim} when per channel; "
@@ -99,7 +114,7 @@ class VQ(Format):
 
     def decode(self, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         setting = packed.setting
-        dim = setting.options.get("dim", 2)
+        dim = self.options_of(setting).dim
         out_features, in_features = packed.shape
         in_p = padded_in_features(in_features, setting.group_size)
         codes = unpack_rows(packed.buffers["codes"], setting.bits, out_features, in_p // dim, rows)
@@ -109,7 +124,7 @@ class VQ(Format):
         return ungroup(w, in_features)
 
     def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:
-        dim = setting.options.get("dim", 2)
+        dim = self.options_of(setting).dim
         out_features, in_features = shape
         in_p = padded_in_features(in_features, setting.group_size)
         groups = out_features * n_groups(in_features, setting.group_size)
