@@ -1,0 +1,160 @@
+"""Sensitivity from one pass: the single-unit KL of every (unit, setting) predicted without a forward per pair.
+
+Near the float weights ``w`` the KL from the float model to a perturbed one is, to second order,
+``1/2 (w_q - w)^T F (w_q - w)`` with ``F`` the Fisher information of the model's own predictive
+distribution (the KL's Hessian at ``w``). Keeping the diagonal of ``F`` (ModelOpt's AutoQuantize score)
+makes the prediction for a unit ``1/2 sum_i F_ii (w_q,i - w_i)^2`` over its matrices: ``F`` costs one
+forward and backward per calibration window, after which a pair costs only quantizing its matrices.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+import quant
+from quant.modules import QuantEmbedding, QuantLinear
+
+__all__ = ["ProxyTable", "fisher_diagonal", "proxy_sensitivity"]
+
+
+@dataclass
+class ProxyTable:
+    """Predicted KL and packed bytes of every (unit, setting): the fields of ``search``'s ``SensitivityTable``."""
+
+    units: dict[str, list[str]]  # unit name -> its matrices
+    settings: list[quant.QuantSetting]
+    kl: dict[str, dict[str, float]] = field(default_factory=dict)  # unit -> setting key -> predicted KL
+    nbytes: dict[str, dict[str, int]] = field(default_factory=dict)  # unit -> setting key -> bytes
+    seconds: float = 0.0  # all of it
+    seconds_fisher: float = 0.0  # the forward and backward passes
+    seconds_quantize: float = 0.0  # quantizing every matrix at every setting
+
+
+def _windows(tokens: np.ndarray | torch.Tensor) -> torch.Tensor:
+    ids = torch.as_tensor(tokens)
+    if ids.dim() != 2 or ids.shape[1] < 2 or len(ids) == 0 or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"the proxy needs integer token windows (B, T) with B >= 1 and T >= 2, got "
+                         f"{tuple(ids.shape)} {ids.dtype}; pass TokenSets.calib (check --calib-seqs > 0)")
+    return ids.long()
+
+
+def _check_float(model: nn.Module) -> None:
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    if quantized:
+        raise ValueError(f"the proxy needs the float model, but {len(quantized)} modules are quantized "
+                         f"(e.g. {quantized[0]}); call Evaluator.restore_float() first")
+
+
+def fisher_diagonal(model: nn.Module, tokens: np.ndarray | torch.Tensor, names: Iterable[str] | None = None,
+                    *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher ``F_ii`` per predicted token of the weight matrices ``names`` (default: all of them).
+
+    Per window: one forward, a next token drawn from the model's own distribution at every position,
+    one backward of that sample's negative log-likelihood. The squared gradient estimates the Fisher
+    summed over the window's positions (a sampled label's gradient has mean zero, so the positions'
+    cross terms vanish on average); dividing by the positions gives the per-token Fisher whose quadratic
+    form predicts the per-token KL the evaluator measures. Drawing labels (not the text's next tokens,
+    the "empirical" Fisher) is what makes it the KL's Hessian. A tied embedding's gradient sums both of
+    its uses (lookup and LM head), because autograd accumulates every use of the one parameter.
+
+    Args:
+        model: the float model, called as ``model(input_ids=..., use_cache=False)``.
+        tokens: ``(B, T)`` calibration windows (disjoint from the evaluation windows).
+        names: weight matrices (module names as in :func:`quant.weight_matrices`).
+        seed: seeds the label draws.
+
+    Returns:
+        ``(out, in)`` float32 tensors by name.
+    """
+    _check_float(model)
+    ids = _windows(tokens)
+    modules = dict(model.named_modules())
+    names = list(quant.weight_matrices(model) if names is None else names)
+    params = {n: modules[n].weight for n in names}
+    grad_state = {p: p.requires_grad for p in model.parameters()}
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    generator = torch.Generator().manual_seed(seed)
+    positions = 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            # One window per backward: more (and smaller) squared gradients average out more noise
+            # for the same compute.
+            for window in ids.split(1):
+                logits = model(input_ids=window, use_cache=False).logits[:, :-1].float()  # (1, T-1, V)
+                logprobs = torch.log_softmax(logits, dim=-1)
+                with torch.no_grad():
+                    labels = torch.multinomial(logprobs.exp().reshape(-1, logprobs.shape[-1]), 1,
+                                               generator=generator)  # (T-1, 1)
+                nll = -logprobs.reshape(-1, logprobs.shape[-1]).gather(1, labels).sum()
+                grads = torch.autograd.grad(nll, list(params.values()))
+                for n, g in zip(params, grads):
+                    fisher[n].addcmul_(g, g)
+                positions += labels.numel()
+    finally:
+        for p, state in grad_state.items():
+            p.requires_grad_(state)
+    for f in fisher.values():
+        f.div_(positions)
+    return fisher
+
+
+def proxy_sensitivity(model: nn.Module, tokens: np.ndarray | torch.Tensor, settings: Iterable[quant.QuantSetting],
+                      *, units: Mapping[str, list[str]] | None = None,
+                      hessians: Mapping[str, torch.Tensor] | None = None, seed: int = 0) -> ProxyTable:
+    """The predicted single-unit KL ``1/2 sum F_ii (w_q - w)^2`` and exact packed bytes of every (unit, setting).
+
+    ``w_q`` is the real quantized weight (``quant.quantize_calibrated(...).dequantize()``), so a
+    format's grid, scales and clipping all show in the prediction.
+
+    Args:
+        model: the float model (put an evaluator's model back with ``Evaluator.restore_float()``).
+        tokens: ``(B, T)`` calibration windows for the Fisher (a few suffice: see the benchmark).
+        settings: the settings of the search space.
+        units: unit name -> matrices quantized together (default: every matrix alone).
+        hessians: input Hessians for the calibrated formats (``evaluators.calibration_hessians``);
+            needed only when a setting takes them (gptq), which otherwise runs data-free.
+        seed: seeds the Fisher's label draws.
+
+    Returns:
+        A :class:`ProxyTable`.
+    """
+    t0 = time.perf_counter()
+    settings = list(settings)
+    matrices = quant.weight_matrices(model)
+    units = {m: [m] for m in matrices} if units is None else {u: list(ms) for u, ms in units.items()}
+    unknown = sorted({m for ms in units.values() for m in ms} - set(matrices))
+    if unknown:
+        raise ValueError(f"units name matrices the model lacks: {unknown[:3]}; use names from quant.weight_matrices")
+    if quant.needs_hessians(settings) and not hessians:
+        raise ValueError("some settings quantize with input Hessians (gptq); pass "
+                         "hessians=evaluators.calibration_hessians(model, tokens, names)")
+    names = [m for ms in units.values() for m in ms]
+    fisher = fisher_diagonal(model, tokens, names, seed=seed)
+    t1 = time.perf_counter()
+    modules = dict(model.named_modules())
+    table = ProxyTable(units, settings)
+    with torch.inference_mode():
+        for unit, members in units.items():
+            table.kl[unit], table.nbytes[unit] = {}, {}
+            for s in settings:
+                kl, nbytes = 0.0, 0
+                for m in members:
+                    w = modules[m].weight.detach()
+                    packed = quant.quantize_calibrated(m, w, s, hessians or {})
+                    err = packed.dequantize() - w.float()  # (out, in)
+                    kl += 0.5 * float(torch.dot(fisher[m].reshape(-1), err.square_().reshape(-1)))
+                    nbytes += packed.nbytes
+                table.kl[unit][s.key()], table.nbytes[unit][s.key()] = kl, nbytes
+    t2 = time.perf_counter()
+    table.seconds, table.seconds_fisher, table.seconds_quantize = t2 - t0, t1 - t0, t2 - t1
+    return table
