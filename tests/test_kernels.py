@@ -1,4 +1,4 @@
-"""Kernels compute what dequantize-then-matmul computes: every rtn width, every format."""
+"""Kernels compute what dequantize-then-matmul computes: every affine-int width (rtn, gptq), every format."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import quant
 from quant.formats import format_names
 from quant.kernels import GenericKernel, Int4Kernel, Int8Kernel, RTNTiledKernel, prepare
+from quant.kernels._registry import kernel_factory
 from tests.test_formats import CASES
 
 GROUPS = [32, 128, None]  # 128 does not divide 576: a padded last group; None: per channel
@@ -43,6 +44,38 @@ def test_rtn_kernel_matches_dequantize(bits: int, group: int | None, symmetric: 
     kernel = prepare(packed)
     x = _x(m, 576)
     _close(kernel(x), x @ packed.dequantize().t(), _tolerance(kernel))
+
+
+def _rtn(out: int, bits: int, group: int | None, symmetric: bool = False) -> quant.PackedTensor:
+    return quant.quantize(_weight(out, 576), {"bits": bits, "group_size": group, "options": {"symmetric": symmetric}})
+
+
+def _gptq(out: int, bits: int, group: int | None, symmetric: bool = False) -> quant.PackedTensor:
+    # A real Hessian, so the codes differ from rtn's: the kernel must read gptq's own codes.
+    x = _x(256, 576, seed=7) * (0.2 + 2 * torch.rand(576, generator=torch.Generator().manual_seed(8)))
+    return quant.quantize(_weight(out, 576), {"format": "gptq", "bits": bits, "group_size": group,
+                                              "options": {"symmetric": symmetric}}, hessian=x.T @ x)
+
+
+@pytest.mark.parametrize("bits,group,out,kind", [(4, 32, 96, Int4Kernel), (3, 128, 96, Int4Kernel),
+                                                 (2, None, 90, RTNTiledKernel), (6, 64, 96, Int8Kernel),
+                                                 (8, None, 90, Int8Kernel)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_runs_the_affine_int_kernels_of_its_layout(bits: int, group: int | None, out: int, kind: type,
+                                                        symmetric: bool) -> None:
+    packed = _gptq(out, bits, group, symmetric)
+    assert not torch.equal(packed.buffers["codes"], _rtn(out, bits, group, symmetric).buffers["codes"])  # error feedback moved codes
+    kernel = prepare(packed)
+    assert type(kernel) is kind
+    x = _x(2, 576)
+    _close(kernel(x), x @ packed.dequantize().t(), _tolerance(kernel))
+
+
+def test_kernels_are_chosen_by_layout_not_by_format_name() -> None:
+    assert quant.get_format("gptq").layout == quant.get_format("rtn").layout == "affine-int"
+    others = {quant.get_format(n).layout for n in format_names()} - {"affine-int"}
+    assert others and all(kernel_factory(layout, "cpu") is None for layout in others)
+    assert kernel_factory("affine-int", "cpu") is not None
 
 
 def test_int_kernels_chosen_where_they_fit() -> None:
@@ -120,12 +153,12 @@ def test_quant_linear_dispatch(bias: bool) -> None:
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("m", [1, 3, 80])  # 80: two programs along the batch
-def test_triton_kernel_matches_dequantize(bits: int, group: int | None, symmetric: bool, m: int) -> None:
+@pytest.mark.parametrize("make", [_rtn, _gptq], ids=["rtn", "gptq"])  # gptq through its layout's kernel
+def test_triton_kernel_matches_dequantize(bits: int, group: int | None, symmetric: bool, m: int, make) -> None:
     pytest.importorskip("triton")
     from quant.kernels.triton import TritonRTNKernel
 
-    packed = quant.quantize(_weight(96, 576), {"bits": bits, "group_size": group,
-                                                "options": {"symmetric": symmetric}})
+    packed = make(96, bits, group, symmetric)
     ref = (_x(m, 576) @ packed.dequantize().t()).cuda()  # quant.packing unpacks on the CPU
     on_gpu = quant.PackedTensor(packed.setting, packed.shape, {k: v.cuda() for k, v in packed.buffers.items()})
     kernel = prepare(on_gpu)
@@ -142,5 +175,5 @@ def test_cpu_machines_never_need_triton() -> None:
     packed = quant.quantize(_weight(32, 64), {"bits": 4, "group_size": 32})
     if not torch.cuda.is_available():
         assert triton_kernels.available() is False
-        assert triton_kernels.prepare_cuda(packed) is None
+        assert triton_kernels.affine_int_cuda(packed) is None
     assert type(prepare(packed)).__module__ == "quant.kernels.cpu"

@@ -1,4 +1,4 @@
-"""CPU decode kernels: torch's weight-only int kernels for rtn, a row-tiled generic path.
+"""CPU decode kernels: torch's weight-only int kernels for the ``affine-int`` layout, a generic path.
 
 Measured in this torch build (2.13, AVX2): ``_weight_int4pack_mm_for_cpu`` and
 ``_weight_int8pack_mm`` are vectorized for bfloat16 activations only; with float32
@@ -18,11 +18,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quant.formats._affine import AFFINE_INT
+from quant.kernels._registry import register_kernel
 from quant.packed import PackedTensor
 from quant.packing import unpack_bits
 from quant.primitives import padded_in_features
 
-__all__ = ["Kernel", "GenericKernel", "Int4Kernel", "Int8Kernel", "RTNTiledKernel", "prepare_cpu"]
+__all__ = ["Kernel", "GenericKernel", "Int4Kernel", "Int8Kernel", "RTNTiledKernel", "affine_int_cpu"]
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts
 TILE_FLOATS = 1 << 18  # tiled paths: decode ~1 MB of float32 weight at a time (fits in cache, few ops)
@@ -63,15 +65,15 @@ class GenericKernel(Kernel):
         return y
 
 
-def _rtn_codes(packed: PackedTensor) -> torch.Tensor:
-    """``(out, in_p)`` int32 codes of an rtn tensor (in_p: padded to whole groups)."""
+def _int_codes(packed: PackedTensor) -> torch.Tensor:
+    """``(out, in_p)`` int32 codes of an affine-int tensor (in_p: padded to whole groups)."""
     out_features, in_features = packed.shape
     in_p = padded_in_features(in_features, packed.setting.group_size)
     codes = unpack_bits(packed.buffers["codes"], packed.setting.bits, out_features * in_p)
     return codes.view(out_features, in_p).to(torch.int32)
 
 
-def _rtn_scale_zero(packed: PackedTensor, mid: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_zero(packed: PackedTensor, mid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 ``(out, G)`` scale and zero with ``w = (q - mid) * scale + zero``."""
     scale = packed.buffers["scale"].float()
     offset = packed.buffers.get("offset")
@@ -81,8 +83,8 @@ def _rtn_scale_zero(packed: PackedTensor, mid: int) -> tuple[torch.Tensor, torch
 
 
 class RTNTiledKernel(Kernel):
-    """rtn at 2-4 bits on a row count the int4 op cannot take (not a multiple of 16): one-byte codes,
-    decoded per row tile.
+    """The affine-int layout (rtn, gptq) at 2-4 bits on a row count the int4 op cannot take (not a
+    multiple of 16): one-byte codes, decoded per row tile.
 
     The stored codes are unpacked once to one byte per weight (a quarter of float32),
     so each tile is two ops to decode (``q * scale + zero``) and one matmul, instead of
@@ -92,9 +94,9 @@ class RTNTiledKernel(Kernel):
     def __init__(self, packed: PackedTensor, tile_rows: int | None = None):
         out_features, in_features = packed.shape
         self.in_features = in_features
-        codes = _rtn_codes(packed).to(torch.uint8)  # (N, in_p)
+        codes = _int_codes(packed).to(torch.uint8)  # (N, in_p)
         mid = 2 ** (packed.setting.bits - 1)
-        scale, zero = _rtn_scale_zero(packed, mid)
+        scale, zero = _scale_zero(packed, mid)
         if "offset" in packed.buffers:  # keep q * s + o: the exact expression dequantize uses
             zero = packed.buffers["offset"].float()
         # Symmetric decodes (q - mid) * s: the codes are shifted in float per tile.
@@ -120,7 +122,7 @@ class RTNTiledKernel(Kernel):
 
 
 class Int4Kernel(Kernel):
-    """rtn's layout at 2 to 4 bits through ``torch.ops.aten._weight_int4pack_mm_for_cpu``.
+    """The affine-int layout (rtn, gptq) at 2 to 4 bits through ``torch.ops.aten._weight_int4pack_mm_for_cpu``.
 
     The op computes ``x @ ((q - 8) * scale + zero).T`` per group of ``kernel_group``
     input columns with a ``(K / kernel_group, N, 2)`` scale/zero table. Narrower codes
@@ -141,10 +143,10 @@ class Int4Kernel(Kernel):
         self.kernel_group = kernel_group
         group = packed.setting.group_size or in_features
         mid = 2 ** (packed.setting.bits - 1)
-        codes = _rtn_codes(packed)[:, :in_features] + (8 - mid)  # (N, K) int32, padding dropped
+        codes = _int_codes(packed)[:, :in_features] + (8 - mid)  # (N, K) int32, padding dropped
         # innerKTiles only matters to the CUDA layout; the CPU op ignores it.
         self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)  # (N, K/2)
-        scale, zero = _rtn_scale_zero(packed, mid)  # (N, G)
+        scale, zero = _scale_zero(packed, mid)  # (N, G)
         table = torch.stack([scale, zero], -1).repeat_interleave(group // kernel_group, dim=1)
         table = table[:, :in_features // kernel_group]  # (N, K/kg, 2)
         self.scale_zero = table.transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/kg, N, 2)
@@ -158,7 +160,7 @@ class Int4Kernel(Kernel):
 
 
 class Int8Kernel(Kernel):
-    """rtn 5 to 8 bits through ``torch.ops.aten._weight_int8pack_mm``, one call per group.
+    """The affine-int layout (rtn, gptq) at 5-8 bits through ``torch.ops.aten._weight_int8pack_mm``, one call per group.
 
     The op takes signed int8 weights (the codes less ``2**(b-1)``) and one scale per
     output row, so a grouped weight is stored group-major, ``(G, N, g)``, and the product
@@ -172,8 +174,8 @@ class Int8Kernel(Kernel):
         out_features, in_features = packed.shape
         self.in_features = in_features
         mid = 2 ** (packed.setting.bits - 1)
-        codes = (_rtn_codes(packed) - mid).to(torch.int8)  # (N, in_p)
-        scale, zero = _rtn_scale_zero(packed, mid)  # (N, G)
+        codes = (_int_codes(packed) - mid).to(torch.int8)  # (N, in_p)
+        scale, zero = _scale_zero(packed, mid)  # (N, G)
         self.groups = scale.shape[1]
         self.weight = codes.view(out_features, self.groups, -1).transpose(0, 1).contiguous()  # (G, N, g)
         self.scale = scale.t().contiguous().to(torch.bfloat16)  # (G, N)
@@ -201,13 +203,13 @@ def _int4_group(packed: PackedTensor) -> int | None:
     return next((g for g in INT4_GROUPS if group % g == 0 and in_features % g == 0), None)
 
 
-def prepare_cpu(packed: PackedTensor) -> Kernel:
-    """The int kernel for rtn's layout (rtn, gptq) without outliers, else the generic path."""
-    setting = packed.setting
-    if setting.format in ("rtn", "gptq") and "outlier_idx" not in packed.buffers:
-        if setting.bits <= 4 and (group := _int4_group(packed)) is not None:
-            return Int4Kernel(packed, group)
-        if setting.bits > 4:
-            return Int8Kernel(packed)
-        return RTNTiledKernel(packed)  # 2-4 bits with rows the int4 op cannot take
-    return GenericKernel(packed)
+@register_kernel(AFFINE_INT, "cpu")
+def affine_int_cpu(packed: PackedTensor) -> Kernel | None:
+    """The int kernel for the affine-int layout without outliers; None (the generic path) with them."""
+    if "outlier_idx" in packed.buffers:
+        return None
+    if packed.setting.bits <= 4 and (group := _int4_group(packed)) is not None:
+        return Int4Kernel(packed, group)
+    if packed.setting.bits > 4:
+        return Int8Kernel(packed)
+    return RTNTiledKernel(packed)  # 2-4 bits with rows the int4 op cannot take

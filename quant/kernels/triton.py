@@ -1,4 +1,4 @@
-"""Triton GPU kernel for rtn: unpack b-bit codes, apply scale/offset, multiply on tensor cores.
+"""Triton GPU kernel for the ``affine-int`` layout (rtn, gptq): unpack codes, scale/offset, tensor-core matmul.
 
 Imported only when a CUDA tensor asks for a kernel (see :func:`quant.kernels.prepare`),
 so CPU machines never need triton. It reads the stored buffers as they are (no
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from quant.formats._affine import AFFINE_INT
+from quant.kernels._registry import register_kernel
 from quant.kernels.cpu import Kernel
 from quant.packed import PackedTensor
 from quant.primitives import padded_in_features
 
-__all__ = ["TritonRTNKernel", "prepare_cuda", "available"]
+__all__ = ["TritonRTNKernel", "affine_int_cuda", "available"]
 
 try:
     import triton
@@ -30,7 +32,7 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rtn_matmul(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr,
+    def _affine_matmul(x_ptr, codes_ptr, scale_ptr, offset_ptr, y_ptr,
                     M, N, K, K_P, N_GROUPS, GROUP, N_BYTES,
                     BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -74,7 +76,7 @@ if triton is not None:
 
 
 class TritonRTNKernel(Kernel):
-    """rtn at any width 2..8, any group size (per channel included), on CUDA, any batch."""
+    """The affine-int layout (rtn, gptq) at any width 2..8 and group size (per channel too), on CUDA, any batch."""
 
     def __init__(self, packed: PackedTensor, block_n: int = 32, block_k: int = 128):
         self.packed = packed
@@ -92,15 +94,16 @@ class TritonRTNKernel(Kernel):
         y = torch.empty(m, out_features, device=x.device, dtype=torch.float32)
         offset = b.get("offset")
         grid = (triton.cdiv(out_features, self.block_n), triton.cdiv(m, block_m))
-        _rtn_matmul[grid](x, b["codes"], b["scale"], b["scale"] if offset is None else offset, y,
+        _affine_matmul[grid](x, b["codes"], b["scale"], b["scale"] if offset is None else offset, y,
                           m, out_features, in_features, self.in_p, b["scale"].shape[1], self.group,
                           b["codes"].numel(), BITS=self.packed.setting.bits, HAS_OFFSET=offset is not None,
                           BLOCK_M=block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k)
         return y
 
 
-def prepare_cuda(packed: PackedTensor) -> Kernel | None:
-    """The Triton kernel for rtn without outliers; None when it does not apply (or no triton)."""
-    if not available() or packed.setting.format != "rtn" or "outlier_idx" in packed.buffers:
+@register_kernel(AFFINE_INT, "cuda")
+def affine_int_cuda(packed: PackedTensor) -> Kernel | None:
+    """The Triton kernel for the affine-int layout without outliers; None when it does not apply (or no triton)."""
+    if not available() or "outlier_idx" in packed.buffers:
         return None
     return TritonRTNKernel(packed)
