@@ -1,4 +1,12 @@
-"""The policy: every weight matrix of a model mapped to its setting, as versioned JSON."""
+"""The policy: every weight matrix of a model mapped to its setting, as versioned JSON.
+
+Each entry of ``matrices`` is a setting (``format``, ``bits``, ``group_size``, ``options``)
+plus what quant knows about it for readers without torch (``studies``, ``search.show``):
+``shape`` (``[out, in]``, when the policy knows it) and ``runtime`` (the format's
+:class:`~quant.formats.RuntimeMapping`: code bits, symmetry, runtime types). Both are
+optional on reading, so documents written before them load; ``runtime`` is derived and
+rewritten on every save, never trusted from the file.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from torch import nn
-
+from quant.modules import weight_matrices  # noqa: F401  (re-exported: policies cover these)
 from quant.settings import QuantSetting
 
 __all__ = ["Policy", "PolicyError", "weight_matrices", "POLICY_VERSION"]
 
 POLICY_VERSION = 1
+_SETTING_KEYS = ("format", "bits", "group_size", "options")
+_DERIVED_KEYS = ("runtime",)  # written from the format on save, ignored on load
 
 
 class PolicyError(ValueError):
     """A policy file that is malformed or does not fit the model."""
-
-
-def weight_matrices(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Names and ``(out, in)`` shapes of the matrices a policy covers.
-
-    Linear layers, embeddings and the LM head; norms stay float. A tied LM head
-    shares the embedding's weight and is covered by the embedding's entry.
-    """
-    seen: set[int] = set()
-    out: dict[str, tuple[int, int]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            weight = module.weight
-            if id(weight) in seen:
-                continue
-            seen.add(id(weight))
-            out[name] = tuple(weight.shape)
-    return out
 
 
 @dataclass
@@ -46,18 +37,33 @@ class Policy:
         settings: matrix name -> :class:`QuantSetting`.
         meta: anything recorded with the policy (model, metrics, provenance); not
             interpreted by ``quant``.
+        shapes: matrix name -> ``(out, in)``, for the matrices whose shape is known
+            (written into the document, so exports need no model).
     """
 
     settings: dict[str, QuantSetting]
     meta: dict[str, Any] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
-    def uniform(cls, names: list[str], setting: QuantSetting) -> "Policy":
-        return cls({name: setting for name in names})
+    def uniform(cls, names: list[str], setting: QuantSetting,
+                shapes: Mapping[str, tuple[int, int]] | None = None) -> "Policy":
+        return cls({name: setting for name in names}, shapes=dict(shapes or {}))
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """Matrix ``name``'s entry in the document: its setting, shape (if known) and runtime mapping."""
+        from quant.formats import get_format
+
+        s = self.settings[name]
+        out = s.to_dict()
+        if name in self.shapes:
+            out["shape"] = list(self.shapes[name])
+        out["runtime"] = get_format(s.format).runtime(s).to_dict()
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": POLICY_VERSION, **self.meta,
-                "matrices": {name: s.to_dict() for name, s in self.settings.items()}}
+                "matrices": {name: self.entry(name) for name in self.settings}}
 
     @classmethod
     def from_dict(cls, data: Any) -> "Policy":
@@ -69,14 +75,16 @@ class Policy:
         matrices = data.get("matrices")
         if not isinstance(matrices, Mapping) or not matrices:
             raise PolicyError("policy has no 'matrices' object mapping weight names to settings")
-        settings = {}
+        settings, shapes = {}, {}
         for name, raw in matrices.items():
             try:
-                settings[str(name)] = QuantSetting.from_dict(raw)
+                settings[str(name)], shape = _read_entry(raw)
             except ValueError as exc:
                 raise PolicyError(f"matrix {name!r}: {exc}") from None
+            if shape is not None:
+                shapes[str(name)] = shape
         meta = {k: v for k, v in data.items() if k not in ("format_version", "matrices")}
-        return cls(settings, meta)
+        return cls(settings, meta, shapes)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -94,7 +102,7 @@ class Policy:
         return cls.from_dict(data)
 
     def check_model(self, matrices: Mapping[str, tuple[int, int]]) -> None:
-        """Raises :class:`PolicyError` unless the policy names exactly the model's matrices."""
+        """Raises :class:`PolicyError` unless the policy names exactly the model's matrices (and shapes)."""
         missing = sorted(set(matrices) - set(self.settings))
         extra = sorted(set(self.settings) - set(matrices))
         if missing or extra:
@@ -104,9 +112,34 @@ class Policy:
             if missing:
                 parts.append(f"{len(missing)} model matrices missing (e.g. {missing[0]!r})")
             raise PolicyError("policy does not match the model: " + "; ".join(parts))
+        for name, shape in self.shapes.items():
+            if tuple(matrices[name]) != shape:
+                raise PolicyError(f"policy does not match the model: matrix {name!r} is {tuple(matrices[name])} "
+                                  f"in the model but {shape} in the policy")
 
     def expected_nbytes(self, matrices: Mapping[str, tuple[int, int]]) -> int:
         """Total packed bytes of the matrices under this policy."""
         from quant.formats import get_format
 
         return sum(get_format(s.format).expected_nbytes(matrices[n], s) for n, s in self.settings.items())
+
+
+def _read_entry(raw: Any) -> tuple[QuantSetting, tuple[int, int] | None]:
+    """One ``matrices`` entry: its validated setting and its shape (``None`` when the entry has none)."""
+    if not isinstance(raw, Mapping):
+        return QuantSetting.from_dict(raw), None  # which raises, saying what a setting looks like
+    extra = set(raw) - set(_SETTING_KEYS) - set(_DERIVED_KEYS) - {"shape"}
+    if extra:
+        raise ValueError(f"unknown setting keys {sorted(extra)}; allowed: {', '.join(_SETTING_KEYS)} "
+                         f"(and shape, runtime, which quant writes)")
+    setting = QuantSetting.from_dict({k: v for k, v in raw.items() if k in _SETTING_KEYS})
+    shape = raw.get("shape")
+    if shape is None:
+        return setting, None
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise ValueError(f"shape must be [out_features, in_features], two positive integers, got {shape!r}")
+    from quant.formats import get_format
+
+    get_format(setting.format).check_shape((shape[0], shape[1]), setting)
+    return setting, (shape[0], shape[1])

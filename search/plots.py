@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.show import BitMap, cell_text
+from search.show import BitMap
 
 __all__ = ["bits_png", "front_png", "front_html", "write_bits_plot", "write_front_plot"]
 
@@ -83,7 +83,7 @@ def bits_png(grid: BitMap, title: str) -> bytes:
             if (r, c) in grid.cells:
                 value = bits[i, j]
                 colour = "black" if (value - lo) / max(hi - lo, 1) > 0.6 else "white"
-                ax.text(j, i, cell_text(grid.cells[r, c][1]), ha="center", va="center", fontsize=6, color=colour)
+                ax.text(j, i, grid.text(r, c), ha="center", va="center", fontsize=6, color=colour)
     ax.set_xticks(range(len(grid.cols)), grid.cols)
     ax.set_yticks(range(len(grid.rows)), grid.rows)
     ax.set_xlabel("matrix")

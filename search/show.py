@@ -2,7 +2,8 @@
 
 ``turboquant show policy.json`` prints it as a table; ``--plot bits.png`` draws the same
 grid as a heatmap of code bits (:func:`search.plots.bits_png`). Works on the policy
-document alone, so it needs neither the model nor torch.
+document alone, so it needs neither the model nor torch: each entry's code bits are its
+``runtime`` object, written by ``quant.Policy``, so no format is known here by name.
 """
 
 from __future__ import annotations
@@ -15,18 +16,24 @@ from typing import Any, Mapping
 
 from studies.export_runtimes import code_bits
 
-__all__ = ["BitMap", "KINDS", "bit_map", "cell_text", "summary_text"]
+__all__ = ["BitMap", "KINDS", "base_format", "bit_map", "cell_text", "summary_text"]
 
 # Llama-style matrices, in the order a layer runs them; other architectures' names are appended.
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
-def cell_text(setting: Mapping[str, Any]) -> str:
-    """``bits/group`` (``ch``: one group per output channel), with the format when it is not ``rtn``."""
+def base_format(matrices: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The policy's most common format (the first of equals): its cells leave the format out."""
+    counts = Counter(s.get("format") for s in matrices.values())
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def cell_text(setting: Mapping[str, Any], base: str | None = None) -> str:
+    """``bits/group`` (``ch``: one group per output channel), with ``:format`` unless it is ``base``."""
     group = setting.get("group_size")
     text = f"{setting.get('bits')}/{'ch' if group is None else group}"
-    return text if setting.get("format", "rtn") == "rtn" else f"{text}:{setting.get('format')}"
+    return text if setting.get("format") == base else f"{text}:{setting.get('format')}"
 
 
 def _place(name: str) -> tuple[str, str]:
@@ -48,11 +55,17 @@ class BitMap:
         rows: layer numbers as strings, with ``embed`` first and other non-layer matrices last.
         cols: matrix kinds (``q k v o gate up down``, then any others, then non-layer ones).
         cells: (row, column) -> (matrix name, setting) for the cells a matrix fills.
+        base: the most common format, which cell texts leave out.
     """
 
     rows: list[str]
     cols: list[str]
     cells: dict[tuple[str, str], tuple[str, Mapping[str, Any]]]
+    base: str | None = None
+
+    def text(self, row: str, col: str) -> str:
+        """The cell's text (:func:`cell_text`), ``""`` where no matrix sits."""
+        return cell_text(self.cells[row, col][1], self.base) if (row, col) in self.cells else ""
 
     def bits(self) -> list[list[float]]:
         """Code bits per cell, NaN where no matrix sits (row-major, ``rows`` x ``cols``)."""
@@ -81,7 +94,7 @@ def bit_map(matrices: Mapping[str, Mapping[str, Any]]) -> BitMap:
     cols = [k for k in KINDS if k in layer_kinds] + [k for k in layer_kinds if k not in KINDS]
     head = [r for r in outside if r == "embed"]
     tail = [r for r in outside if r != "embed"]
-    return BitMap(head + [str(i) for i in sorted(layers)] + tail, cols + head + tail, cells)
+    return BitMap(head + [str(i) for i in sorted(layers)] + tail, cols + head + tail, cells, base_format(matrices))
 
 
 def summary_text(doc: Mapping[str, Any], source: str = "policy") -> str:
@@ -95,13 +108,12 @@ def summary_text(doc: Mapping[str, Any], source: str = "policy") -> str:
         head += f", {int(m['bytes']):,} bytes ({m.get('bpw', float('nan')):.3f} bpw)"
     if isinstance(m.get("kl"), (int, float)):
         head += f", KL {m['kl']:.5f}"
-    width = max([len(cell_text(s)) for _, s in grid.cells.values()] + [len(c) for c in grid.cols]) + 2
+    width = max([len(grid.text(r, c)) for r, c in grid.cells] + [len(c) for c in grid.cols]) + 2
     label = max(len("layer"), *(len(r) for r in grid.rows))
-    lines = [head, "cells: bits/group size ('ch' = per output channel), :format when not rtn",
+    lines = [head, f"cells: bits/group size ('ch' = per output channel), :format when not {grid.base}",
              "layer".ljust(label) + "".join(c.rjust(width) for c in grid.cols)]
     for r in grid.rows:
-        cells = [cell_text(grid.cells[r, c][1]) if (r, c) in grid.cells else "" for c in grid.cols]
-        lines.append(r.ljust(label) + "".join(t.rjust(width) for t in cells))
-    counts = Counter(cell_text(s) for s in matrices.values())
+        lines.append(r.ljust(label) + "".join(grid.text(r, c).rjust(width) for c in grid.cols))
+    counts = Counter(cell_text(s, grid.base) for s in matrices.values())
     lines.append("settings: " + ", ".join(f"{k} x{n}" for k, n in counts.most_common()))
     return "\n".join(lines)

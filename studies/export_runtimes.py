@@ -3,7 +3,10 @@
 Each runtime supports fewer settings than TurboQuant's search space, so every
 exporter maps each matrix to the nearest setting the runtime has and returns, next to
 the document, a list of notes naming what was approximated. No torch here: this works
-on the policy document alone (as written by :func:`studies.export_policy`).
+on the policy document alone (as written by :func:`studies.export_policy`), and never on
+a format's name: what a format means for a runtime (its code bits, symmetry, whether it
+is the runtime's own quantizer, a type it fixes) is the entry's ``runtime`` object, and
+the matrix's shape its ``shape``, both written by ``quant.Policy``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["RUNTIME_FORMATS", "RuntimeExport", "code_bits", "export_runtime", "llamacpp_name"]
+__all__ = ["RUNTIME_FORMATS", "RuntimeExport", "code_bits", "export_runtime", "llamacpp_name", "runtime"]
 
 
 @dataclass
@@ -32,21 +35,39 @@ class RuntimeExport:
     skipped: list[str] = field(default_factory=list)
 
 
-def _matrices(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def _matrices(doc: Mapping[str, Any], need_runtime: bool = True) -> dict[str, dict[str, Any]]:
     matrices = doc.get("matrices")
     if not isinstance(matrices, Mapping) or not matrices:
         raise ValueError("policy document has no 'matrices'; export one with turboquant export")
+    for name, entry in matrices.items():
+        if need_runtime:
+            runtime(entry, str(name))  # every entry must carry what quant knows, before anything is written
     return {str(k): dict(v) for k, v in matrices.items()}
 
 
-def code_bits(setting: Mapping[str, Any]) -> float:
-    """Code bits per weight: a vector codebook spends ``bits`` on ``dim`` weights, ternary 1.58."""
-    fmt, bits = setting.get("format", "rtn"), int(setting.get("bits", 4))
-    if fmt == "vq":
-        return bits / int((setting.get("options") or {}).get("dim", 2))
-    if fmt == "ternary":
-        return 1.58
-    return float(bits)
+def runtime(entry: Mapping[str, Any], name: str = "?") -> Mapping[str, Any]:
+    """The entry's ``runtime`` object (quant's ``RuntimeMapping``); ``ValueError`` when it lacks one."""
+    r = entry.get("runtime") if isinstance(entry, Mapping) else None
+    if not isinstance(r, Mapping) or not isinstance(r.get("code_bits"), (int, float)):
+        raise ValueError(f"matrix {name!r} has no 'runtime' entry (code bits, runtime types): the document was "
+                         f"written before TurboQuant recorded them; re-save it through quant "
+                         f"(quant.Policy.from_dict(doc).to_dict(), as turboquant show does)")
+    return r
+
+
+def code_bits(entry: Mapping[str, Any]) -> float:
+    """Code bits per weight of a policy entry (a vector codebook spends ``bits`` on ``dim`` weights)."""
+    return float(runtime(entry)["code_bits"])
+
+
+def _native(entry: Mapping[str, Any], rt: str) -> bool:
+    """Whether runtime ``rt`` has this very kind of quantizer (so no format change is noted)."""
+    return rt in runtime(entry).get("native", ())
+
+
+def _fixed_type(entry: Mapping[str, Any], rt: str) -> str | None:
+    """The type of runtime ``rt`` that the format itself fixes, if any."""
+    return (runtime(entry).get("types") or {}).get(rt)
 
 
 def _nearest(value: float, allowed: tuple[int, ...]) -> int:
@@ -84,8 +105,8 @@ def _gptq_setting(name: str, s: Mapping[str, Any], notes: list[str]) -> dict[str
     bits = _nearest(eff, _GPTQ_BITS)
     group = s.get("group_size")
     g = -1 if group is None else _nearest(group, _GPTQ_GROUPS) if group not in _GPTQ_GROUPS else group
-    sym = bool((s.get("options") or {}).get("symmetric", False))
-    what = _approximations(s, fmt="GPTQ integer" if s.get("format", "rtn") != "rtn" else None,
+    sym = bool(runtime(s).get("symmetric", False))
+    what = _approximations(s, fmt=None if _native(s, "gptqmodel") else "GPTQ integer",
                            bits=str(bits) if bits != eff else None,
                            group=f"group {group} -> {g}" if group is not None and g != group else None)
     if what:
@@ -129,7 +150,8 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 # Code bits -> the GGML type that stores that many bits per weight (K-quants, super-blocks of 256).
 _GGML_BY_BITS = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0"}
 # Each type's own sub-block: its scale granularity, fixed by the type.
-_GGML_BLOCK = {"q2_k": 16, "q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16, "q8_0": 32, "tq1_0": 256}
+_GGML_BLOCK = {"q2_k": 16, "q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16, "q8_0": 32, "tq1_0": 256,
+               "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_1": 32, "tq2_0": 256}
 
 
 def llamacpp_name(name: str) -> str | None:
@@ -155,16 +177,14 @@ def _to_llamacpp(doc: Mapping[str, Any]) -> RuntimeExport:
             notes.append(f"{name}: no GGUF tensor name known for it; left to llama-quantize's default type")
             continue
         eff = code_bits(s)
-        if s.get("format") == "ternary":
-            ggml = "tq1_0"
-        else:
-            ggml = _GGML_BY_BITS[_nearest(eff, tuple(_GGML_BY_BITS))]
+        fixed = _fixed_type(s, "llamacpp")
+        ggml = fixed or _GGML_BY_BITS[_nearest(eff, tuple(_GGML_BY_BITS))]
         group = "per channel" if s.get("group_size") is None else f"group {s.get('group_size')}"
+        block = _GGML_BLOCK.get(ggml)
         what = _approximations(
-            s, fmt=ggml if s.get("format", "rtn") not in ("rtn", "ternary") else None,
-            bits=ggml[1] if s.get("format") != "ternary" and float(int(ggml[1])) != eff else None,
-            group=(f"{group} -> {ggml}'s blocks of {_GGML_BLOCK[ggml]}"
-                   if s.get("group_size") != _GGML_BLOCK[ggml] else None))
+            s, fmt=None if _native(s, "llamacpp") else ggml,
+            bits=ggml[1] if fixed is None and float(int(ggml[1])) != eff else None,
+            group=f"{group} -> {ggml}'s blocks of {block}" if block and s.get("group_size") != block else None)
         if what:
             notes.append(f"{name} ({target}): {what}")
         lines.append(f"{target}={ggml}")
@@ -179,15 +199,17 @@ _TORCHAO_BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # IntxWeightOnlyConfig: torch.int1 .. 
 _TORCHAO_GROUPS = (32, 64, 128, 256)
 
 
-def _to_torchao(doc: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]] | None = None) -> RuntimeExport:
+def _to_torchao(doc: Mapping[str, Any]) -> RuntimeExport:
     notes: list[str] = []
     fqn: dict[str, Any] = {}
-    for name, s in _matrices(doc).items():
+    matrices = _matrices(doc)
+    shapes = {n: s["shape"] for n, s in matrices.items() if s.get("shape")}
+    for name, s in matrices.items():
         eff = code_bits(s)
         bits = _nearest(eff, _TORCHAO_BITS)
         group = s.get("group_size")
         g = None if group is None else group if group in _TORCHAO_GROUPS else _nearest(group, _TORCHAO_GROUPS)
-        if g is not None and shapes and name in shapes and shapes[name][1] % g:
+        if g is not None and name in shapes and shapes[name][1] % g:
             # TurboQuant pads a short last group; torchao needs groups that divide the row.
             fits = [c for c in _TORCHAO_GROUPS if c <= g and shapes[name][1] % c == 0]
             g = max(fits) if fits else None
@@ -195,43 +217,43 @@ def _to_torchao(doc: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]] | 
         granularity = ({"_type": "PerAxis", "_version": 1, "_data": {"axis": 0}} if g is None
                        else {"_type": "PerGroup", "_version": 1, "_data": {"group_size": g}})
         what = _approximations(
-            s, fmt=f"affine int{bits}" if s.get("format", "rtn") != "rtn" else None,
+            s, fmt=None if _native(s, "torchao") else f"affine int{bits}",
             bits=str(bits) if bits != eff else None,
             group=(f"group {group} -> {'per channel' if g is None else g}"
                    if group is not None and g != group else None))
         if what:
             notes.append(f"{name}: {what}")
-        sym = bool((s.get("options") or {}).get("symmetric", False))
+        sym = bool(runtime(s).get("symmetric", False))
         fqn[name] = {"_type": "IntxWeightOnlyConfig", "_version": 2, "_data": {
             "weight_dtype": {"_type": "torch.dtype", "_data": f"int{bits}"}, "granularity": granularity,
             "mapping_type": {"_type": "MappingType", "_data": "SYMMETRIC" if sym else "ASYMMETRIC"}}}
-    if not shapes:
-        notes.append("matrix shapes unknown: torchao needs each group size to divide its row; "
-                     "rows shorter than their group must be set to per channel by hand")
+    if len(shapes) < len(matrices):
+        notes.append(f"{len(matrices) - len(shapes)} matrix shape(s) unknown (the policy has no 'shape' for "
+                     "them): torchao needs each group size to divide its row; check those rows by hand")
     # Exact FQNs take precedence over regexes in FqnToConfig; load with torchao.core.config.config_from_dict.
     out = {"_type": "FqnToConfig", "_version": 1, "_data": {"fqn_to_config": fqn}}
     return RuntimeExport(json.dumps(out, indent=2) + "\n", notes, [])
 
 
 def _to_json(doc: Mapping[str, Any]) -> RuntimeExport:
-    _matrices(doc)
+    _matrices(doc, need_runtime=False)
     return RuntimeExport(json.dumps(doc, indent=2) + "\n")
 
 
-RUNTIME_FORMATS: dict[str, Callable[..., RuntimeExport]] = {
+RUNTIME_FORMATS: dict[str, Callable[[Mapping[str, Any]], RuntimeExport]] = {
     "json": _to_json, "gptqmodel": _to_gptqmodel, "llamacpp": _to_llamacpp, "torchao": _to_torchao,
 }
 
 
-def export_runtime(doc: Mapping[str, Any], fmt: str,
-                   shapes: Mapping[str, tuple[int, int]] | None = None) -> RuntimeExport:
+def export_runtime(doc: Mapping[str, Any], fmt: str) -> RuntimeExport:
     """``doc`` (a policy document) in runtime format ``fmt`` (one of :data:`RUNTIME_FORMATS`).
 
-    ``shapes`` (matrix -> ``(out, in)``), when known, lets torchao's export pick group
-    sizes that divide each row, which torchao requires and TurboQuant (padding) does not.
+    The entries' ``shape`` (written by ``quant.Policy`` when it knows the model's shapes)
+    lets torchao's export pick group sizes that divide each row, which torchao requires
+    and TurboQuant (padding) does not.
     """
     try:
         exporter = RUNTIME_FORMATS[fmt]
     except KeyError:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(RUNTIME_FORMATS)}") from None
-    return exporter(doc, shapes) if fmt == "torchao" else exporter(doc)
+    return exporter(doc)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from search.cli import main
+import quant
 from studies.export_runtimes import export_runtime, llamacpp_name
 
 LAYERS = 2
@@ -21,7 +21,8 @@ MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-def _doc() -> dict:
+def _raw_doc() -> dict:
+    """A policy document as written before quant recorded each entry's runtime mapping."""
     matrices = {"model.embed_tokens": {"format": "rtn", "bits": 8, "group_size": None, "options": {}},
                 "lm_head": {"format": "rtn", "bits": 6, "group_size": 64, "options": {}}}
     for i in range(LAYERS):
@@ -33,6 +34,13 @@ def _doc() -> dict:
     return {"format_version": 1, "matrices": matrices, "model": "tiny-random-llama",
             "metrics": {"kl": 0.1, "bytes": 1000, "bpw": 4.1, "ppl": 3.0, "top1": 0.9, "logit_err": 0.1},
             "provenance": {"study": "s", "trial": 3, "model": "tiny-random-llama"}}
+
+
+def _doc(shapes: dict | None = None) -> dict:
+    """The document as quant writes it: each entry with its runtime mapping (and shape, if given)."""
+    policy = quant.Policy.from_dict(_raw_doc())
+    policy.shapes = dict(shapes or {})
+    return policy.to_dict()
 
 
 def test_gptqmodel_dynamic_overrides_resolve_every_linear_to_its_setting() -> None:
@@ -101,7 +109,6 @@ def test_torchao_reads_the_export_and_quantizes_a_model_with_it() -> None:
     from torchao.core.config import config_from_dict
     from torchao.quantization import FqnToConfig, quantize_
 
-    import quant
     from evaluators import load_model
 
     config = config_from_dict(json.loads(export_runtime(_doc(), "torchao").text))
@@ -109,8 +116,9 @@ def test_torchao_reads_the_export_and_quantizes_a_model_with_it() -> None:
     v = config.fqn_to_config["model.layers.1.self_attn.v_proj"]
     assert v.weight_dtype == torch.int3 and v.granularity.group_size == 128
     model = load_model("tiny-random-llama").model
-    # The tiny model's rows (64 and 128 wide) are shorter than some groups: with shapes, the export fits them.
-    out = export_runtime(_doc(), "torchao", shapes=quant.weight_matrices(model))
+    # The tiny model's rows (64 and 128 wide) are shorter than some groups: with the shapes the policy
+    # document carries, the export fits them.
+    out = export_runtime(_doc(quant.weight_matrices(model)), "torchao")
     config = config_from_dict(json.loads(out.text))
     assert config.fqn_to_config["model.layers.1.self_attn.v_proj"].granularity.group_size == 64
     assert any("v_proj" in line and "group 128 -> 64" in line for line in out.approximations)
@@ -133,6 +141,66 @@ def test_unknown_format_and_empty_policy_are_refused() -> None:
         export_runtime(_doc(), "onnx")
     with pytest.raises(ValueError, match="no 'matrices'"):
         export_runtime({"format_version": 1}, "llamacpp")
+
+
+def test_a_document_without_runtime_entries_is_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match="has no 'runtime' entry.*quant.Policy.from_dict"):
+        export_runtime(_raw_doc(), "llamacpp")
+    assert json.loads(export_runtime(_raw_doc(), "json").text) == _raw_doc()  # json passes the document on
+
+
+def test_ternary_and_vq_map_through_their_runtime_entries() -> None:
+    doc = _doc()
+    doc["matrices"] = quant.Policy.from_dict({"format_version": 1, "matrices": {
+        "model.layers.0.mlp.up_proj": {"format": "ternary", "bits": 2, "group_size": 256},
+        "model.layers.0.mlp.gate_proj": {"format": "vq", "bits": 6, "group_size": 64, "options": {"dim": 2}},
+        "model.layers.0.mlp.down_proj": {"format": "gptq", "bits": 4, "group_size": 32}}}).to_dict()["matrices"]
+    out = export_runtime(doc, "llamacpp")
+    pairs = dict(line.split("=") for line in out.text.split())
+    assert pairs == {"blk.0.ffn_up.weight": "tq1_0", "blk.0.ffn_gate.weight": "q3_k", "blk.0.ffn_down.weight": "q4_k"}
+    assert not any("ffn_up" in line for line in out.approximations)  # llama.cpp's own ternary type, its block
+    assert any("ffn_gate" in line and "format vq -> q3_k" in line for line in out.approximations)
+    gptq = json.loads(export_runtime(doc, "gptqmodel").text)
+    assert gptq["dynamic"]["+:^model\\.layers\\.0\\.mlp\\.gate_proj$"]["bits"] == 3  # 6 bits per 2 weights
+
+
+class _Toy(quant.Format):
+    """A format registered by a test alone: its runtime mapping reaches every exporter and show."""
+
+    name, layout = "toy", "toy-layout"
+    bits_range, group_sizes, default_bits, default_group_size = (5, 5), (32,), 5, 32
+    runtime_types, native_runtimes = {"llamacpp": "q5_0"}, ("llamacpp",)
+
+    def code_bits(self, setting: quant.QuantSetting) -> float:
+        return 5.5
+
+    def quantize(self, weight, setting, **calibration):  # pragma: no cover - never quantized here
+        raise NotImplementedError
+
+    def decode(self, packed, rows=None):  # pragma: no cover
+        raise NotImplementedError
+
+    def expected_nbytes(self, shape, setting) -> int:
+        return shape[0] * shape[1] * 11 // 16
+
+
+def test_a_new_format_needs_no_edit_outside_its_file(monkeypatch) -> None:
+    from quant.formats import _base
+    from search.show import bit_map, summary_text
+
+    monkeypatch.setitem(_base._REGISTRY, "toy", _Toy())
+    doc = quant.Policy.from_dict({"format_version": 1, "matrices": {
+        "model.layers.0.self_attn.q_proj": {"format": "toy"},  # bits and group from the format
+        "model.layers.0.self_attn.k_proj": {"format": "rtn", "bits": 4, "group_size": 32},
+        "model.layers.0.self_attn.v_proj": {"format": "rtn", "bits": 4, "group_size": 32}}}).to_dict()
+    assert quant.QuantSetting.from_dict({"format": "toy"}).describe() == "toy"
+    llama = export_runtime(doc, "llamacpp")
+    assert "blk.0.attn_q.weight=q5_0" in llama.text.split()
+    assert not any("attn_q" in line for line in llama.approximations)  # its own type, its own block
+    gptq = export_runtime(doc, "gptqmodel")
+    assert "model.layers.0.self_attn.q_proj: format toy -> GPTQ integer, 5.5 bits -> 4" in gptq.approximations
+    assert bit_map(doc["matrices"]).bits() == [[5.5, 4.0, 4.0]]
+    assert "5/32:toy" in summary_text(doc)
 
 
 def test_studies_never_import_torch() -> None:
@@ -205,8 +273,8 @@ def test_gptqmodel_reads_the_dynamic_export_and_resolves_every_module(tmp_path) 
     for name, s in doc["matrices"].items():
         if name == "model.embed_tokens":
             continue
-        sym = bool(s["options"].get("symmetric", False))
-        if s["format"] == "rtn" and s["bits"] in (2, 3, 4, 8) and s["group_size"] in (32, 64, 128):
+        sym = s["runtime"]["symmetric"]
+        if "gptqmodel" in s["runtime"]["native"] and s["bits"] in (2, 3, 4, 8) and s["group_size"] in (32, 64, 128):
             assert resolved[name] == [s["bits"], s["group_size"], sym], name  # representable: exact
     assert resolved["model.layers.0.mlp.down_proj"] == [4, 128, False]  # 5-bit turbo, group 256: nearest
     assert resolved["lm_head"] == [8, 64, False]  # 6 bits: the tie goes to the wider 8

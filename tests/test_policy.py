@@ -80,3 +80,50 @@ def test_tied_head_shares_the_embedding_tensor() -> None:
     quant.apply_policy(model, Policy.uniform(names, QuantSetting("rtn", 2, 32)), weights=weights)
     assert model.lm_head.packed is model.model.embed_tokens.packed
     assert model.lm_head.packed.setting.bits == 2
+
+
+def test_document_entries_carry_shape_and_runtime_and_old_documents_still_load() -> None:
+    old = {"format_version": 1, "matrices": {"a": {"format": "vq", "bits": 6, "group_size": 64,
+                                                   "options": {"dim": 2}},
+                                             "b": {"format": "rtn", "bits": 3, "group_size": None,
+                                                   "options": {"symmetric": True}}}}
+    policy = Policy.from_dict(old)  # written before entries had shape and runtime
+    assert policy.shapes == {}
+    policy.shapes = {"a": (8, 128)}
+    doc = policy.to_dict()
+    assert doc["matrices"]["a"]["shape"] == [8, 128] and "shape" not in doc["matrices"]["b"]
+    assert doc["matrices"]["a"]["runtime"]["code_bits"] == 3.0  # 6 bits per 2-weight vector
+    assert doc["matrices"]["b"]["runtime"] == {"code_bits": 3.0, "symmetric": True,
+                                               "native": ["gptqmodel", "llamacpp", "torchao"], "types": {}}
+    again = Policy.from_dict(json.loads(json.dumps(doc)))
+    assert again.settings == policy.settings and again.shapes == {"a": (8, 128)}
+    # The runtime mapping is derived: a stale one in the file is rewritten from the format.
+    doc["matrices"]["b"]["runtime"] = {"code_bits": 99}
+    assert Policy.from_dict(doc).to_dict()["matrices"]["b"]["runtime"]["code_bits"] == 3.0
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"format": "rtn", "bits": 4, "shape": [8]}, "shape must be"),
+    ({"format": "rtn", "bits": 4, "shape": [8, True]}, "shape must be"),
+    ({"format": "rtn", "bits": 4, "shapes": [8, 8]}, "unknown setting keys"),
+])
+def test_bad_entry_extras_are_refused(entry: dict, message: str) -> None:
+    with pytest.raises(PolicyError, match=f"matrix 'a': {message}"):
+        Policy.from_dict({"format_version": 1, "matrices": {"a": entry}})
+
+
+def test_shapes_are_checked_against_the_format_and_the_model(monkeypatch) -> None:
+    fmt = quant.get_format("rtn")
+
+    def refuse(shape, setting) -> None:
+        if shape[1] % 256:
+            raise ValueError(f"row length {shape[1]} is not a multiple of 256")
+
+    monkeypatch.setattr(fmt, "check_shape", refuse)  # as a block format of fixed rows would
+    with pytest.raises(PolicyError, match="matrix 'a': row length 576 is not a multiple of 256"):
+        Policy.from_dict({"format_version": 1, "matrices": {"a": {"format": "rtn", "shape": [8, 576]}}})
+    monkeypatch.undo()
+    policy = Policy({"a": QuantSetting()}, shapes={"a": (8, 576)})
+    policy.check_model({"a": (8, 576)})
+    with pytest.raises(PolicyError, match=r"'a' is \(8, 512\) in the model but \(8, 576\) in the policy"):
+        policy.check_model({"a": (8, 512)})

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import pytest
 
+import quant
 from evaluators import load_model
 from quant.policy import weight_matrices
 from search.cli import main
@@ -40,9 +42,13 @@ def _expected_place(name: str) -> tuple[str, str]:
     return ("embed", "embed") if name.endswith("embed_tokens") else ("lm_head", "lm_head")
 
 
+# The cells leave out the policy's most common format (here the one of three settings in five).
+BASE = Counter(s["format"] for s in SETTINGS).most_common(1)[0][0]
+
+
 def _text(s: dict) -> str:
     g = "ch" if s["group_size"] is None else str(s["group_size"])
-    return f"{s['bits']}/{g}" + ("" if s["format"] == "rtn" else f":{s['format']}")
+    return f"{s['bits']}/{g}" + ("" if s["format"] == BASE else f":{s['format']}")
 
 
 def _parse_table(out: str) -> dict[tuple[str, str], str]:
@@ -71,6 +77,7 @@ def test_show_prints_every_matrix_setting_per_layer(policy_file, capsys) -> None
     out = capsys.readouterr().out
     assert out.splitlines()[0] == (f"{path}: model tiny-random-llama, {len(doc['matrices'])} matrices, "
                                    "40,000 bytes (3.250 bpw), KL 0.25000")
+    assert out.splitlines()[1].endswith(f":format when not {BASE}")
     expected = {_expected_place(n): _text(s) for n, s in doc["matrices"].items()}
     assert _parse_table(out) == expected
     rows = [line.split()[0] for line in out.splitlines()[3:-1]]
@@ -87,16 +94,25 @@ def test_show_plot_writes_the_bit_map_png(policy_file, tmp_path, capsys) -> None
     assert data[:8] == PNG
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert width > 400 and height > 200
-    # The colours come from this grid: code bits per (layer, kind), ternary at log2(3), empty cells NaN.
-    grid = bit_map(doc["matrices"])
+    # The colours come from this grid: code bits per (layer, kind) as quant writes them into the
+    # document (ternary at log2(3)), empty cells NaN.
+    grid = bit_map(quant.Policy.from_dict(doc).to_dict()["matrices"])
     assert grid.cols == ["q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head"]
     values = grid.bits()
     for name, s in doc["matrices"].items():
         row, col = _expected_place(name)
-        bits = 1.58 if s["format"] == "ternary" else s["bits"]
+        setting = quant.QuantSetting.from_dict(s)
+        bits = quant.get_format(s["format"]).code_bits(setting)
         assert values[grid.rows.index(row)][grid.cols.index(col)] == pytest.approx(bits)
+        assert bits == pytest.approx({"ternary": 1.58}.get(s["format"], s["bits"]))  # a trit: log2(3) bits
     filled = sum(v == v for line in values for v in line)  # NaN != NaN
     assert filled == len(doc["matrices"])
+
+
+def test_bit_map_refuses_a_document_quant_did_not_write(policy_file) -> None:
+    _, doc = policy_file  # entries without their runtime mapping: code bits unknown without torch
+    with pytest.raises(ValueError, match="no 'runtime' entry"):
+        bit_map(doc["matrices"]).bits()
 
 
 def test_show_refuses_bad_input(policy_file, tmp_path, capsys) -> None:
