@@ -188,7 +188,7 @@ def test_a_new_format_needs_no_edit_outside_its_file(monkeypatch) -> None:
     from quant.formats import _base
     from search.show import bit_map, summary_text
 
-    monkeypatch.setitem(_base._REGISTRY, "toy", _Toy())
+    monkeypatch.setitem(_base._REGISTRY._items, "toy", _Toy())  # registered for this test only
     doc = quant.Policy.from_dict({"format_version": 1, "matrices": {
         "model.layers.0.self_attn.q_proj": {"format": "toy"},  # bits and group from the format
         "model.layers.0.self_attn.k_proj": {"format": "rtn", "bits": 4, "group_size": 32},

@@ -10,11 +10,12 @@ import torch
 
 from quant.formats._options import FormatOptions, NoOptions, parse_options
 from quant.packed import PackedTensor
+from quant.registry import Registry
 from quant.settings import QuantSetting
 
 __all__ = ["Format", "RuntimeMapping", "RUNTIMES", "register_format", "get_format", "format_names"]
 
-_REGISTRY: dict[str, "Format"] = {}
+_REGISTRY: Registry["Format"] = Registry("format")
 F = TypeVar("F", bound=type)
 RUNTIMES = ("gptqmodel", "llamacpp", "torchao")  # the runtimes studies/export_runtimes.py writes for
 
@@ -186,8 +187,6 @@ def register_format(cls: F) -> F:
         raise TypeError(f"{cls.__name__} needs a non-empty name")
     if not cls.layout:
         raise TypeError(f"format {cls.name!r} needs a layout (the packed layout kernels register for)")
-    if cls.name in _REGISTRY:
-        raise ValueError(f"format {cls.name!r} is already registered")
     lo, hi = cls.bits_range
     if not lo <= cls.default_bits <= hi or cls.default_group_size not in cls.group_sizes:
         raise TypeError(f"format {cls.name!r}: default bits {cls.default_bits} / group {cls.default_group_size} "
@@ -195,17 +194,15 @@ def register_format(cls: F) -> F:
     unknown = (set(cls.native_runtimes) | set(cls.runtime_types)) - set(RUNTIMES)
     if unknown:
         raise TypeError(f"format {cls.name!r} names unknown runtimes {sorted(unknown)}; known: {RUNTIMES}")
-    _REGISTRY[cls.name] = cls()
+    _REGISTRY.add(cls.name, cls())
     return cls
 
 
 def get_format(name: str) -> Format:
     """The registered format ``name``; ``ValueError`` listing the known ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown format {name!r}; known formats: {', '.join(format_names())}") from None
+    return _REGISTRY.get(name)
 
 
 def format_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """Names of the registered formats, sorted (what a policy or the CLI may name)."""
+    return _REGISTRY.names()

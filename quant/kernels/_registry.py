@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 from quant.packed import PackedTensor
+from quant.registry import Registry
 
 __all__ = ["register_kernel", "kernel_factory"]
 
 Factory = Callable[[PackedTensor], object]  # returns a Kernel, or None where it does not apply
 T = TypeVar("T", bound=Factory)
-_FACTORIES: dict[tuple[str, str], Factory] = {}
+_FACTORIES: Registry[Factory] = Registry("kernel")
 
 
 def register_kernel(layout: str, device_type: str) -> Callable[[T], T]:
@@ -21,13 +22,10 @@ def register_kernel(layout: str, device_type: str) -> Callable[[T], T]:
     then takes the generic path.
     """
     def deco(factory: T) -> T:
-        key = (layout, device_type)
-        if key in _FACTORIES:
-            raise ValueError(f"a kernel for layout {layout!r} on {device_type} is already registered")
-        _FACTORIES[key] = factory
-        return factory
+        return _FACTORIES.add(f"{layout}@{device_type}", factory)
     return deco
 
 
 def kernel_factory(layout: str, device_type: str) -> Factory | None:
-    return _FACTORIES.get((layout, device_type))
+    """The factory registered for ``layout`` on ``device_type``, or ``None`` (the generic path)."""
+    return _FACTORIES.find(f"{layout}@{device_type}")
