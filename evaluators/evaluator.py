@@ -15,7 +15,6 @@ import quant
 from evaluators.data import TokenSets
 from evaluators.metrics import MetricSums
 from evaluators.models import LoadedModel
-from quant.modules import QuantEmbedding, QuantLinear
 
 __all__ = ["Evaluator", "calibration_hessians", "reference_logprobs"]
 
@@ -49,13 +48,12 @@ def calibration_hessians(model: nn.Module, tokens: TokenSets, names: Iterable[st
         log.warning("no calibration windows (--calib-seqs 0): gptq runs without data, as rtn")
         return {}
     names = set(names)
-    modules = dict(model.named_modules())
-    tied = {head: name for name in names for head, m in modules.items()
-            if isinstance(m, nn.Linear) and head not in names and m.weight is getattr(modules[name], "weight", None)}
+    tied = {head: name for head, name in quant.find_matrices(model)[1].items() if name in names}
     hessians = quant.collect_hessians(model, [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)],
                                       [*names, *tied])
     for head, name in tied.items():
-        hessians[name] = hessians.pop(head)
+        if head in hessians:
+            hessians[name] = hessians.pop(head)
     return hessians
 
 
@@ -107,17 +105,12 @@ class Evaluator:
         self.tokens = tokens
         self.batch_size = batch_size
         self.matrices = quant.weight_matrices(self.model)
-        modules = dict(self.model.named_modules())
-        self.weights = {name: modules[name].weight.detach().clone() for name in self.matrices}
+        self.weights = {name: w.clone() for name, w in quant.float_weights(self.model).items()}
         self.numel = sum(h * w for h, w in self.matrices.values())
         self.reference = reference_logprobs(self.model, tokens, batch_size) if reference is None else reference
         self._ref_top = torch.from_numpy(self.reference).argmax(-1)  # (B, T-1): the same for every trial
         self.cache = PackedCache(cache_bytes)
         self.hessians: dict[str, torch.Tensor] | None = None  # collected when a policy first needs them
-        # Biases of every linear layer (a tied LM head included), so float modules can be rebuilt
-        # after a policy replaced them: a partial policy needs the unnamed matrices float.
-        self._biases = {name: None if m.bias is None else m.bias.detach().clone()
-                        for name, m in modules.items() if isinstance(m, nn.Linear)}
 
     def _measure(self, prune_above: float | None = None, windows: int | None = None) -> dict[str, Any]:
         """Metrics over the first ``windows`` evaluation windows (default all); ``kl_low`` is the KL
@@ -146,30 +139,12 @@ class Evaluator:
             self.restore_float()
             self.hessians = calibration_hessians(self.model, self.tokens, self.matrices, self.batch_size)
 
-    def _float_module(self, name: str, module: nn.Module, params: dict[str, nn.Parameter]) -> nn.Module:
-        """A float module equivalent to ``module`` (quantized or not) sharing the kept float weight."""
-        source = getattr(module, "tied_to", None) or name
-        weight = params.setdefault(source, nn.Parameter(self.weights[source], requires_grad=False))
-        if isinstance(module, (QuantEmbedding, nn.Embedding)):
-            new: nn.Module = nn.Embedding(*weight.shape, padding_idx=module.padding_idx, device="meta")
-        else:
-            bias = self._biases.get(name)
-            new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-            if bias is not None:
-                new.bias = nn.Parameter(bias, requires_grad=False)
-        new.weight = weight
-        return new
-
-    def _set_module(self, name: str, module: nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, module)
+    def _quantize(self, name: str, weight: torch.Tensor, setting: quant.QuantSetting) -> quant.PackedTensor:
+        return self.cache.get(name, weight, setting, self.hessians or {})
 
     def restore_float(self) -> None:
-        """Puts every quantized module back to float (around the kept weights; nothing is copied)."""
-        params: dict[str, nn.Parameter] = {}
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, (QuantLinear, QuantEmbedding)):
-                self._set_module(name, self._float_module(name, module, params))
+        """Puts every quantized matrix back to float (the kept float weights; nothing is copied)."""
+        quant.restore_float(self.model, self.weights)
 
     @torch.inference_mode()
     def evaluate_partial(self, settings: Mapping[str, quant.QuantSetting],
@@ -178,28 +153,14 @@ class Evaluator:
         Over the first ``windows`` evaluation windows (default all): sensitivity can use fewer.
 
         A full :class:`quant.Policy` cannot say "float", yet per-matrix sensitivity needs exactly
-        that. The model is first put back to float (modules rebuilt around the kept float weights,
-        so nothing is copied), then the named modules — and a tied head with its embedding — are
-        swapped for quantized ones; :meth:`evaluate` works as before afterwards.
+        that: :func:`quant.apply_policy` with ``partial`` puts the others back to float (around the
+        kept float weights, so nothing is copied); :meth:`evaluate` works as before afterwards.
         """
-        self.restore_float()
         self._calibrate(settings.values())
-        modules = dict(self.model.named_modules())
-        packed_all = {}
-        for name, setting in settings.items():
-            packed = self.cache.get(name, self.weights[name], setting, self.hessians or {})
-            packed_all[name] = packed
-            module = modules[name]
-            if isinstance(module, nn.Embedding):
-                self._set_module(name, QuantEmbedding(packed, module.padding_idx))
-                for other, m in modules.items():  # a tied LM head reads the same (now quantized) table
-                    if isinstance(m, nn.Linear) and m.weight is module.weight:
-                        self._set_module(other, QuantLinear(packed, m.bias, cache_dense=True, tied_to=name))
-            else:
-                self._set_module(name, QuantLinear(packed, module.bias, cache_dense=True))
+        packed = quant.apply_policy(self.model, quant.Policy(dict(settings)), partial=True, weights=self.weights,
+                                    quantizer=self._quantize, cache_dense=True)
         result = self._measure(windows=windows)
-        nbytes = sum(p.nbytes for p in packed_all.values())
-        return {**result, "bytes": nbytes}
+        return {**result, "bytes": sum(p.nbytes for p in packed.values())}
 
     @torch.inference_mode()
     def evaluate(self, policy: quant.Policy, prune_above: float | None = None) -> dict[str, Any]:
@@ -210,8 +171,8 @@ class Evaluator:
         """
         t0 = time.perf_counter()
         self._calibrate(policy.settings.values())
-        packed = quant.apply_policy(self.model, policy, weights=self.weights, cache_dense=True,
-                                    quantizer=lambda n, w, s: self.cache.get(n, w, s, self.hessians or {}))
+        packed = quant.apply_policy(self.model, policy, weights=self.weights, quantizer=self._quantize,
+                                    cache_dense=True)
         t1 = time.perf_counter()
         result = self._measure(prune_above)
         t2 = time.perf_counter()

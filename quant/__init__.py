@@ -4,14 +4,16 @@ Public API::
 
     packed = quant.quantize(weight, {"format": "rtn", "bits": 4, "group_size": 128})
     packed.dequantize(); packed.nbytes
-    quant.apply_policy(model, policy)
+    weights = quant.float_weights(model)
+    quant.apply_policy(model, policy)  # in place; partial=True quantizes only the matrices named
+    quant.restore_float(model, weights)
 """
 
-from quant.apply import apply_policy, quantize
+from quant.apply import apply_policy, quantize, restore_float
 from quant.calibration import collect_hessians, needs_hessians, quantize_calibrated
 from quant.checkpoint import PackedCheckpoint, load_checkpoint, read_packed_tensors, save_checkpoint
 from quant.formats import Format, format_names, get_format, register_format
-from quant.modules import QuantEmbedding, QuantLinear
+from quant.modules import PackedModule, PackedWeight, QuantEmbedding, QuantLinear, find_matrices, float_weights
 from quant.packed import PackedTensor
 from quant.packing import pack_bits, packed_size, unpack_bits
 from quant.policy import POLICY_VERSION, Policy, PolicyError, weight_matrices
@@ -22,4 +24,5 @@ __all__ = [
     "QuantSetting", "apply_policy", "collect_hessians", "load_checkpoint", "needs_hessians", "quantize_calibrated",
     "read_packed_tensors", "save_checkpoint", "format_names", "get_format", "pack_bits", "packed_size", "quantize",
     "register_format", "unpack_bits", "weight_matrices",
+    "PackedModule", "PackedWeight", "find_matrices", "float_weights", "restore_float",
 ]

@@ -9,9 +9,9 @@ A checkpoint folder holds two files:
   with its metrics and provenance), each matrix's shape, kind and buffer names, and
   tied weights.
 
-Reloading rebuilds the architecture from the config and installs the same
-:class:`QuantLinear` / :class:`QuantEmbedding` modules that the search measured, so a
-reloaded model computes exactly what was measured. The file is not named
+Reloading rebuilds the architecture from the config and serves the same packed weights
+from its own modules (:func:`quant.modules.pack`) as the search measured, so a reloaded
+model computes exactly what was measured. The file is not named
 ``model.safetensors`` on purpose: transformers would try to read it as a float checkpoint.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quant.modules import QuantEmbedding, QuantLinear
+from quant.modules import PackedModule, PackedWeight, find_matrices, pack
 from quant.packed import PackedTensor
 from quant.policy import Policy, PolicyError
 from quant.settings import QuantSetting
@@ -67,24 +67,21 @@ def save_checkpoint(model: nn.Module, policy: Policy, out_dir: str | Path) -> Pa
     what the model computes with.
     """
     out = Path(out_dir)
-    modules = dict(model.named_modules())
+    found, all_ties = find_matrices(model)
     tensors: dict[str, torch.Tensor] = {}
     matrices: dict[str, Any] = {}
     for name, setting in policy.settings.items():
-        module = modules.get(name)
-        if not isinstance(module, (QuantLinear, QuantEmbedding)):
+        module = found.get(name)
+        if not isinstance(module, PackedModule):
             raise PolicyError(f"matrix {name!r} is not quantized in this model; apply the policy first")
         packed = module.packed
         for buf, value in packed.buffers.items():
             # safetensors refuses views and shared storage; a contiguous copy keeps bytes equal.
             tensors[f"{name}.{buf}"] = value.detach().contiguous().clone()
-        matrices[name] = {"kind": "embedding" if isinstance(module, QuantEmbedding) else "linear",
+        matrices[name] = {"kind": "embedding" if isinstance(module, nn.Embedding) else "linear",
                           "shape": list(packed.shape), "setting": packed.setting.to_dict(),
                           "buffers": sorted(packed.buffers), "bytes": packed.nbytes}
-        if isinstance(module, QuantEmbedding) and module.padding_idx is not None:
-            matrices[name]["padding_idx"] = module.padding_idx
-    ties = {name: m.tied_to for name, m in modules.items()
-            if isinstance(m, QuantLinear) and name not in policy.settings and m.tied_to}
+    ties = {head: name for head, name in all_ties.items() if name in policy.settings}
     floats: list[str] = []
     # After apply_policy the state dict holds only what stays float: norms, biases, unquantized layers.
     for key, value in model.state_dict().items():
@@ -164,32 +161,22 @@ def load_checkpoint(folder: str | Path, *, trust_remote_code: bool = False) -> P
     packed, floats, meta = read_packed_tensors(folder)
     model = _build_model(meta, trust_remote_code)
     modules = dict(model.named_modules())
+    holders = {name: [name] for name in packed}
+    for head, name in meta.get("ties", {}).items():
+        holders.setdefault(name, []).append(head)
     for name, p in packed.items():
-        old = modules.get(name)
-        if not isinstance(old, (nn.Linear, nn.Embedding)):
-            raise PolicyError(f"checkpoint matrix {name!r} is not a linear or embedding layer of "
-                              f"{type(model).__name__}")
-        if tuple(old.weight.shape) != tuple(p.shape):
-            raise PolicyError(f"checkpoint matrix {name!r} has shape {p.shape}, the model {tuple(old.weight.shape)}")
-        if meta["matrices"][name]["kind"] == "embedding":
-            new: nn.Module = QuantEmbedding(p, meta["matrices"][name].get("padding_idx"))
-        else:
-            new = QuantLinear(p, None)
-            if getattr(old, "bias", None) is not None:
-                new.bias = nn.Parameter(torch.zeros_like(old.bias), requires_grad=False)  # loaded below
-        _set_module(model, name, new)
-    for name, emb in meta.get("ties", {}).items():
-        head = QuantLinear(packed[emb], None, tied_to=emb)
-        _set_module(model, name, head)
+        shared = PackedWeight(p)
+        for holder in holders[name]:
+            try:
+                if holder not in modules:
+                    raise TypeError("no such module")
+                pack(modules[holder], shared)  # checks the module holds a matrix of this shape
+            except (TypeError, ValueError) as exc:
+                raise PolicyError(f"checkpoint matrix {name!r} {tuple(p.shape)} does not fit "
+                                  f"{type(model).__name__} at {holder!r}: {exc}") from None
     missing, unexpected = model.load_state_dict(floats, strict=False)
     if missing or unexpected:
         raise PolicyError(f"checkpoint float tensors do not fit the model: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}")
     policy = Policy.from_dict(meta["policy"])
     return PackedCheckpoint(model=model.eval(), policy=policy, packed=packed, meta=meta)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

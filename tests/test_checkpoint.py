@@ -59,7 +59,7 @@ def test_packed_bytes_on_disk_equal_packed_tensor_nbytes(applied) -> None:
     assert set(ckpt.packed) == set(doc["matrices"])
     for name, packed in ckpt.packed.items():
         assert sum(on_disk[f"{name}.{b}"] for b in packed.buffers) == packed.nbytes == meta["matrices"][name]["bytes"]
-        assert packed.setting.to_dict() == quant.QuantSetting.from_dict(doc["matrices"][name]).to_dict()
+        assert packed.setting.to_dict() == quant.Policy.from_dict(doc).settings[name].to_dict()
     assert sum(p.nbytes for p in ckpt.packed.values()) == doc["metrics"]["bytes"]
     # Everything else in the file is float tensors that stay float: norms, never a weight matrix.
     floats = set(on_disk) - {f"{n}.{b}" for n, p in ckpt.packed.items() for b in p.buffers}
