@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 import quant
-from evaluators.context import DataConfig
+from evaluators.context import measured_on
 from evaluators.errors import UserError
 from evaluators.evaluator import reference_logprobs
 from evaluators.metrics import MetricSums
@@ -28,13 +28,7 @@ def evaluate_checkpoint(folder: str | Path, *, batch_size: int = 2) -> tuple[dic
         ckpt = quant.load_checkpoint(folder)
     except quant.PolicyError as exc:
         raise UserError(str(exc)) from None
-    provenance = ckpt.policy.meta.get("provenance")
-    if not isinstance(provenance, dict) or "model" not in provenance:
-        raise UserError(f"checkpoint {folder} has no provenance (model and data) to measure it against")
-    data = DataConfig.from_dict(provenance)
-    loaded, tokens = data.load()
-    if provenance.get("data_fingerprint") not in (None, tokens.fingerprint):
-        raise UserError("the evaluation tokens differ from those the checkpoint was measured on (corpus changed?)")
+    loaded, tokens = measured_on(ckpt.policy.meta, "checkpoint", str(folder), " to measure it against")
     reference = reference_logprobs(loaded.model, tokens, batch_size)
     del loaded  # the float model is only needed for the reference
     sums = MetricSums()

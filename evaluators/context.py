@@ -9,7 +9,7 @@ from evaluators.data import DEFAULT_CORPUS, TokenSets, load_corpus, make_token_s
 from evaluators.errors import UserError
 from evaluators.models import LoadedModel, load_model
 
-__all__ = ["DataConfig"]
+__all__ = ["DataConfig", "measured_on"]
 
 
 @dataclass(frozen=True)
@@ -40,3 +40,15 @@ class DataConfig:
         tokens = make_token_sets(loaded, text, seq_len=self.seq_len, n_eval=self.n_eval,
                                  n_calib=self.n_calib, seed=self.seed)
         return loaded, tokens
+
+
+def measured_on(meta: dict[str, Any], what: str, source: str, hint: str = "") -> tuple[LoadedModel, TokenSets]:
+    """The model and tokens a policy or checkpoint (``what`` at ``source``) was measured on, rebuilt from
+    the provenance in its ``meta``; refused when there is none or the tokens came out different."""
+    provenance = meta.get("provenance")
+    if not isinstance(provenance, dict) or "model" not in provenance:
+        raise UserError(f"{what} {source} has no provenance (model and data){hint}")
+    loaded, tokens = DataConfig.from_dict(provenance).load()
+    if provenance.get("data_fingerprint") not in (None, tokens.fingerprint):
+        raise UserError(f"the evaluation tokens differ from those the {what} was measured on (corpus changed?)")
+    return loaded, tokens

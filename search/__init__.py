@@ -2,6 +2,7 @@
 
 from search.budget import parse_budget
 from search.driver import SearchConfig, run_search
+from search.request import MeasureRequest, SearchRequest
 from search.space import SearchSpace
 
-__all__ = ["SearchConfig", "SearchSpace", "parse_budget", "run_search"]
+__all__ = ["MeasureRequest", "SearchConfig", "SearchRequest", "SearchSpace", "parse_budget", "run_search"]

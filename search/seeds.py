@@ -19,7 +19,7 @@ import quant
 from search.sensitivity import SensitivityTable
 from search.space import SearchSpace
 
-__all__ = ["solve_dp", "solve_greedy", "solved_policies", "enqueue_solved_seeds"]
+__all__ = ["solve_dp", "solve_greedy", "solved_policies", "enqueue_solved_seeds", "enqueue_uniform_seeds"]
 
 _MAX_UNITS = 4096  # DP capacity; the rounding loses at most n_matrices units of the budget
 
@@ -119,3 +119,13 @@ def enqueue_solved_seeds(study: optuna.Study, table: SensitivityTable, space: Se
         study.enqueue_trial(space.params(policy), user_attrs={"seed": label})
         done.append({"seed": label, "bytes": predicted})
     return done
+
+
+def enqueue_uniform_seeds(study: optuna.Study, space: SearchSpace, budget_bytes: int) -> int:
+    """Uniform settings that fit the budget, largest first, as the study's first trials (user attr
+    ``seed`` = ``uniform:<setting>``); returns how many."""
+    seeds = [(space.nbytes(p), label, p) for label, p in space.uniform_policies()]
+    seeds = sorted((s for s in seeds if s[0] <= budget_bytes), key=lambda s: -s[0])
+    for _, label, policy in seeds:
+        study.enqueue_trial(space.params(policy), user_attrs={"seed": f"uniform:{label}"})
+    return len(seeds)

@@ -12,15 +12,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 import quant
 from evaluators import Evaluator
-from evaluators.context import DataConfig
 from studies import Store
+
+if TYPE_CHECKING:
+    from search.request import MeasureRequest
 
 __all__ = ["SensitivityTable", "measure_sensitivity", "run_sensitivity"]
 
@@ -104,18 +106,14 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
     return table
 
 
-def run_sensitivity(data: DataConfig, bits: tuple[int, ...], groups: tuple[int | None, ...], storage: str, *,
-                    granularity: str = "matrix", windows: int | None = None, formats: tuple[str, ...] = ("rtn",),
-                    progress: bool = True) -> SensitivityTable:
-    """Loads model and data, then measures (or reuses) the table for the space's settings."""
-    from search.space import SearchSpace, check_granularity
+def run_sensitivity(request: MeasureRequest, storage: str, *, progress: bool = True) -> SensitivityTable:
+    """Loads the request's model and data, then measures (or reuses) the table for its space's settings.
 
-    check_granularity(granularity)  # before minutes of loading
-    SearchSpace({}, bits, groups, formats)  # refuses bad --bits / --groups / --formats now, too
+    The request was validated when it was built, so bad options never reach the storage or the loading."""
     store = Store(storage)
-    loaded, tokens = data.load()
-    space = SearchSpace(quant.weight_matrices(loaded.model), bits, groups, formats, granularity=granularity)
+    loaded, tokens = request.data_config().load()
+    space = request.space(quant.weight_matrices(loaded.model))
     evaluator = Evaluator(loaded, tokens)
     return measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
                                model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
-                               windows=windows, progress=progress)
+                               windows=request.sensitivity_seqs, progress=progress)

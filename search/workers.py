@@ -1,4 +1,5 @@
-"""Ray actors that hold the model, data, reference and quantized-matrix cache, and measure policies."""
+"""Ray actors that hold the model, data, reference and quantized-matrix cache, and measure policies
+(plain data in, a :class:`~studies.results.TrialResult` out)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import ray
+
+from studies.results import TrialResult
 
 __all__ = ["TrialWorker", "init_ray"]
 
@@ -41,12 +44,16 @@ class TrialWorker:
         self.evaluator = Evaluator(loaded, tokens, reference=reference)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
-    def evaluate(self, policy: dict[str, Any], prune_above: float | None = None) -> dict[str, Any]:
+    def evaluate(self, policy: dict[str, Any], prune_above: float | None = None) -> TrialResult:
         import quant
+        from evaluators import METRIC_NAMES
 
-        result = self.evaluator.evaluate(quant.Policy.from_dict(policy), prune_above=prune_above)
-        result["worker"] = self.name
-        return result
+        measured = self.evaluator.evaluate(quant.Policy.from_dict(policy), prune_above=prune_above)
+        metrics = {} if measured["pruned"] else {k: measured[k] for k in METRIC_NAMES}
+        return TrialResult(bytes=int(measured["bytes"]), bpw=measured["bpw"],
+                           kl_low=measured["kl_low"], windows=measured["windows"],
+                           seconds_quantize=measured["seconds_quantize"], seconds_forward=measured["seconds_forward"],
+                           worker=self.name, **metrics)
 
     def pid(self) -> int:
         return os.getpid()

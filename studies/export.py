@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from studies.store import Store, StoreError
+from studies.store import NotFoundError, Store, StoreError
 
-__all__ = ["export_policy"]
+__all__ = ["export_policy", "EXPORT_FORMATS"]
+
+# What a chosen point can be exported as: TurboQuant's policy (json) or a runtime's configuration
+# (studies.export_runtimes).
+EXPORT_FORMATS = ("json", "gptqmodel", "llamacpp", "torchao")
 
 
 def export_policy(store: Store, study_name: str, *, trial: int | None = None,
@@ -22,11 +26,11 @@ def export_policy(store: Store, study_name: str, *, trial: int | None = None,
     if trial is None:
         front = store.front(study, budget_bytes)
         if front.empty:
-            raise StoreError(f"study {study_name!r} has no finished trial within {budget_bytes} bytes")
+            raise NotFoundError(f"study {study_name!r} has no finished trial within {budget_bytes} bytes")
         trial = int(front.iloc[-1]["trial"])
     row = store.trial(study, trial)
     if row is None or row.state != "complete":
-        raise StoreError(f"study {study_name!r} has no complete trial {trial}")
+        raise NotFoundError(f"study {study_name!r} has no complete trial {trial}")
     return {**row.policy,
             "model": study.model,
             "metrics": {"kl": row.kl, "ppl": row.ppl, "top1": row.top1, "logit_err": row.logit_err,

@@ -17,9 +17,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from studies.migrate import migrate
 from studies.models import FRONT_INDEX, Base, SensitivityRow, StudyRow, TrialRow
 from studies.pareto import front_indices
+from studies.results import TrialResult
 from studies.retry import SCHEMA_RACE_SECONDS, with_db_retry
 
-__all__ = ["Store", "StoreError", "DEFAULT_STORAGE", "FRONT_COLUMNS"]
+__all__ = ["Store", "StoreError", "NotFoundError", "DEFAULT_STORAGE", "FRONT_COLUMNS"]
 
 DEFAULT_STORAGE = "sqlite:///turboquant.db"
 FRONT_COLUMNS = ["trial", "bytes", "bpw", "kl", "ppl", "top1", "logit_err", "seed"]
@@ -45,6 +46,10 @@ _FRONT_ROWS = (select(TrialRow.number, TrialRow.bytes, TrialRow.bpw, TrialRow.kl
 
 class StoreError(ValueError):
     """A storage URL that cannot be opened, or a study that does not exist."""
+
+
+class NotFoundError(StoreError):
+    """A study, or a trial of it, that the store does not hold (the API answers 404)."""
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -123,7 +128,7 @@ class Store:
         if row is None:
             known = self.study_names()
             hint = f"; known studies: {', '.join(known)}" if known else "; this storage has no studies yet"
-            raise StoreError(f"no study named {name!r} in {self.url}{hint}")
+            raise NotFoundError(f"no study named {name!r} in {self.url}{hint}")
         return row
 
     def study_names(self) -> list[str]:
@@ -161,6 +166,13 @@ class Store:
             if fields.get("state") == "complete":
                 row.feasible = row.bytes is not None and row.bytes <= study.budget_bytes
             s.commit()
+
+    def record_result(self, study: StudyRow, number: int, result: TrialResult, *, policy: dict[str, Any],
+                      seed: str | None, timings: dict[str, Any]) -> None:
+        """Writes a measured trial: ``complete`` with its metrics, or ``pruned`` with bytes and timings."""
+        self.record_trial(study, number, state=result.state, policy=policy, bytes=result.bytes, bpw=result.bpw,
+                          kl=result.kl, ppl=result.ppl, top1=result.top1, logit_err=result.logit_err, seed=seed,
+                          timings=timings, worker=result.worker)
 
     def trial(self, study: StudyRow, number: int) -> TrialRow | None:
         with self.session() as s:

@@ -16,6 +16,7 @@ import psutil
 
 from evaluators.context import DataConfig
 from search.driver import SearchConfig, run_search
+from search.request import SearchRequest
 from studies import Store
 
 
@@ -44,8 +45,8 @@ def test_worker_killed_mid_trial_is_retried_and_nothing_is_lost(corpus, local_ra
     killer = threading.Thread(target=_kill_first_busy_worker, args=(stop, killed))
     killer.start()
     try:
-        summary = run_search(SearchConfig(study="f", data=data, budget="4.5bpw", trials=8, workers=2,
-                                          storage=storage, progress=False))
+        summary = run_search(SearchConfig(SearchRequest.from_data(data, study="f", budget="4.5bpw", trials=8,
+                                                                  workers=2), storage=storage, progress=False))
     finally:
         stop.set()
         killer.join()
@@ -93,8 +94,8 @@ def test_trial_whose_worker_always_dies_is_failed_after_max_retries(corpus, loca
     killer = threading.Thread(target=_kill_one_trial_on_every_attempt, args=(stop, killed, max_retries + 1, 2))
     killer.start()
     try:
-        summary = run_search(SearchConfig(study="r", data=data, budget="4.5bpw", trials=trials, workers=2,
-                                          storage=storage, max_retries=max_retries, progress=False))
+        request = SearchRequest.from_data(data, study="r", budget="4.5bpw", trials=trials, workers=2)
+        summary = run_search(SearchConfig(request, storage=storage, max_retries=max_retries, progress=False))
     finally:
         stop.set()
         killer.join()

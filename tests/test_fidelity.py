@@ -7,6 +7,7 @@ from optuna.trial import TrialState
 
 import quant
 from search.driver import SearchConfig, run_search
+from search.request import SearchRequest
 from search.fidelity import FirstBatchGate
 from studies import Store
 
@@ -40,9 +41,9 @@ def test_gate_bar_is_the_kth_best_near_the_budget() -> None:
 
 def test_evo_search_prunes_children_and_keeps_its_complete_trials(data_config, tmp_path, local_ray) -> None:
     storage = f"sqlite:///{tmp_path}/f.db"
-    cfg = SearchConfig(study="mf", data=data_config, budget="3.5bpw", trials=14, sampler="evo", workers=2,
-                       storage=storage, bits=(2, 3, 4, 8), groups=(32, 64), granularity="block",
-                       progress=False, fidelity_keep=2)
+    request = SearchRequest.from_data(data_config, study="mf", budget="3.5bpw", trials=14, sampler="evo", workers=2,
+                                      bits=[2, 3, 4, 8], groups=[32, 64], granularity="block")
+    cfg = SearchConfig(request, storage=storage, progress=False, fidelity_keep=2)
     summary = run_search(cfg)
     # --trials counts finished trials: measured fully or stopped after the first batch.
     assert summary["complete"] + summary["pruned"] == 14, summary

@@ -27,10 +27,11 @@ def test_search_survives_a_postgres_restart(postgres, corpus, local_ray, caplog)
 
     from evaluators.context import DataConfig
     from search.driver import SearchConfig, run_search
+    from search.request import SearchRequest
 
     data = DataConfig(model="tiny-random-llama", dataset=corpus, seq_len=256, n_eval=16, n_calib=2)
-    cfg = SearchConfig(study="restart", data=data, budget="4.5bpw", trials=16, workers=2, storage=postgres.url,
-                       progress=False)
+    cfg = SearchConfig(SearchRequest.from_data(data, study="restart", budget="4.5bpw", trials=16, workers=2),
+                       storage=postgres.url, progress=False)
     store = Store(postgres.url)
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(run_search(cfg)))

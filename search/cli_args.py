@@ -1,0 +1,99 @@
+"""Command-line flags generated from a request model's fields, and the request built back from them.
+
+A field ``seq_len: int = Field(256, description=...)`` becomes ``--seq-len N`` with that help; a
+``bool`` field a switch, a ``bool | None`` field a ``--x / --no-x`` pair, a list field one
+comma-separated value (``--bits 2,3,4``; ``ch`` for a ``None`` group). Flags that are not given
+are left out, so the model's own defaults apply: they are stated once, on the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from evaluators.errors import UserError
+
+__all__ = ["add_request_args", "request_from_args"]
+
+M = TypeVar("M", bound=BaseModel)
+_PER_CHANNEL = ("ch", "channel")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parts(annotation: Any) -> tuple[Any, bool]:
+    """(the type without ``None``, whether ``None`` is allowed) of ``X | None`` or ``X``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return (args[0] if len(args) == 1 else annotation), True
+    return annotation, False
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(_PER_CHANNEL[0] if v is None else str(v) for v in value)
+    return str(value)
+
+
+def add_request_args(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
+    """Adds a flag per field of ``model`` (except ``skip``); absent flags keep the model's defaults."""
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        kind, optional = _parts(field.annotation)
+        help_text = field.description or ""
+        if not field.is_required() and field.default not in (None, False):
+            help_text += f" (default: {_shown(field.default)})"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": name}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction if optional else "store_true"
+        elif typing.get_origin(kind) is list:
+            kwargs["metavar"] = name.upper()  # comma-separated; split by request_from_args
+        elif kind is int:
+            kwargs["type"] = int
+        if field.is_required():
+            kwargs["required"] = True
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def _split(name: str, text: str, item: Any) -> list[Any]:
+    kind, per_channel = _parts(item)
+    values = [v.strip() for v in text.split(",")]
+    if kind is not int:
+        return values
+    try:
+        return [None if per_channel and v in _PER_CHANNEL else int(v) for v in values]
+    except ValueError:
+        extra = " (or 'ch' for per output channel)" if per_channel else ""
+        raise UserError(f"{_flag(name)} takes comma-separated integers{extra}, got {text!r}") from None
+
+
+def _message(error: dict[str, Any]) -> str:
+    # A validator's own message already names the option and the fix; a bound says which flag.
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"])
+    flag = _flag(str(error["loc"][0])) if error["loc"] else "options"
+    return f"{flag}: {error['msg'].lower()}, got {error['input']!r}"
+
+
+def request_from_args(model: type[M], args: argparse.Namespace, **extra: Any) -> M:
+    """The request of ``model`` from parsed flags (plus ``extra`` fields), validated once.
+
+    Raises:
+        UserError: naming the bad option, in one line (the CLI prints it and exits 2).
+    """
+    given = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+    for name, value in given.items():
+        kind, _ = _parts(model.model_fields[name].annotation)
+        if typing.get_origin(kind) is list and isinstance(value, str):
+            given[name] = _split(name, value, typing.get_args(kind)[0])
+    try:
+        return model(**given, **extra)
+    except ValidationError as exc:
+        raise UserError("; ".join(_message(e) for e in exc.errors())) from None

@@ -1,0 +1,178 @@
+"""The CLI's policy commands: ``export`` a front point, ``eval`` a policy or checkpoint, ``apply`` a
+policy to write a packed checkpoint, ``show`` a policy per layer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from studies.export import EXPORT_FORMATS
+
+__all__ = ["COMMANDS"]
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write the policy of a chosen front point")
+    p.add_argument("study")
+    p.add_argument("--storage", default=None)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int)
+    which.add_argument("--budget", help="best point within this budget, e.g. 3.0bpw or 60MB")
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--format", default="json", choices=EXPORT_FORMATS,
+                   help="json (TurboQuant policy), gptqmodel (dynamic overrides), llamacpp "
+                        "(--tensor-type-file), torchao (FqnToConfig JSON)")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from search.budget import parse_budget
+    from studies import DEFAULT_STORAGE, Store, export_policy
+
+    store = Store(args.storage or DEFAULT_STORAGE)
+    budget = None
+    if args.budget is not None:
+        budget = parse_budget(args.budget, store.get_study(args.study).numel)
+    doc = export_policy(store, args.study, trial=args.trial, budget_bytes=budget)
+    if args.format != "json":
+        return _write_runtime_export(doc, args.format, args.out)
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=2)
+    m = doc["metrics"]
+    print(f"wrote {args.out}: trial {doc['provenance']['trial']}, {m['bytes']:,} bytes ({m['bpw']:.3f} bpw), "
+          f"KL {m['kl']:.5f}, ppl {m['ppl']:.3f}")
+    return 0
+
+
+def _write_runtime_export(doc: dict, fmt: str, out: str) -> int:
+    from evaluators.errors import UserError
+    from studies.export_runtimes import export_runtime
+
+    try:
+        result = export_runtime(doc, fmt)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    with open(out, "w") as f:
+        f.write(result.text)
+    m = doc["metrics"]
+    print(f"wrote {out} ({fmt}): trial {doc['provenance']['trial']}, measured {m['bpw']:.3f} bpw, KL {m['kl']:.5f} "
+          f"in TurboQuant; {len(result.approximations)} approximation(s) for {fmt}:")
+    for line in result.approximations:
+        print(f"  ~ {line}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="re-measure a policy (or a packed checkpoint folder) on the data it was "
+                                    "measured on")
+    p.add_argument("policy", help="policy JSON, or a checkpoint folder written by turboquant apply")
+    p.add_argument("--json", action="store_true")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import quant
+    from evaluators import Evaluator, UserError
+    from evaluators.context import measured_on
+
+    if Path(args.policy).is_dir():
+        from evaluators.checkpoint import evaluate_checkpoint
+
+        result, ckpt = evaluate_checkpoint(args.policy)
+        _print_metrics(result, ckpt.policy.meta.get("metrics", {}), args.json)
+        return 0
+    policy = quant.Policy.load(args.policy)
+    loaded, tokens = measured_on(policy.meta, "policy", args.policy, "; export it with turboquant export")
+    try:
+        result = Evaluator(loaded, tokens).evaluate(policy)
+    except quant.PolicyError as exc:
+        raise UserError(f"policy {args.policy} does not fit model {loaded.name}: {exc}") from None
+    _print_metrics(result, policy.meta.get("metrics", {}), args.json)
+    return 0
+
+
+def _print_metrics(result: dict[str, Any], stored: dict, as_json: bool) -> None:
+    from evaluators import METRIC_NAMES
+
+    metrics = {k: result[k] for k in (*METRIC_NAMES, "bytes", "bpw")}
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+        return
+    for k, v in metrics.items():
+        extra = f"   (stored {stored[k]:.6g})" if isinstance(stored.get(k), (int, float)) else ""
+        print(f"{k:>10} {v:.6g}{extra}")
+
+
+def _add_apply(sub) -> None:
+    p = sub.add_parser("apply", help="quantize the model with a policy and write a packed safetensors checkpoint")
+    p.add_argument("policy", help="policy JSON from turboquant export")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    import quant
+    from evaluators import UserError, calibration_hessians, load_model
+    from evaluators.context import DataConfig
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; the checkpoint is a folder (give a new or existing folder)")
+    policy = quant.Policy.load(args.policy)
+    provenance = policy.meta.get("provenance")
+    model_name = provenance.get("model") if isinstance(provenance, dict) else policy.meta.get("model")
+    if not model_name:
+        raise UserError(f"policy {args.policy} names no model; export it with turboquant export")
+    hessians = {}
+    if quant.needs_hessians(policy.settings.values()):  # gptq: the calibration windows the search used
+        if not isinstance(provenance, dict):
+            raise UserError(f"policy {args.policy} uses gptq but has no provenance naming its calibration data")
+        loaded, tokens = DataConfig.from_dict(provenance).load()
+        hessians = calibration_hessians(loaded.model, tokens, quant.weight_matrices(loaded.model))
+    else:
+        loaded = load_model(model_name, trust_remote_code=bool((provenance or {}).get("trust_remote_code")))
+    try:
+        packed = quant.apply_policy(loaded.model, policy,
+                                    quantizer=lambda n, w, s: quant.quantize_calibrated(n, w, s, hessians))
+    except quant.PolicyError as exc:
+        raise UserError(f"policy {args.policy} does not fit model {model_name}: {exc}") from None
+    out = quant.save_checkpoint(loaded.model, policy, args.out)
+    nbytes = sum(p.nbytes for p in packed.values())
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out}: {len(packed)} packed matrices, {nbytes:,} packed bytes; {size:,} bytes on disk "
+          f"with float tensors and metadata")
+    return 0
+
+
+def _add_show(sub) -> None:
+    p = sub.add_parser("show", help="a policy per layer: each matrix's bits and group size (table, optional bit map)")
+    p.add_argument("policy", help="policy JSON from turboquant export")
+    p.add_argument("--plot", default=None, help="also write a per-layer bit map (heatmap), e.g. bits.png")
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    import quant
+    from evaluators.errors import UserError
+    from search.show import bit_map, summary_text
+
+    doc = quant.Policy.load(args.policy).to_dict()  # validates every setting; raises PolicyError
+    try:
+        text = summary_text(doc, args.policy)
+        if args.plot:  # before printing anything: a bad --plot name fails alone
+            from search.plots import write_bits_plot
+
+            write_bits_plot(bit_map(doc["matrices"]), f"{Path(args.policy).name}: bits per matrix", args.plot)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(text)
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+# Subcommand -> (adds its parser, runs it); search.cli merges these into its table.
+COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
+    "export": (_add_export, _cmd_export),
+    "eval": (_add_eval, _cmd_eval),
+    "apply": (_add_apply, _cmd_apply),
+    "show": (_add_show, _cmd_show),
+}

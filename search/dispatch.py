@@ -1,0 +1,73 @@
+"""Keeping Ray workers busy: submit jobs, collect what each finishes, replace workers that die.
+
+Ray's ``ActorPool`` does not replace dead actors, so this does: a job whose worker died is
+run again on a new one, up to ``max_retries`` times, then reported as failed — never lost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from search.record import Job
+from search.workers import TrialWorker, init_ray
+from studies import TrialResult
+
+__all__ = ["Dispatcher"]
+
+
+class Dispatcher:
+    """``n_workers`` :class:`~search.workers.TrialWorker` actors over one model, data and reference.
+
+    Lifecycle: :meth:`submit` a job to a slot from :attr:`idle`; :meth:`next` returns the next job
+    to finish with its :class:`~studies.TrialResult` or its failure reason (the slot is idle again);
+    :meth:`close` kills the workers.
+    """
+
+    def __init__(self, data: dict[str, Any], reference: Any, n_workers: int, *, ray_address: str | None = None,
+                 max_retries: int = 2):
+        init_ray(ray_address, n_workers)
+        self.max_retries = max_retries
+        self._data = data
+        self._reference = ray.put(reference)
+        self._threads = max(1, int(ray.available_resources().get("CPU", n_workers)) // n_workers)
+        self._workers = [self._start() for _ in range(n_workers)]
+        self.idle = list(range(n_workers))
+        self._pending: dict[Any, Job] = {}
+
+    def _start(self) -> Any:
+        return TrialWorker.options(num_cpus=1).remote(self._data, self._reference, self._threads)
+
+    @property
+    def busy(self) -> int:
+        """Jobs out with a worker."""
+        return len(self._pending)
+
+    def submit(self, job: Job) -> None:
+        self._pending[self._workers[job.worker].evaluate.remote(job.policy, job.prune_above)] = job
+
+    def next(self) -> tuple[Job, TrialResult | str]:
+        """Waits for the next finished job: its result, or why it failed (the error's first line)."""
+        while True:
+            (ref,), _ = ray.wait(list(self._pending), num_returns=1)
+            job = self._pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.ActorDiedError as exc:
+                self._workers[job.worker] = self._start()  # Ray does not replace dead actors
+                if job.attempts <= self.max_retries:
+                    job.attempts += 1
+                    self.submit(job)
+                    continue
+                outcome: TrialResult | str = f"worker died {job.attempts} times: {str(exc).splitlines()[0]}"
+            except ray.exceptions.RayTaskError as exc:
+                outcome = f"{type(exc.cause).__name__}: {exc.cause}"
+            else:
+                outcome = result
+            self.idle.append(job.worker)
+            return job, outcome
+
+    def close(self) -> None:
+        for w in self._workers:
+            ray.kill(w)

@@ -1,0 +1,132 @@
+"""What a search is asked to do: one validated request that the CLI and the HTTP API both build.
+
+Every option of ``turboquant search`` (and of ``turboquant sensitivity``, which measures on the
+same model, data and space) is a field here, with its default, bounds and help stated once: the
+CLI's flags are generated from these fields (:mod:`search.cli_args`), the API's ``POST /studies``
+body is this model, and the driver reads it. Adding an option is adding a field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from evaluators.context import DataConfig
+from evaluators.errors import UserError
+from search.budget import parse_budget
+from search.samplers import SAMPLERS
+from search.space import DEFAULT_BITS, DEFAULT_GROUPS, GRANULARITIES, SearchSpace, check_granularity
+
+__all__ = ["MeasureRequest", "SearchRequest"]
+
+
+def _refuse(check: Any, value: Any) -> Any:
+    """Runs a check that raises :class:`UserError` as a pydantic validation (its message kept)."""
+    try:
+        check(value)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+class MeasureRequest(BaseModel):
+    """The model, the data and the settings allowed per unit: what a sensitivity table is measured on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2-135m", description="alias, local folder or Hugging Face id")
+    dataset: str = Field("shakespeare", description="'shakespeare' (embedded), a text file, or hf:NAME[:CONFIG]")
+    seq_len: int = Field(256, ge=2, le=1 << 20, description="tokens per window")
+    eval_seqs: int = Field(8, ge=1, description="evaluation windows of seq-len tokens")
+    calib_seqs: int = Field(8, ge=0, description="calibration windows (disjoint from evaluation)")
+    seed: int = Field(0, description="picks the windows")
+    trust_remote_code: bool = Field(False, description="allow models that run their own code")
+    bits: list[int] = Field(list(DEFAULT_BITS), min_length=1, description="allowed bit-widths")
+    groups: list[int | None] = Field(list(DEFAULT_GROUPS), min_length=1,
+                                     description="allowed group sizes; 'ch' (API: null) = per output channel")
+    formats: list[str] = Field(["rtn"], min_length=1,
+                               description="allowed quantizers: rtn, gptq, turbo, lloyd, vq, ternary; boolean "
+                                           "options with '+' (gptq+clip)")
+    granularity: str = Field("matrix", description=f"what shares one setting: {', '.join(GRANULARITIES)} "
+                                                   "(block: each layer's attention and MLP)")
+    sensitivity_seqs: int | None = Field(None, ge=1, description="measure sensitivity on the first N evaluation "
+                                                                 "windows only (default: all)")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        from evaluators.models import check_model_name
+
+        return _refuse(check_model_name, v)
+
+    @field_validator("granularity")
+    @classmethod
+    def _granularity(cls, v: str) -> str:
+        return _refuse(check_granularity, v)
+
+    @model_validator(mode="after")
+    def _settings(self) -> "MeasureRequest":
+        # Unsupported formats / bits / group sizes are refused now, not after minutes of loading.
+        _refuse(lambda r: SearchSpace({}, tuple(r.bits), tuple(r.groups), tuple(r.formats)), self)
+        return self
+
+    def data_config(self) -> DataConfig:
+        """The model and data part, as studies record it in their provenance."""
+        return DataConfig(model=self.model, dataset=self.dataset, seq_len=self.seq_len, n_eval=self.eval_seqs,
+                          n_calib=self.calib_seqs, seed=self.seed, trust_remote_code=self.trust_remote_code)
+
+    def space(self, matrices: dict[str, tuple[int, int]]) -> SearchSpace:
+        """The search space over ``matrices`` (name -> (out, in)) that these options allow."""
+        return SearchSpace(matrices, tuple(self.bits), tuple(self.groups), tuple(self.formats),
+                           granularity=self.granularity)
+
+    @classmethod
+    def from_data(cls, data: DataConfig, **options: Any) -> "MeasureRequest":
+        """A request on ``data`` (the inverse of :meth:`data_config`) with the other ``options``."""
+        return cls(model=data.model, dataset=data.dataset, seq_len=data.seq_len, eval_seqs=data.n_eval,
+                   calib_seqs=data.n_calib, seed=data.seed, trust_remote_code=data.trust_remote_code, **options)
+
+
+class SearchRequest(MeasureRequest):
+    """A search against a memory budget: the options of ``turboquant search`` and ``POST /studies``."""
+
+    study: str | None = Field(None, description="study name (default: MODEL-BUDGET)")
+    budget: str = Field(description="e.g. 3.0bpw or 70MB")
+    trials: int = Field(20, ge=1, le=1_000_000, description="finished trials the study should have, complete or "
+                                                            "pruned by multi-fidelity (resume adds up to it)")
+    sampler: str = Field("nsga2", description="nsga2, tpe, gp, evo (budget-aware, ours) or random")
+    workers: int = Field(2, ge=1, le=4096, description="Ray workers, each with its own copy of the model")
+    memory_limit: str | None = Field(None, description="memory the search may use, e.g. 8GB (default: available)")
+    multi_fidelity: bool | None = Field(None, description="score children on the first batch of windows and stop "
+                                                          "the hopeless ones there (default: on for the evo sampler)")
+    sensitivity: bool = Field(False, description="measure (or reuse) per-matrix sensitivity first and enqueue "
+                                                 "DP/greedy seeds (one forward per matrix and setting; reused by "
+                                                 "later studies)")
+
+    @field_validator("budget", "memory_limit")
+    @classmethod
+    def _size(cls, v: str | None) -> str | None:
+        # The form only: what a bpw budget means in bytes is known once the model is loaded.
+        return v if v is None else _refuse(lambda text: parse_budget(text, 8), v)
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        if v not in SAMPLERS:
+            raise ValueError(f"unknown sampler {v!r}; choose one of {', '.join(SAMPLERS)}")
+        return v
+
+    @property
+    def study_name(self) -> str:
+        """The study's name: as given, else ``MODEL-BUDGET`` (a model path's slashes as underscores)."""
+        return self.study or f"{self.model.replace('/', '_')}-{self.budget}"
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return None if self.memory_limit is None else parse_budget(self.memory_limit, 8)
+
+    @property
+    def uses_multi_fidelity(self) -> bool:
+        """Multi-fidelity as asked, or by default for evo, whose children all sit near the budget."""
+        return self.multi_fidelity if self.multi_fidelity is not None else self.sampler == "evo"

@@ -1,0 +1,142 @@
+"""The API's routes and the app: launch searches, watch their progress, read fronts, export policies.
+
+Everything but the searches launched here is read from the study store, so studies started
+from the CLI (or another service) show up too. Status codes follow the exception's type:
+bad input (:class:`UserError`, pydantic) 422, a study or trial that does not exist
+(:class:`NotFoundError`) 404, a study already running 409, a store that cannot answer 503.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from importlib import resources
+from typing import Any
+
+import pandas as pd
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+
+from evaluators.errors import UserError
+from search.budget import parse_budget
+from search.plots import front_png
+from search.service._jobs import AlreadyRunning, Jobs, progress
+from search.service._schemas import ExportRequest, StudyRequest
+from studies import NotFoundError, Store, StoreError, export_policy
+
+__all__ = ["create_app"]
+
+# Exception type -> HTTP status; the first match in this order wins (NotFoundError is a StoreError).
+_STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (NotFoundError, 404), (AlreadyRunning, 409), (UserError, 422), (StoreError, 503))
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN; pandas uses it for missing values.
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item"):  # numpy scalars
+        return _clean(value.item())
+    return value
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [{k: _clean(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
+def _page() -> str:
+    return (resources.files("search.service") / "templates" / "index.html").read_text(encoding="utf-8")
+
+
+def create_app(storage: str, *, token: str | None = None, ray_address: str | None = None) -> FastAPI:
+    """The FastAPI app over ``storage``. With ``token`` every API request needs ``Authorization: Bearer``."""
+    store = Store(storage)  # fails now, at start-up, if the storage cannot be opened
+    jobs = Jobs(storage, ray_address)
+    page = _page()
+    app = FastAPI(title="TurboQuant", version="0.1.0",
+                  description="Mixed-precision quantization search: launch, watch, fronts, export.")
+    app.state.service = jobs
+
+    def auth(request: Request) -> None:
+        if not token:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    api = [Depends(auth)]
+
+    @app.post("/studies", status_code=202, dependencies=api)
+    def launch(req: StudyRequest) -> dict[str, Any]:
+        """Starts a search (or resumes one: same options, more trials) in the background."""
+        job = jobs.launch(req)
+        return {"study": req.study, "status": job.status, "progress": f"/studies/{req.study}"}
+
+    @app.get("/studies", dependencies=api)
+    def studies() -> list[dict[str, Any]]:
+        rows = _records(store.studies_frame())
+        known = {r["study"] for r in rows}
+        for r in rows:
+            job = jobs.get(r["study"])
+            r["status"] = job.status if job else "stored"
+            r["created"] = str(r["created"]) if r.get("created") is not None else None
+        for name, job in jobs.items():
+            if name not in known:
+                rows.append({"study": name, "model": job.request.model, "status": job.status, "error": job.error})
+        return rows
+
+    @app.get("/studies/{study}", dependencies=api)
+    def study_progress(study: str) -> dict[str, Any]:
+        return progress(store, study, jobs.get(study))
+
+    @app.get("/studies/{study}/front", dependencies=api, response_model=list[dict[str, Any]])
+    def front(study: str) -> Response:
+        """The feasible Pareto front: the same points as ``turboquant front STUDY --json``."""
+        # Encoded once per change of the study's trials (the store caches it): the busiest read.
+        return Response(store.front_json(study), media_type="application/json")
+
+    @app.get("/studies/{study}/front.csv", dependencies=api)
+    def front_csv(study: str) -> Response:
+        return Response(store.front(store.get_study(study)).to_csv(index=False), media_type="text/csv")
+
+    @app.get("/studies/{study}/front.png", dependencies=api)
+    def front_plot(study: str) -> Response:
+        row = store.get_study(study)
+        return Response(front_png(store.front(row), f"{study}: front within {row.budget_bpw:.2f} bpw"),
+                        media_type="image/png")
+
+    @app.post("/studies/{study}/export", dependencies=api)
+    def export(study: str, req: ExportRequest) -> Any:
+        """The policy of a front point (``format`` json), or its form for another runtime."""
+        row = store.get_study(study)
+        budget = None if req.budget is None else parse_budget(req.budget, row.numel)
+        doc = export_policy(store, study, trial=req.trial, budget_bytes=budget)  # NotFoundError: 404
+        if req.format == "json":
+            return doc
+        from studies.export_runtimes import export_runtime
+
+        result = export_runtime(doc, req.format)
+        return {"format": req.format, "text": result.text, "approximations": result.approximations,
+                "skipped": result.skipped, "trial": doc["provenance"]["trial"], "metrics": doc["metrics"]}
+
+    @app.get("/static/plotly.min.js", include_in_schema=False)
+    def plotly_js() -> FileResponse:
+        # Served from the installed plotly package: the page works without internet access.
+        return FileResponse(str(resources.files("plotly") / "package_data" / "plotly.min.js"),
+                            media_type="application/javascript")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return page
+
+    for kind, status in _STATUS:
+        app.add_exception_handler(kind, _answer(status))
+    return app
+
+
+def _answer(status: int):
+    def handler(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    return handler
