@@ -105,3 +105,10 @@ def test_direct_construction_is_validated_too() -> None:
     with pytest.raises(ValueError, match="'symmetric' must be a boolean"):
         RtnOptions(symmetric="no")
     assert RtnOptions(clip=True).to_dict() == {"clip": True}
+
+
+def test_the_parse_cache_tells_true_from_one() -> None:
+    # 1 == True and hash(1) == hash(True): a cache keyed on values alone would pass 1 as a boolean.
+    assert get_format("rtn").options_of(QuantSetting("rtn", 4, 128, {"symmetric": True})).symmetric is True
+    with pytest.raises(ValueError, match="'symmetric' must be a boolean, got 1"):
+        QuantSetting.from_dict({"format": "rtn", "options": {"symmetric": 1}})

@@ -101,7 +101,8 @@ class Format(abc.ABC):
     def options_of(self, setting: QuantSetting) -> FormatOptions:
         """The typed options of ``setting``, parsed once per distinct options object."""
         try:
-            key = tuple(sorted(setting.options.items()))
+            # The type is part of the key: 1 == True and 1 == 1.0 in Python, but not as options.
+            key = tuple(sorted((k, type(v).__name__, v) for k, v in setting.options.items()))
             opts = self._parsed.get(key)
         except TypeError:  # an unhashable value (a list): never valid, let parsing say why
             return self.parse_options(setting.options)
