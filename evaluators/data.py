@@ -85,11 +85,16 @@ def _hf_dataset(spec: str) -> str:
 
 @dataclass
 class TokenSets:
-    """Disjoint token windows: ``eval`` (B, T) for metrics, ``calib`` (B, T) for calibration."""
+    """Disjoint token windows: ``eval`` (B, T) for metrics, ``calib`` (B, T) for calibration.
+
+    ``bos_token_id``: the BOS every window starts with (its first token replaced), or ``None``
+    when the tokenizer adds none; it is part of the ``fingerprint``.
+    """
 
     eval: np.ndarray
     calib: np.ndarray
     fingerprint: str
+    bos_token_id: int | None = None
 
     @property
     def seq_len(self) -> int:
@@ -111,7 +116,12 @@ def _tokens(loaded: LoadedModel, text: str) -> np.ndarray:
 
 def make_token_sets(loaded: LoadedModel, text: str, *, seq_len: int = 256, n_eval: int = 8,
                     n_calib: int = 8, seed: int = 0) -> TokenSets:
-    """Cuts the corpus into windows of ``seq_len`` tokens and picks disjoint sets by ``seed``."""
+    """Cuts the corpus into windows of ``seq_len`` tokens and picks disjoint sets by ``seed``.
+
+    Each window starts as the tokenizer starts a text: when it adds a BOS, the window's first
+    token is replaced by it (as llama-perplexity does with each chunk), so a model trained with
+    BOS is not measured on inputs it never saw (the first token is only conditioned on, never scored).
+    """
     if seq_len < 2 or n_eval < 1 or n_calib < 0:
         raise UserError("need seq_len >= 2, n_eval >= 1 and n_calib >= 0")
     ids = _tokens(loaded, text)
@@ -121,7 +131,12 @@ def make_token_sets(loaded: LoadedModel, text: str, *, seq_len: int = 256, n_eva
                         f"need {n_eval + n_calib} (evaluation + calibration)")
     windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len)
     order = np.random.default_rng(seed).permutation(n_windows)
-    eval_ids = windows[np.sort(order[:n_eval])]
+    eval_ids = windows[np.sort(order[:n_eval])]  # fancy indexing: copies, the cached ids stay as they are
     calib_ids = windows[np.sort(order[n_eval:n_eval + n_calib])]
-    h = hashlib.sha256(eval_ids.tobytes() + b"|" + calib_ids.tobytes()).hexdigest()[:16]
-    return TokenSets(eval=eval_ids, calib=calib_ids, fingerprint=h)
+    bos = loaded.bos_token_id
+    if bos is not None:
+        eval_ids[:, 0] = calib_ids[:, 0] = bos
+    # Windows without BOS hash as they always did, so existing studies and caches keep matching.
+    h = hashlib.sha256(eval_ids.tobytes() + b"|" + calib_ids.tobytes()
+                       + (b"" if bos is None else f"|bos={bos}".encode())).hexdigest()[:16]
+    return TokenSets(eval=eval_ids, calib=calib_ids, fingerprint=h, bos_token_id=bos)

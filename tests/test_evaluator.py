@@ -1,4 +1,6 @@
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +72,40 @@ def test_token_sets_are_disjoint_and_fixed_by_seed(corpus) -> None:
     assert np.array_equal(a.eval, b.eval) and a.fingerprint == b.fingerprint != c.fingerprint
     eval_rows = {r.tobytes() for r in a.eval}
     assert not eval_rows & {r.tobytes() for r in a.calib}
+
+
+def _word_level_model(folder: Path, adds_bos: bool) -> Path:
+    """A local model folder: a tiny Llama and a word-level tokenizer that puts <s> (id 1) before a text or not."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from tests.conftest import WORDS
+
+    vocab = {"[UNK]": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", unk_token="[UNK]").save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_windows_start_as_the_tokenizer_starts_a_text(tmp_path, corpus, adds_bos: bool) -> None:
+    loaded = load_model(str(_word_level_model(tmp_path, adds_bos)))
+    assert loaded.bos_token_id == (1 if adds_bos else None)
+    text = open(corpus).read().lower()
+    sets = make_token_sets(loaded, text, seq_len=32, n_eval=3, n_calib=2, seed=0)
+    plain = make_token_sets(replace(loaded, bos_token_id=None), text, seq_len=32, n_eval=3, n_calib=2, seed=0)
+    assert sets.bos_token_id == loaded.bos_token_id and not (plain.eval[:, 0] == 1).any()
+    if adds_bos:  # the first token of every window replaced by BOS (llama-perplexity's chunks), and recorded
+        assert (sets.eval[:, 0] == 1).all() and (sets.calib[:, 0] == 1).all()
+        assert np.array_equal(sets.eval[:, 1:], plain.eval[:, 1:]) and sets.fingerprint != plain.fingerprint
+    else:  # windows, and so fingerprints, as before
+        assert np.array_equal(sets.eval, plain.eval) and sets.fingerprint == plain.fingerprint
 
 
 def test_too_small_dataset_is_refused(tmp_path) -> None:
