@@ -12,7 +12,7 @@ Public API::
 from quant.apply import apply_policy, quantize, restore_float
 from quant.calibration import collect_hessians, needs_hessians, quantize_calibrated
 from quant.checkpoint import PackedCheckpoint, load_checkpoint, read_packed_tensors, save_checkpoint
-from quant.formats import Format, format_names, get_format, register_format
+from quant.formats import Format, FormatOptions, RuntimeMapping, format_names, get_format, register_format
 from quant.modules import PackedModule, PackedWeight, QuantEmbedding, QuantLinear, find_matrices, float_weights
 from quant.packed import PackedTensor
 from quant.packing import pack_bits, packed_size, unpack_bits
@@ -25,4 +25,5 @@ __all__ = [
     "read_packed_tensors", "save_checkpoint", "format_names", "get_format", "pack_bits", "packed_size", "quantize",
     "register_format", "unpack_bits", "weight_matrices",
     "PackedModule", "PackedWeight", "find_matrices", "float_weights", "restore_float",
+    "FormatOptions", "RuntimeMapping",
 ]
