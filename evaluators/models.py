@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from evaluators.errors import UserError
+from evaluators.fingerprint import hub_folder, model_fingerprint
 
 __all__ = ["LoadedModel", "load_model", "check_model_name", "cache_dir", "MODEL_ALIASES"]
 
@@ -42,17 +42,14 @@ class LoadedModel:
     Attributes:
         name: what the user asked for (alias, id or path).
         model: the float32 model in eval mode.
-        encode: text -> int64 token ids (no special tokens).
+        encode: text -> int64 token ids.
         fingerprint: identifies weights and tokenizer, for provenance and caches.
-        bos_token_id: the token the tokenizer starts a text with (its BOS), or ``None`` when it adds
-            none; every token window then starts with it, as the model saw text in training.
     """
 
     name: str
     model: nn.Module
     encode: Callable[[str], np.ndarray]
     fingerprint: str
-    bos_token_id: int | None = None
 
 
 def load_model(name: str, *, trust_remote_code: bool = False) -> LoadedModel:
@@ -100,7 +97,8 @@ def _tiny_random_llama() -> LoadedModel:
         model = LlamaForCausalLM(config)
     finally:
         torch.random.set_rng_state(generator_state)
-    return LoadedModel("tiny-random-llama", model.float().eval(), _byte_encode, "tiny-random-llama-v1")
+    model = model.float().eval()
+    return LoadedModel("tiny-random-llama", model, _byte_encode, model_fingerprint(model, tag="tiny-random-llama:bytes"))
 
 
 def _hf_tokenizer_encode(tokenizer) -> Callable[[str], np.ndarray]:
@@ -108,26 +106,6 @@ def _hf_tokenizer_encode(tokenizer) -> Callable[[str], np.ndarray]:
         return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
     return encode
-
-
-def _bos_token_id(tokenizer) -> int | None:
-    """The BOS id if the tokenizer puts one before a text (Llama 3, Gemma, Mistral), else ``None``
-    (SmolLM2's adds none). Asked of the tokenizer itself, as llama.cpp asks its vocabulary."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    with_special = tokenizer("a")["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return int(bos) if with_special[:1] == [bos] and plain[:1] != [bos] else None
-
-
-def _folder_fingerprint(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            stat = path.stat()
-            h.update(f"{path.name}:{stat.st_size}".encode())
-    return h.hexdigest()[:16]
 
 
 def _smollm2() -> LoadedModel:
@@ -203,7 +181,6 @@ def _hf_model(name: str, *, trust_remote_code: bool, alias: str | None = None) -
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot load the weights of model {name}: {str(exc).splitlines()[0]}") from None
-    fingerprint = _folder_fingerprint(path) if is_local else hashlib.sha256(
-        json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return LoadedModel(alias or name, model.eval(), _hf_tokenizer_encode(tokenizer), fingerprint,
-                       _bos_token_id(tokenizer))
+    folder = path if is_local else hub_folder(name)  # the weights' content, cached by the files' identity
+    fingerprint = model_fingerprint(model, folder, tag="" if folder is not None else f"hub:{name}")
+    return LoadedModel(alias or name, model.eval(), _hf_tokenizer_encode(tokenizer), fingerprint)
