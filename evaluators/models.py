@@ -42,14 +42,17 @@ class LoadedModel:
     Attributes:
         name: what the user asked for (alias, id or path).
         model: the float32 model in eval mode.
-        encode: text -> int64 token ids.
+        encode: text -> int64 token ids (no special tokens).
         fingerprint: identifies weights and tokenizer, for provenance and caches.
+        bos_token_id: the token the tokenizer starts a text with (its BOS), or ``None`` when it adds
+            none; every token window then starts with it, as the model saw text in training.
     """
 
     name: str
     model: nn.Module
     encode: Callable[[str], np.ndarray]
     fingerprint: str
+    bos_token_id: int | None = None
 
 
 def load_model(name: str, *, trust_remote_code: bool = False) -> LoadedModel:
@@ -106,6 +109,17 @@ def _hf_tokenizer_encode(tokenizer) -> Callable[[str], np.ndarray]:
         return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
     return encode
+
+
+def _bos_token_id(tokenizer) -> int | None:
+    """The BOS id if the tokenizer puts one before a text (Llama 3, Gemma, Mistral), else ``None``
+    (SmolLM2's adds none). Asked of the tokenizer itself, as llama.cpp asks its vocabulary."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return int(bos) if with_special[:1] == [bos] and plain[:1] != [bos] else None
 
 
 def _smollm2() -> LoadedModel:
@@ -183,4 +197,5 @@ def _hf_model(name: str, *, trust_remote_code: bool, alias: str | None = None) -
         raise UserError(f"cannot load the weights of model {name}: {str(exc).splitlines()[0]}") from None
     folder = path if is_local else hub_folder(name)  # the weights' content, cached by the files' identity
     fingerprint = model_fingerprint(model, folder, tag="" if folder is not None else f"hub:{name}")
-    return LoadedModel(alias or name, model.eval(), _hf_tokenizer_encode(tokenizer), fingerprint)
+    return LoadedModel(alias or name, model.eval(), _hf_tokenizer_encode(tokenizer), fingerprint,
+                       _bos_token_id(tokenizer))
