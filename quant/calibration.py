@@ -9,6 +9,7 @@ from torch import nn
 
 from quant.apply import quantize
 from quant.formats import get_format
+from quant.modules import find_matrices
 from quant.packed import PackedTensor
 from quant.settings import QuantSetting
 
@@ -28,13 +29,15 @@ def collect_hessians(model: nn.Module, batches: Iterable[torch.Tensor],
     Args:
         model: a model called as ``model(input_ids=batch)``.
         batches: ``(B, T)`` token id tensors.
-        names: the linear modules to collect (default: every ``nn.Linear``, a tied LM
-            head included).
+        names: the linear modules to collect (default: every linear matrix, GPT-2's
+            ``Conv1D`` and a tied LM head included).
 
     Returns:
         Hessian by module name.
     """
-    modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    matrices, ties = find_matrices(model)
+    modules = {n: m for n, m in model.named_modules()
+               if (n in matrices or n in ties) and not isinstance(m, nn.Embedding)}  # lookups take no inputs
     wanted = set(modules) if names is None else set(names) & set(modules)
     hessians: dict[str, torch.Tensor] = {}
     handles = []

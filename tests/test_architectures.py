@@ -165,3 +165,13 @@ def test_a_scaled_embedding_keeps_its_scale() -> None:
     ids = _ids()
     rows = packed["model.embed_tokens"].dequantize()[ids]  # (B, T, C)
     torch.testing.assert_close(embedding(ids), rows * 8.0)  # sqrt(hidden), as the float model does
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3"])
+def test_every_linear_matrix_gets_the_hessian_of_its_inputs(arch: str) -> None:
+    model = _model(arch)
+    matrices, ties = quant.find_matrices(model)
+    hessians = quant.collect_hessians(model, [_ids()])
+    assert set(hessians) == {n for n, m in matrices.items() if not isinstance(m, nn.Embedding)} | set(ties)
+    shapes = quant.weight_matrices(model)
+    assert all(hessians[n].shape == (shapes[n][1], shapes[n][1]) for n in shapes if n in hessians)
