@@ -48,7 +48,7 @@ class PackedWeight:
 
     def __init__(self, packed: PackedTensor, *, dtype: torch.dtype = torch.float32, cache_dense: bool = False):
         self.dtype = dtype
-        self._cache_dense = cache_dense
+        self.cache_dense = cache_dense
         self._packed: PackedTensor | None = None
         self._dense: torch.Tensor | None = None
         self._kernel: Kernel | None = None
@@ -68,22 +68,14 @@ class PackedWeight:
         self._dense = None
         self._kernel = None
 
-    @property
-    def cache_dense(self) -> bool:
-        return self._cache_dense
-
-    @cache_dense.setter
-    def cache_dense(self, value: bool) -> None:
-        self._cache_dense = value
-        if not value:
-            self._dense = None
-
     def dense(self) -> torch.Tensor:
         """The decoded ``(out, in)`` weight."""
-        if self._dense is not None:
+        if not self.cache_dense:
+            self._dense = None  # caching was turned off: free what it kept
+        elif self._dense is not None:
             return self._dense
         w = self._packed.dequantize().to(self.dtype)
-        if self._cache_dense:
+        if self.cache_dense:
             self._dense = w
         return w
 
