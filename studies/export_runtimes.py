@@ -39,9 +39,9 @@ def _matrices(doc: Mapping[str, Any], need_runtime: bool = True) -> dict[str, di
     matrices = doc.get("matrices")
     if not isinstance(matrices, Mapping) or not matrices:
         raise ValueError("policy document has no 'matrices'; export one with turboquant export")
-    for name, entry in matrices.items():
-        if need_runtime:
-            runtime(entry, str(name))  # every entry must carry what quant knows, before anything is written
+    if need_runtime:  # every entry must carry what quant knows, checked before anything is written
+        for name, entry in matrices.items():
+            runtime(entry, str(name))
     return {str(k): dict(v) for k, v in matrices.items()}
 
 
