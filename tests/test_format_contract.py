@@ -112,3 +112,11 @@ def test_the_parse_cache_tells_true_from_one() -> None:
     assert get_format("rtn").options_of(QuantSetting("rtn", 4, 128, {"symmetric": True})).symmetric is True
     with pytest.raises(ValueError, match="'symmetric' must be a boolean, got 1"):
         QuantSetting.from_dict({"format": "rtn", "options": {"symmetric": 1}})
+
+
+def test_formats_answer_which_geometries_they_allow() -> None:
+    assert get_format("rtn").allows(4, 128) and get_format("rtn").allows(8, None)
+    assert not get_format("rtn").allows(1, 128)  # bits out of range
+    assert not get_format("turbo").allows(4, None)  # the Hadamard needs a power-of-two group
+    assert not get_format("lloyd").allows(6, 32) and get_format("lloyd").allows(6, 32, {"preset": "nf"})
+    assert [b for b in range(1, 9) if get_format("ternary").allows(b, 128)] == [2]

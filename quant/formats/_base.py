@@ -115,6 +115,17 @@ class Format(abc.ABC):
         """One allowed bit width and one group size: the setting is named by the format alone."""
         return self.bits_range[0] == self.bits_range[1] and len(self.group_sizes) == 1
 
+    def allows(self, bits: int, group_size: int | None, options: Mapping[str, Any] | None = None) -> bool:
+        """Whether this format can store ``bits`` and ``group_size`` (with ``options``, default none).
+
+        The question a search space asks of each candidate; :meth:`validate` says why not.
+        """
+        try:
+            self.validate(QuantSetting(self.name, bits, group_size, dict(options or {})))
+        except ValueError:
+            return False
+        return True
+
     def uses_calibration(self, setting: QuantSetting) -> bool:
         """Whether quantizing ``setting`` reads the calibration data (so it must be collected)."""
         return bool(self.calibration)
