@@ -11,10 +11,10 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
-from search import cli_policy
-from search.cli_args import add_request_args, request_from_args
+from search.cli_args import COMMANDS, arg, command, request_args, request_from_args
+from search.request import MeasureRequest, SearchRequest
 
 __all__ = ["main"]
 
@@ -27,18 +27,11 @@ def _storage(args: argparse.Namespace) -> str:
     return args.storage or DEFAULT_STORAGE
 
 
-def _add_search(sub) -> None:
-    from search.request import SearchRequest
-
-    p = sub.add_parser("search", help="run or resume a search against a memory budget")
-    add_request_args(p, SearchRequest)
-    p.add_argument("--storage", default=None, help=_STORAGE_HELP)
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local Ray)")
-
-
+@command("search", "run or resume a search against a memory budget", request_args(SearchRequest),
+         arg("--storage", default=None, help=_STORAGE_HELP),
+         arg("--ray-address", default=None, help="join this Ray cluster (default: local Ray)"))
 def _cmd_search(args: argparse.Namespace) -> int:
     from search.driver import SearchConfig, run_search
-    from search.request import SearchRequest
 
     request = request_from_args(SearchRequest, args)
     cfg = SearchConfig(request, storage=_storage(args), ray_address=args.ray_address)
@@ -49,18 +42,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return _print_front(cfg.storage, request.study_name, "table")
 
 
-def _add_sensitivity(sub) -> None:
-    from search.request import MeasureRequest
-
-    p = sub.add_parser("sensitivity", help="KL per (weight matrix, setting) with only that matrix quantized; "
-                                           "stored and reused by later studies")
-    add_request_args(p, MeasureRequest)
-    p.add_argument("--storage", default=None, help=_STORAGE_HELP)
-    p.add_argument("--top", type=int, default=10, help="print the N most sensitive matrices")
-
-
+@command("sensitivity", "KL per (weight matrix, setting) with only that matrix quantized; stored and reused by "
+         "later studies", request_args(MeasureRequest), arg("--storage", default=None, help=_STORAGE_HELP),
+         arg("--top", type=int, default=10, help="print the N most sensitive matrices"))
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
-    from search.request import MeasureRequest
     from search.sensitivity import run_sensitivity
 
     request = request_from_args(MeasureRequest, args)
@@ -76,11 +61,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_studies(sub) -> None:
-    p = sub.add_parser("studies", help="list studies")
-    p.add_argument("--storage", default=None)
-
-
+@command("studies", "list studies", arg("--storage", default=None))
 def _cmd_studies(args: argparse.Namespace) -> int:
     from studies import Store
 
@@ -89,16 +70,15 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_front(sub) -> None:
-    p = sub.add_parser("front", help="a study's Pareto front (feasible, non-dominated, by bytes)")
-    p.add_argument("study")
-    p.add_argument("--storage", default=None)
+def _front_format(p: argparse.ArgumentParser) -> None:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--csv", action="store_true")
-    p.add_argument("--plot", default=None, help="also write the front as a picture: front.png or front.html")
 
 
+@command("front", "a study's Pareto front (feasible, non-dominated, by bytes)", arg("study"),
+         arg("--storage", default=None), _front_format,
+         arg("--plot", default=None, help="also write the front as a picture: front.png or front.html"))
 def _cmd_front(args: argparse.Namespace) -> int:
     if args.plot:
         _plot_front(_storage(args), args.study, args.plot)
@@ -135,15 +115,11 @@ def _plot_front(storage: str, study: str, path: str) -> None:
     print(f"wrote {out}", file=sys.stderr)  # stderr: keeps --json / --csv output clean
 
 
-def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="HTTP API and web page: launch searches, fronts, exports")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--storage", default=None, help=_STORAGE_HELP)
-    p.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN (or set TURBOQUANT_TOKEN)")
-    p.add_argument("--ray-address", default=None, help="run searches on this Ray cluster (default: local Ray)")
-
-
+@command("serve", "HTTP API and web page: launch searches, fronts, exports",
+         arg("--host", default="127.0.0.1", help="interface to bind (default: localhost only)"),
+         arg("--port", type=int, default=8000), arg("--storage", default=None, help=_STORAGE_HELP),
+         arg("--token", default=None, help="require Authorization: Bearer TOKEN (or set TURBOQUANT_TOKEN)"),
+         arg("--ray-address", default=None, help="run searches on this Ray cluster (default: local Ray)"))
 def _cmd_serve(args: argparse.Namespace) -> int:
     from search.service import serve
 
@@ -151,23 +127,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommand -> (adds its parser, runs it), in the order ``turboquant --help`` lists them.
-_COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
-    "search": (_add_search, _cmd_search),
-    "studies": (_add_studies, _cmd_studies),
-    "front": (_add_front, _cmd_front),
-    **cli_policy.COMMANDS,
-    "serve": (_add_serve, _cmd_serve),
-    "sensitivity": (_add_sensitivity, _cmd_sensitivity),
-}
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turboquant", description="Mixed-precision quantization search.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add, _ in _COMMANDS.values():
-        add(sub)
+    import search.cli_policy  # noqa: F401  (registers export, eval, apply and show)
+
+    for name, (help_text, declare, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        for add in declare:
+            add(p)
     return parser
 
 
@@ -179,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from studies import StoreError
 
     try:
-        return _COMMANDS[args.command][1](args)
+        return COMMANDS[args.command][2](args)
     except (UserError, PolicyError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

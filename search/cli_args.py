@@ -1,4 +1,5 @@
-"""Command-line flags generated from a request model's fields, and the request built back from them.
+"""Command-line flags generated from a request model's fields, the request built back from them,
+and the table of subcommands (:func:`command`).
 
 A field ``seq_len: int = Field(256, description=...)`` becomes ``--seq-len N`` with that help; a
 ``bool`` field a switch, a ``bool | None`` field a ``--x / --no-x`` pair, a list field one
@@ -11,16 +12,39 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from evaluators.errors import UserError
 
-__all__ = ["add_request_args", "request_from_args"]
+__all__ = ["COMMANDS", "command", "arg", "request_args", "add_request_args", "request_from_args"]
 
 M = TypeVar("M", bound=BaseModel)
+Run = Callable[[argparse.Namespace], int]
+Declare = Callable[[argparse.ArgumentParser], Any]
+# Subcommand -> (its help, what declares its flags, what runs it), in the order they are registered.
+COMMANDS: dict[str, tuple[str, tuple[Declare, ...], Run]] = {}
 _PER_CHANNEL = ("ch", "channel")
+
+
+def command(name: str, help: str, *declare: Declare) -> Callable[[Run], Run]:
+    """Registers the decorated function as subcommand ``name``; each of ``declare`` adds flags to its parser."""
+    def register(run: Run) -> Run:
+        COMMANDS[name] = (help, declare, run)
+        return run
+
+    return register
+
+
+def arg(*flags: str, **kwargs: Any) -> Declare:
+    """One ``add_argument`` call, as data for :func:`command`."""
+    return lambda parser: parser.add_argument(*flags, **kwargs)
+
+
+def request_args(model: type[BaseModel]) -> Declare:
+    """Every field of a request model as a flag, for :func:`command` (see :func:`add_request_args`)."""
+    return lambda parser: add_request_args(parser, model)
 
 
 def _flag(name: str) -> str:
@@ -48,7 +72,7 @@ def add_request_args(parser: argparse.ArgumentParser, model: type[BaseModel], sk
             continue
         kind, optional = _parts(field.annotation)
         help_text = field.description or ""
-        if not field.is_required() and field.default not in (None, False):
+        if not field.is_required() and field.default is not None and field.default is not False:
             help_text += f" (default: {_shown(field.default)})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": name}
         if kind is bool:

@@ -7,35 +7,36 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import quant
+import studies
+from evaluators import METRIC_NAMES, Evaluator, UserError, calibration_hessians, load_model
+from evaluators.context import DataConfig, measured_on
+from search.budget import parse_budget
+from search.cli_args import arg, command
+from search.show import bit_map, summary_text
 from studies.export import EXPORT_FORMATS
 
-__all__ = ["COMMANDS"]
+__all__: list[str] = []  # registers its subcommands in search.cli_args.COMMANDS
 
 
-def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write the policy of a chosen front point")
-    p.add_argument("study")
-    p.add_argument("--storage", default=None)
+def _export_which(p) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=int)
     which.add_argument("--budget", help="best point within this budget, e.g. 3.0bpw or 60MB")
-    p.add_argument("--out", required=True, help="file to write")
-    p.add_argument("--format", default="json", choices=EXPORT_FORMATS,
-                   help="json (TurboQuant policy), gptqmodel (dynamic overrides), llamacpp "
-                        "(--tensor-type-file), torchao (FqnToConfig JSON)")
 
 
+@command("export", "write the policy of a chosen front point", arg("study"), arg("--storage", default=None),
+         _export_which, arg("--out", required=True, help="file to write"),
+         arg("--format", default="json", choices=EXPORT_FORMATS, help="json (TurboQuant policy), gptqmodel "
+             "(dynamic overrides), llamacpp (--tensor-type-file), torchao (FqnToConfig JSON)"))
 def _cmd_export(args: argparse.Namespace) -> int:
-    from search.budget import parse_budget
-    from studies import DEFAULT_STORAGE, Store, export_policy
-
-    store = Store(args.storage or DEFAULT_STORAGE)
+    store = studies.Store(args.storage or studies.DEFAULT_STORAGE)
     budget = None
     if args.budget is not None:
         budget = parse_budget(args.budget, store.get_study(args.study).numel)
-    doc = export_policy(store, args.study, trial=args.trial, budget_bytes=budget)
+    doc = studies.export_policy(store, args.study, trial=args.trial, budget_bytes=budget)
     if args.format != "json":
         return _write_runtime_export(doc, args.format, args.out)
     with open(args.out, "w") as f:
@@ -47,7 +48,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _write_runtime_export(doc: dict, fmt: str, out: str) -> int:
-    from evaluators.errors import UserError
     from studies.export_runtimes import export_runtime
 
     try:
@@ -64,18 +64,10 @@ def _write_runtime_export(doc: dict, fmt: str, out: str) -> int:
     return 0
 
 
-def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="re-measure a policy (or a packed checkpoint folder) on the data it was "
-                                    "measured on")
-    p.add_argument("policy", help="policy JSON, or a checkpoint folder written by turboquant apply")
-    p.add_argument("--json", action="store_true")
-
-
+@command("eval", "re-measure a policy (or a packed checkpoint folder) on the data it was measured on",
+         arg("policy", help="policy JSON, or a checkpoint folder written by turboquant apply"),
+         arg("--json", action="store_true"))
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import quant
-    from evaluators import Evaluator, UserError
-    from evaluators.context import measured_on
-
     if Path(args.policy).is_dir():
         from evaluators.checkpoint import evaluate_checkpoint
 
@@ -93,7 +85,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(result: dict[str, Any], stored: dict, as_json: bool) -> None:
-    from evaluators import METRIC_NAMES
 
     metrics = {k: result[k] for k in (*METRIC_NAMES, "bytes", "bpw")}
     if as_json:
@@ -104,17 +95,10 @@ def _print_metrics(result: dict[str, Any], stored: dict, as_json: bool) -> None:
         print(f"{k:>10} {v:.6g}{extra}")
 
 
-def _add_apply(sub) -> None:
-    p = sub.add_parser("apply", help="quantize the model with a policy and write a packed safetensors checkpoint")
-    p.add_argument("policy", help="policy JSON from turboquant export")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-
-
+@command("apply", "quantize the model with a policy and write a packed safetensors checkpoint",
+         arg("policy", help="policy JSON from turboquant export"),
+         arg("--out", required=True, help="checkpoint folder to write"))
 def _cmd_apply(args: argparse.Namespace) -> int:
-    import quant
-    from evaluators import UserError, calibration_hessians, load_model
-    from evaluators.context import DataConfig
-
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file; the checkpoint is a folder (give a new or existing folder)")
     policy = quant.Policy.load(args.policy)
@@ -143,17 +127,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_show(sub) -> None:
-    p = sub.add_parser("show", help="a policy per layer: each matrix's bits and group size (table, optional bit map)")
-    p.add_argument("policy", help="policy JSON from turboquant export")
-    p.add_argument("--plot", default=None, help="also write a per-layer bit map (heatmap), e.g. bits.png")
-
-
+@command("show", "a policy per layer: each matrix's bits and group size (table, optional bit map)",
+         arg("policy", help="policy JSON from turboquant export"),
+         arg("--plot", default=None, help="also write a per-layer bit map (heatmap), e.g. bits.png"))
 def _cmd_show(args: argparse.Namespace) -> int:
-    import quant
-    from evaluators.errors import UserError
-    from search.show import bit_map, summary_text
-
     doc = quant.Policy.load(args.policy).to_dict()  # validates every setting; raises PolicyError
     try:
         text = summary_text(doc, args.policy)
@@ -168,11 +145,3 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
-
-# Subcommand -> (adds its parser, runs it); search.cli merges these into its table.
-COMMANDS: dict[str, tuple[Callable, Callable[[argparse.Namespace], int]]] = {
-    "export": (_add_export, _cmd_export),
-    "eval": (_add_eval, _cmd_eval),
-    "apply": (_add_apply, _cmd_apply),
-    "show": (_add_show, _cmd_show),
-}
