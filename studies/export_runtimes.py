@@ -151,7 +151,10 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 _GGML_BY_BITS = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0"}
 # Each type's own sub-block: its scale granularity, fixed by the type.
 _GGML_BLOCK = {"q2_k": 16, "q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16, "q8_0": 32, "tq1_0": 256,
-               "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_1": 32, "tq2_0": 256}
+               "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_1": 32, "tq2_0": 256, "iq4_nl": 32}
+# The super-blocks of 256 weights that k-quant types store rows in: a format that fixes such a
+# type and groups by its super-block is that type's own geometry (no group note).
+_GGML_SUPERBLOCK = {t: 256 for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")}
 
 
 def llamacpp_name(name: str) -> str | None:
@@ -181,10 +184,11 @@ def _to_llamacpp(doc: Mapping[str, Any]) -> RuntimeExport:
         ggml = fixed or _GGML_BY_BITS[_nearest(eff, tuple(_GGML_BY_BITS))]
         group = "per channel" if s.get("group_size") is None else f"group {s.get('group_size')}"
         block = _GGML_BLOCK.get(ggml)
+        own = {block, _GGML_SUPERBLOCK.get(ggml) if fixed else None} - {None}
         what = _approximations(
             s, fmt=None if _native(s, "llamacpp") else ggml,
             bits=ggml[1] if fixed is None and float(int(ggml[1])) != eff else None,
-            group=f"{group} -> {ggml}'s blocks of {block}" if block and s.get("group_size") != block else None)
+            group=f"{group} -> {ggml}'s blocks of {block}" if own and s.get("group_size") not in own else None)
         if what:
             notes.append(f"{name} ({target}): {what}")
         lines.append(f"{target}={ggml}")

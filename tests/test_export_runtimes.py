@@ -167,12 +167,12 @@ def test_ternary_and_vq_map_through_their_runtime_entries() -> None:
 class _Toy(quant.Format):
     """A format registered by a test alone: its runtime mapping reaches every exporter and show."""
 
-    name, layout = "toy", "toy-layout"
-    bits_range, group_sizes, default_bits, default_group_size = (5, 5), (32,), 5, 32
-    runtime_types, native_runtimes = {"llamacpp": "q5_0"}, ("llamacpp",)
+    name, layout = "toy", "toy-layout"  # as a llama.cpp type would be: its geometry is the type's
+    bits_range, group_sizes, default_bits, default_group_size = (4, 4), (256,), 4, 256
+    runtime_types, native_runtimes = {"llamacpp": "q4_k"}, ("llamacpp",)
 
     def code_bits(self, setting: quant.QuantSetting) -> float:
-        return 5.5
+        return 4.5
 
     def quantize(self, weight, setting, **calibration):  # pragma: no cover - never quantized here
         raise NotImplementedError
@@ -192,15 +192,21 @@ def test_a_new_format_needs_no_edit_outside_its_file(monkeypatch) -> None:
     doc = quant.Policy.from_dict({"format_version": 1, "matrices": {
         "model.layers.0.self_attn.q_proj": {"format": "toy"},  # bits and group from the format
         "model.layers.0.self_attn.k_proj": {"format": "rtn", "bits": 4, "group_size": 32},
-        "model.layers.0.self_attn.v_proj": {"format": "rtn", "bits": 4, "group_size": 32}}}).to_dict()
+        "model.layers.0.self_attn.v_proj": {"format": "rtn", "bits": 4, "group_size": 32},
+        "model.layers.0.self_attn.o_proj": {"format": "rtn", "bits": 4, "group_size": 256}}}).to_dict()
     assert quant.QuantSetting.from_dict({"format": "toy"}).describe() == "toy"
     llama = export_runtime(doc, "llamacpp")
-    assert "blk.0.attn_q.weight=q5_0" in llama.text.split()
-    assert not any("attn_q" in line for line in llama.approximations)  # its own type, its own block
+    assert "blk.0.attn_q.weight=q4_k" in llama.text.split()
+    assert not any("attn_q" in line for line in llama.approximations)  # its own type, its own super-block
+    assert not any("attn_k" in line for line in llama.approximations)  # rtn4g32: q4_k's own scale blocks
+    # rtn does not fix the type: one scale per 256 weights is not q4_k's one per 32, and the note says so.
+    assert "model.layers.0.self_attn.o_proj (blk.0.attn_output.weight): group 256 -> q4_k's blocks of 32" \
+        in llama.approximations
     gptq = export_runtime(doc, "gptqmodel")
-    assert "model.layers.0.self_attn.q_proj: format toy -> GPTQ integer, 5.5 bits -> 4" in gptq.approximations
-    assert bit_map(doc["matrices"]).bits() == [[5.5, 4.0, 4.0]]
-    assert "5/32:toy" in summary_text(doc)
+    assert ("model.layers.0.self_attn.q_proj: format toy -> GPTQ integer, 4.5 bits -> 4, group 256 -> 128"
+            in gptq.approximations)
+    assert bit_map(doc["matrices"]).bits() == [[4.5, 4.0, 4.0, 4.0]]
+    assert "4/256:toy" in summary_text(doc)
 
 
 def test_studies_never_import_torch() -> None:
