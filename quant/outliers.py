@@ -17,6 +17,7 @@ Both buffers are in :attr:`PackedTensor.buffers`, so their 6 bytes per outlier c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -102,12 +103,12 @@ def supports_outliers(cls: C) -> C:
     """Class decorator for a :class:`quant.formats.Format` whose ``Options`` derive from :class:`OutlierOptions`.
 
     It wraps ``quantize``, ``decode`` (so ``dequantize`` and ``dequantize_rows`` see the
-    outliers too) and ``expected_nbytes``.
+    outliers too), ``expected_nbytes`` and ``runtime`` (which then says the outliers are kept).
     """
     if not issubclass(cls.Options, OutlierOptions):
         raise TypeError(f"{cls.__name__}.Options must derive from quant.outliers.OutlierOptions "
                         f"to support outliers (it adds the option outlier_frac)")
-    quantize, decode, expected_nbytes = cls.quantize, cls.decode, cls.expected_nbytes
+    quantize, decode, expected_nbytes, runtime = cls.quantize, cls.decode, cls.expected_nbytes, cls.runtime
 
     def _quantize(self: Any, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
         k = outlier_count(tuple(weight.shape), self.options_of(setting).outlier_frac)
@@ -128,5 +129,8 @@ def supports_outliers(cls: C) -> C:
         k = outlier_count(shape, self.options_of(setting).outlier_frac)
         return expected_nbytes(self, shape, setting) + BYTES_PER_OUTLIER * k
 
-    cls.quantize, cls.decode, cls.expected_nbytes = _quantize, _decode, _expected_nbytes
+    def _runtime(self: Any, setting: QuantSetting) -> Any:
+        return dataclasses.replace(runtime(self, setting), outliers=self.options_of(setting).outlier_frac > 0)
+
+    cls.quantize, cls.decode, cls.expected_nbytes, cls.runtime = _quantize, _decode, _expected_nbytes, _runtime
     return cls

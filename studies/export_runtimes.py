@@ -85,7 +85,7 @@ def _approximations(s: Mapping[str, Any], *, fmt: str | None, bits: str | None, 
         what.append(f"{code_bits(s):g} bits -> {bits}")
     if group:
         what.append(group)
-    if (s.get("options") or {}).get("outlier_frac"):
+    if runtime(s).get("outliers"):
         what.append("sparse fp16 outliers dropped")
     return ", ".join(what)
 

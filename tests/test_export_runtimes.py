@@ -154,10 +154,14 @@ def test_ternary_and_vq_map_through_their_runtime_entries() -> None:
     doc["matrices"] = quant.Policy.from_dict({"format_version": 1, "matrices": {
         "model.layers.0.mlp.up_proj": {"format": "ternary", "bits": 2, "group_size": 256},
         "model.layers.0.mlp.gate_proj": {"format": "vq", "bits": 6, "group_size": 64, "options": {"dim": 2}},
-        "model.layers.0.mlp.down_proj": {"format": "gptq", "bits": 4, "group_size": 32}}}).to_dict()["matrices"]
+        "model.layers.0.mlp.down_proj": {"format": "gptq", "bits": 4, "group_size": 32},
+        "model.layers.0.self_attn.q_proj": {"format": "rtn", "bits": 4, "group_size": 32,
+                                            "options": {"outlier_frac": 0.01}}}}).to_dict()["matrices"]
     out = export_runtime(doc, "llamacpp")
     pairs = dict(line.split("=") for line in out.text.split())
-    assert pairs == {"blk.0.ffn_up.weight": "tq1_0", "blk.0.ffn_gate.weight": "q3_k", "blk.0.ffn_down.weight": "q4_k"}
+    assert pairs == {"blk.0.ffn_up.weight": "tq1_0", "blk.0.ffn_gate.weight": "q3_k", "blk.0.ffn_down.weight": "q4_k",
+                     "blk.0.attn_q.weight": "q4_k"}
+    assert "model.layers.0.self_attn.q_proj (blk.0.attn_q.weight): sparse fp16 outliers dropped" in out.approximations
     assert not any("ffn_up" in line for line in out.approximations)  # llama.cpp's own ternary type, its block
     assert any("ffn_gate" in line and "format vq -> q3_k" in line for line in out.approximations)
     gptq = json.loads(export_runtime(doc, "gptqmodel").text)

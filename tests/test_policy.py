@@ -93,7 +93,7 @@ def test_document_entries_carry_shape_and_runtime_and_old_documents_still_load()
     doc = policy.to_dict()
     assert doc["matrices"]["a"]["shape"] == [8, 128] and "shape" not in doc["matrices"]["b"]
     assert doc["matrices"]["a"]["runtime"]["code_bits"] == 3.0  # 6 bits per 2-weight vector
-    assert doc["matrices"]["b"]["runtime"] == {"code_bits": 3.0, "symmetric": True,
+    assert doc["matrices"]["b"]["runtime"] == {"code_bits": 3.0, "symmetric": True, "outliers": False,
                                                "native": ["gptqmodel", "llamacpp", "torchao"], "types": {}}
     again = Policy.from_dict(json.loads(json.dumps(doc)))
     assert again.settings == policy.settings and again.shapes == {"a": (8, 128)}

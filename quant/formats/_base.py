@@ -31,16 +31,18 @@ class RuntimeMapping:
             to them changes no format (no "format X -> Y" note).
         types: runtime -> the runtime type the format itself fixes (``ternary``: llama.cpp
             ``tq1_0``); for the other runtimes the exporter picks the type nearest ``code_bits``.
+        outliers: the setting keeps sparse fp16 outliers, which no runtime stores.
     """
 
     code_bits: float
     symmetric: bool = False
     native: tuple[str, ...] = ()
     types: Mapping[str, str] = field(default_factory=dict)
+    outliers: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"code_bits": self.code_bits, "symmetric": self.symmetric, "native": sorted(self.native),
-                "types": dict(self.types)}
+                "types": dict(self.types), "outliers": self.outliers}
 
 
 class Format(abc.ABC):
