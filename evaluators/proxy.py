@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 import quant
-from quant.modules import QuantEmbedding, QuantLinear
 
 __all__ = ["ProxyTable", "fisher_diagonal", "proxy_sensitivity"]
 
@@ -45,7 +44,7 @@ def _windows(tokens: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def _check_float(model: nn.Module) -> None:
-    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    quantized = [n for n, m in model.named_modules() if isinstance(m, quant.PackedModule)]
     if quantized:
         raise ValueError(f"the proxy needs the float model, but {len(quantized)} modules are quantized "
                          f"(e.g. {quantized[0]}); call Evaluator.restore_float() first")
