@@ -51,7 +51,8 @@ def _write_runtime_export(doc: dict, fmt: str, out: str) -> int:
     from studies.export_runtimes import export_runtime
 
     try:
-        result = export_runtime(doc, fmt)
+        # Through quant: a trial stored before policy entries carried their runtime mapping gets it now.
+        result = export_runtime(quant.Policy.from_dict(doc).to_dict(), fmt)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     with open(out, "w") as f:

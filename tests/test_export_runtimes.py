@@ -224,7 +224,8 @@ def test_studies_never_import_torch() -> None:
 def test_cli_export_format_writes_file_and_reports_approximations(tmp_path, capsys, monkeypatch) -> None:
     import search.cli as cli
 
-    monkeypatch.setattr("studies.export_policy", lambda store, name, trial=None, budget_bytes=None: _doc())
+    # A trial stored before entries carried their runtime mapping: the CLI passes it through quant.
+    monkeypatch.setattr("studies.export_policy", lambda store, name, trial=None, budget_bytes=None: _raw_doc())
     storage = f"sqlite:///{tmp_path}/e.db"
     out = tmp_path / "types.txt"
     assert cli.main(["export", "s", "--storage", storage, "--trial", "3", "--format", "llamacpp",

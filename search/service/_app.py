@@ -114,9 +114,11 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
         doc = export_policy(store, study, trial=req.trial, budget_bytes=budget)  # NotFoundError: 404
         if req.format == "json":
             return doc
+        import quant
         from studies.export_runtimes import export_runtime
 
-        result = export_runtime(doc, req.format)
+        # Through quant: a trial stored before policy entries carried their runtime mapping gets it now.
+        result = export_runtime(quant.Policy.from_dict(doc).to_dict(), req.format)
         return {"format": req.format, "text": result.text, "approximations": result.approximations,
                 "skipped": result.skipped, "trial": doc["provenance"]["trial"], "metrics": doc["metrics"]}
 
