@@ -55,14 +55,19 @@ class EvoSampler(optuna.samplers.BaseSampler):
         self._rng = np.random.default_rng(seed)
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
         self.names = list(space.units)  # a genome row per unit (a matrix, block or layer)
-        self.labels = space.group_labels
-        self.formats = list(space.formats)
-        n_b, n_g, n_f = len(space.bits), len(space.groups), len(space.formats)
-        # cost[i, b, g, f]: exact bytes of unit i at that setting, so a child's size needs no policy.
-        self.cost = np.zeros((len(self.names), n_b, n_g, n_f), dtype=np.int64)
+        # With ladders a unit's whole setting is its rung: the group and format columns stay 0.
+        self.labels = space.group_labels[:1] if space.ladders else space.group_labels
+        self.formats = list(space.formats)[:1] if space.ladders else list(space.formats)
+        # The top bits index of each unit: with ladders (llama.cpp types) every unit has its own.
+        self.top = np.array([space.levels(u) - 1 for u in self.names], dtype=np.int64)
+        n_b = int(self.top.max()) + 1 if len(self.top) else len(space.bits)
+        n_g, n_f = (1, 1) if space.ladders else (len(space.groups), len(space.formats))
+        # cost[i, b, g, f]: exact bytes of unit i at that setting, so a child's size needs no policy
+        # (rungs above a unit's own top cost more than any budget: never chosen).
+        self.cost = np.full((len(self.names), n_b, n_g, n_f), np.iinfo(np.int64).max // 4, dtype=np.int64)
         for i, name in enumerate(self.names):
-            for b, g, f in np.ndindex(n_b, n_g, n_f):
-                self.cost[i, b, g, f] = space.unit_nbytes(name, space.setting_at((b, g, f)))
+            for b, g, f in np.ndindex(int(self.top[i]) + 1, n_g, n_f):
+                self.cost[i, b, g, f] = space.unit_nbytes(name, space.setting_at((b, g, f), name))
         numel = np.array([sum(h * w for h, w in (space.matrices[m] for m in space.units[u])) for u in self.names],
                          dtype=np.float64)
         # Partners for a move: units within a factor 2 in size, so one step up and one down cancel.
@@ -74,10 +79,10 @@ class EvoSampler(optuna.samplers.BaseSampler):
     def guide(self, table: Any) -> None:
         """Draw moves by the predicted loss of a :class:`~search.sensitivity.SensitivityTable` measured
         over this space's units and settings."""
-        loss = np.zeros(self.cost.shape)
+        loss = np.full(self.cost.shape, np.inf)
         for i, name in enumerate(self.names):
-            for b, g, f in np.ndindex(loss.shape[1:]):
-                loss[i, b, g, f] = table.kl[name][self.space.setting_at((b, g, f)).key()]
+            for b, g, f in np.ndindex(int(self.top[i]) + 1, *loss.shape[2:]):
+                loss[i, b, g, f] = table.kl[name][self.space.setting_at((b, g, f), name).key()]
         self.loss = loss
 
     # Optuna's interface --------------------------------------------------------------------------
@@ -124,7 +129,7 @@ class EvoSampler(optuna.samplers.BaseSampler):
     def _child(self, parents: list[np.ndarray]) -> np.ndarray:
         rng = self._rng
         if not parents:
-            child = np.stack([rng.integers(0, len(self.space.bits), len(self.names)),
+            child = np.stack([rng.integers(0, self.top + 1),
                               rng.integers(0, len(self.labels), len(self.names)),
                               rng.integers(0, len(self.formats), len(self.names))], axis=1)
             return self.repair(child)
@@ -167,8 +172,7 @@ class EvoSampler(optuna.samplers.BaseSampler):
 
     def _move(self, g: np.ndarray) -> None:
         """Raise one matrix a bit step and lower a similar-sized one a step (bytes roughly unchanged)."""
-        top = len(self.space.bits) - 1
-        up = np.flatnonzero(g[:, 0] < top)
+        up = np.flatnonzero(g[:, 0] < self.top)
         if not len(up):
             return
         i = self._pick(up, lambda r: -self._loss_step(g, r, +1))  # the largest predicted gain first
@@ -197,7 +201,7 @@ class EvoSampler(optuna.samplers.BaseSampler):
             grp, f = np.unravel_index(int(self.cost[i, 0].argmin()), self.cost[i, 0].shape)
             g[i, 1], g[i, 2] = grp, f
         floor = (1.0 - self.tolerance) * self.budget
-        top = len(self.space.bits) - 1
+        top = self.top
         used = self.nbytes(g)
         while used < floor:
             # One step up for a matrix whose next step still fits: spreads the spare bytes.

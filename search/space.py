@@ -19,7 +19,7 @@ import quant
 from evaluators.errors import UserError
 
 __all__ = ["SearchSpace", "DEFAULT_BITS", "DEFAULT_GROUPS", "GRANULARITIES", "check_granularity", "format_label",
-           "format_setting", "param_names", "units_of"]
+           "fits", "format_setting", "param_names", "units_of"]
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUPS: tuple[int | None, ...] = (32, 64, 128)
@@ -76,11 +76,17 @@ class SearchSpace:
     mutation and crossover respect order), group size and format as categoricals. A format is
     a label: a format name, optionally with boolean options (``gptq+clip``).
 
+    Formats of fixed geometry (llama.cpp's block types: ``q4_k`` has its own bits and block) make a
+    *ladder* instead: each unit chooses among the types that fit every one of its matrices (a 576-wide
+    row takes no 256-weight super-block), ordered by bytes, and its bits index is a rung of its own
+    ladder. ``--bits`` and ``--groups`` do not apply there.
+
     Attributes:
         matrices: name -> (out, in) of every weight matrix the policy covers.
         bits, groups, formats: the allowed values.
         granularity: what shares one setting (see :func:`units_of`).
         units: unit name -> its matrices (derived).
+        ladders: unit name -> its settings by increasing bytes, for fixed-geometry formats (else empty).
     """
 
     matrices: dict[str, tuple[int, int]]
@@ -89,6 +95,7 @@ class SearchSpace:
     formats: tuple[str, ...] = ("rtn",)
     granularity: str = "matrix"
     units: dict[str, list[str]] = field(init=False)
+    ladders: dict[str, list[quant.QuantSetting]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.bits = tuple(sorted(self.bits))
@@ -96,6 +103,15 @@ class SearchSpace:
             raise UserError("the search space needs at least one format, one bit-width and one group size")
         if len(set(self.formats)) != len(self.formats):
             raise UserError(f"formats are listed twice: {list(self.formats)}")
+        self.units = units_of(self.matrices, self.granularity)
+        self.ladders = {}
+        fixed = [quant.get_format(f.split("+")[0]).fixed_geometry for f in self.formats]
+        if any(fixed):
+            if not all(fixed):
+                raise UserError(f"formats {list(self.formats)} mix fixed-geometry types (llama.cpp's, with their "
+                                "own bits and block) with formats that take --bits/--groups: search one kind at a time")
+            self._build_ladders()
+            return
         for fmt in self.formats:
             for b in self.bits:
                 for g in self.groups:
@@ -104,7 +120,24 @@ class SearchSpace:
                     except ValueError as exc:  # a user's --bits / --groups: say which, exit 2
                         raise UserError(f"allowed formats {list(self.formats)} / bits {list(self.bits)} / groups "
                                         f"{list(self.groups)}: {exc}") from None
-        self.units = units_of(self.matrices, self.granularity)
+
+    def _build_ladders(self) -> None:
+        types = [format_setting(f, *_geometry(f)) for f in self.formats]
+        for unit, members in self.units.items():
+            fits = [s for s in types if all(fits(s, self.matrices[m]) for m in members)]
+            if not fits:
+                shapes = sorted({self.matrices[m] for m in members})
+                raise UserError(f"no format of {list(self.formats)} fits unit {unit} (shapes {shapes}): add a type "
+                                "with blocks of 32 (q4_0, q8_0...) or use --granularity matrix")
+            self.ladders[unit] = sorted(fits, key=lambda s: (self.unit_nbytes(unit, s), s.describe()))
+
+    def levels(self, unit: str) -> int:
+        """How many rungs the unit's bits index has (its ladder, or the allowed bits)."""
+        return len(self.ladders[unit]) if self.ladders else len(self.bits)
+
+    def unit_settings(self, unit: str) -> list[quant.QuantSetting]:
+        """Every setting this unit may take."""
+        return list(self.ladders[unit]) if self.ladders else self.settings()
 
     def to_dict(self) -> dict[str, Any]:
         return {"bits": list(self.bits), "groups": list(self.groups), "formats": list(self.formats),
@@ -113,6 +146,8 @@ class SearchSpace:
     @property
     def n_params(self) -> int:
         """Parameters a sampler really searches (a choice of one value is fixed, not searched)."""
+        if self.ladders:
+            return sum(self.levels(u) > 1 for u in self.units)
         return len(self.units) * (int(len(self.bits) > 1) + int(len(self.groups) > 1) + int(len(self.formats) > 1))
 
     @property
@@ -120,6 +155,10 @@ class SearchSpace:
         return sum(h * w for h, w in self.matrices.values())
 
     def settings(self) -> list[quant.QuantSetting]:
+        """Every setting of the space (with ladders: every type some unit may take)."""
+        if self.ladders:
+            return [format_setting(f, *_geometry(f)) for f in self.formats
+                    if any(format_label(s) == f for ladder in self.ladders.values() for s in ladder)]
         return [format_setting(f, b, g) for f in self.formats for b in self.bits for g in self.groups]
 
     @property
@@ -132,6 +171,9 @@ class SearchSpace:
         out: dict[str, BaseDistribution] = {}
         for unit in self.units:
             bits, group, fmt = param_names(unit)
+            if self.ladders:
+                out[bits] = IntDistribution(0, self.levels(unit) - 1)
+                continue
             out[bits] = IntDistribution(0, len(self.bits) - 1)
             out[group] = CategoricalDistribution(self.group_labels)
             if len(self.formats) > 1:
@@ -142,6 +184,9 @@ class SearchSpace:
         settings = {}
         for unit, members in self.units.items():
             bits, group, fmt = param_names(unit)
+            if self.ladders:
+                settings.update(dict.fromkeys(members, self.ladders[unit][trial.suggest_int(bits, 0, self.levels(unit) - 1)]))
+                continue
             row = (trial.suggest_int(bits, 0, len(self.bits) - 1),
                    self.group_labels.index(trial.suggest_categorical(group, self.group_labels)),
                    self.formats.index(trial.suggest_categorical(fmt, list(self.formats))) if len(self.formats) > 1
@@ -149,13 +194,16 @@ class SearchSpace:
             settings.update(dict.fromkeys(members, self.setting_at(row)))
         return quant.Policy(settings)
 
-    def setting_at(self, row: Any) -> quant.QuantSetting:
-        """The setting of one index row: (bits index, group index, format index)."""
+    def setting_at(self, row: Any, unit: str | None = None) -> quant.QuantSetting:
+        """The setting of one index row: (bits index, group index, format index); with ladders the bits
+        index is a rung of ``unit``'s ladder."""
+        if self.ladders:
+            return self.ladders[unit][int(row[0])]
         return format_setting(self.formats[int(row[2])], self.bits[int(row[0])], self.groups[int(row[1])])
 
     def covers(self, params: dict[str, Any]) -> bool:
         """Whether ``params`` set every unit of this space (a trial of another space does not)."""
-        per_unit = 3 if len(self.formats) > 1 else 2
+        per_unit = 1 if self.ladders else 3 if len(self.formats) > 1 else 2
         return len(params) == per_unit * len(self.units) and all(param_names(u)[0] in params for u in self.units)
 
     def indices(self, params: dict[str, Any]) -> np.ndarray:
@@ -163,6 +211,9 @@ class SearchSpace:
         out = np.zeros((len(self.units), 3), dtype=np.int64)
         for i, unit in enumerate(self.units):
             bits, group, fmt = param_names(unit)
+            if self.ladders:
+                out[i, 0] = int(params[bits])
+                continue
             out[i] = (int(params[bits]), self.group_labels.index(params[group]),
                       self.formats.index(params[fmt]) if len(self.formats) > 1 else 0)
         return out
@@ -172,6 +223,9 @@ class SearchSpace:
         out: dict[str, Any] = {}
         for unit, row in zip(self.units, rows):
             bits, group, fmt = param_names(unit)
+            if self.ladders:
+                out[bits] = int(row[0])
+                continue
             out[bits], out[group] = int(row[0]), self.group_labels[int(row[1])]
             if len(self.formats) > 1:
                 out[fmt] = self.formats[int(row[2])]
@@ -185,6 +239,9 @@ class SearchSpace:
         """The Optuna params that :meth:`suggest` maps to ``policy`` (for enqueueing seeds).
         A unit takes the setting of its first matrix."""
         first = [policy.settings[members[0]] for members in self.units.values()]
+        if self.ladders:
+            return self.from_indices(np.array([(self.ladders[u].index(s), 0, 0) for u, s in zip(self.units, first)],
+                                              dtype=np.int64))
         return self.from_indices(np.array([(self.bits.index(s.bits), self.groups.index(s.group_size),
                                             self.formats.index(format_label(s)) if len(self.formats) > 1 else 0) for s in first], dtype=np.int64))
 
@@ -198,7 +255,24 @@ class SearchSpace:
 
     def min_bytes(self) -> int:
         """Bytes of the smallest policy in the space (each unit at its smallest setting)."""
-        return sum(min(self.unit_nbytes(u, s) for s in self.settings()) for u in self.units)
+        return sum(min(self.unit_nbytes(u, s) for s in self.unit_settings(u)) for u in self.units)
 
     def uniform_policies(self) -> list[tuple[str, quant.Policy]]:
-        return [(s.describe(), quant.Policy.uniform(list(self.matrices), s)) for s in self.settings()]
+        """One policy per setting that every unit may take."""
+        return [(s.describe(), quant.Policy.uniform(list(self.matrices), s)) for s in self.settings()
+                if all(s in self.unit_settings(u) for u in self.units)]
+
+
+def _geometry(label: str) -> tuple[int, int | None]:
+    """The one bits and block size of a fixed-geometry format."""
+    fmt = quant.get_format(label.split("+")[0])
+    return fmt.bits_range[0], fmt.group_sizes[0]
+
+
+def fits(setting: quant.QuantSetting, shape: tuple[int, int]) -> bool:
+    """Whether a matrix of ``shape`` can take ``setting`` (the format's own check, e.g. row length vs block)."""
+    try:
+        quant.get_format(setting.format).check_shape(shape, setting)
+    except ValueError:
+        return False
+    return True
