@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import quant
 from evaluators import Evaluator
+from search.space import fits
 from studies import Store
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["SensitivityTable", "measure_sensitivity", "run_sensitivity"]
 
 log = logging.getLogger(__name__)
+UNFIT_BYTES = 1 << 62  # the bytes of a (unit, setting) pair that cannot exist
 _FLUSH_EVERY = 32  # rows per database write: an interrupted run keeps most of its work
 
 
@@ -46,8 +48,10 @@ class SensitivityTable:
         """Unit names and ``(n_units, n_settings)`` arrays of KL and bytes, settings in order."""
         names = list(self.units)
         keys = [s.key() for s in self.settings]
-        kl = np.array([[self.kl[n][k] for k in keys] for n in names], dtype=np.float64)
-        nb = np.array([[self.nbytes[n][k] for k in keys] for n in names], dtype=np.int64)
+        # A setting a unit cannot take (a llama.cpp type whose block its rows do not fit) has no pair:
+        # infinite loss and more bytes than any budget, so no solver picks it.
+        kl = np.array([[self.kl[n].get(k, np.inf) for k in keys] for n in names], dtype=np.float64)
+        nb = np.array([[self.nbytes[n].get(k, UNFIT_BYTES) for k in keys] for n in names], dtype=np.int64)
         return names, kl, nb
 
     def most_sensitive(self, k: int = 10) -> list[tuple[str, float]]:
@@ -77,15 +81,18 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
     table = SensitivityTable(units or {m: [m] for m in evaluator.matrices}, settings)
     known = store.sensitivity(model_fingerprint, data_fingerprint) if store is not None else {}
     todo: list[tuple[str, quant.QuantSetting]] = []
+    shapes = evaluator.matrices
     for name in table.units:
         table.kl[name], table.nbytes[name] = {}, {}
         for s in settings:
+            if not all(fits(s, shapes[m]) for m in table.units[name]):
+                continue
             hit = known.get((name, s.key()))
             if hit is None:
                 todo.append((name, s))
             else:
                 table.kl[name][s.key()], table.nbytes[name][s.key()] = hit["kl"], hit["bytes"]
-    table.reused = len(table.units) * len(settings) - len(todo)
+    table.reused = sum(len(v) for v in table.kl.values())
     t0 = time.perf_counter()
     pending: list[dict[str, Any]] = []
     for name, s in tqdm(todo, desc="sensitivity", unit="pair", disable=not progress or not todo,
