@@ -133,7 +133,7 @@ class Evaluator:
                     return {"pruned": True, "kl_low": kl_low, "windows": len(batch)}
         return {**sums.result(), "pruned": False, "kl_low": kl_low, "windows": len(ids)}
 
-    def _calibrate(self, settings: Iterable[quant.QuantSetting]) -> None:
+    def calibrate(self, settings: Iterable[quant.QuantSetting]) -> None:
         """Collects the input Hessians once, on the float model, when ``settings`` first need them."""
         if self.hessians is None and quant.needs_hessians(settings):
             self.restore_float()
@@ -156,7 +156,7 @@ class Evaluator:
         that: :func:`quant.apply_policy` with ``partial`` puts the others back to float (around the
         kept float weights, so nothing is copied); :meth:`evaluate` works as before afterwards.
         """
-        self._calibrate(settings.values())
+        self.calibrate(settings.values())
         packed = quant.apply_policy(self.model, quant.Policy(dict(settings)), partial=True, weights=self.weights,
                                     quantizer=self._quantize, cache_dense=True)
         result = self._measure(windows=windows)
@@ -170,7 +170,7 @@ class Evaluator:
         result then has ``pruned=True`` and only ``kl_low`` (see :meth:`_measure`), bytes and timings.
         """
         t0 = time.perf_counter()
-        self._calibrate(policy.settings.values())
+        self.calibrate(policy.settings.values())
         packed = quant.apply_policy(self.model, policy, weights=self.weights, quantizer=self._quantize,
                                     cache_dense=True)
         t1 = time.perf_counter()

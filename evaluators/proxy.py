@@ -146,6 +146,8 @@ def proxy_sensitivity(model: nn.Module, tokens: np.ndarray | torch.Tensor, setti
         for unit, members in units.items():
             table.kl[unit], table.nbytes[unit] = {}, {}
             for s in settings:
+                if not all(s.fits(modules[m].weight.shape) for m in members):
+                    continue  # a type whose block the rows do not fit: the pair does not exist
                 kl, nbytes = 0.0, 0
                 for m in members:
                     w = modules[m].weight.detach()

@@ -77,6 +77,17 @@ class QuantSetting:
 
         get_format(self.format).validate(self)
 
+    def fits(self, shape: tuple[int, int]) -> bool:
+        """Whether an ``(out, in)`` matrix can take this setting (the format's own shape check: a llama.cpp
+        type needs rows that are whole blocks)."""
+        from quant.formats import get_format
+
+        try:
+            get_format(self.format).check_shape((int(shape[0]), int(shape[1])), self)
+        except ValueError:
+            return False
+        return True
+
     def describe(self) -> str:
         """Short human label such as ``rtn4g128``, ``rtn8ch``, or ``q4_k`` for a format of fixed geometry."""
         from quant.formats import get_format

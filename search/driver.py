@@ -58,13 +58,17 @@ def _use_sensitivity(cfg: SearchConfig, study: optuna.Study, store: Store, loade
     from evaluators import Evaluator
     from search.evo import EvoSampler
     from search.seeds import enqueue_solved_seeds
-    from search.sensitivity import measure_sensitivity
+    from search.sensitivity import measure_sensitivity, proxy_table
 
     evaluator = Evaluator(loaded, tokens)
-    table = measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
-                                model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
-                                windows=cfg.request.sensitivity_seqs, progress=cfg.progress)
-    log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
+    if cfg.request.sensitivity_method == "proxy":
+        table = proxy_table(evaluator, space)
+        log.info("sensitivity proxy: %d pairs predicted in %.1f s", table.computed, table.seconds)
+    else:
+        table = measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
+                                    model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
+                                    windows=cfg.request.sensitivity_seqs, progress=cfg.progress)
+        log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
     if created:
         seeds = enqueue_solved_seeds(study, table, space, budget_bytes, cfg.seed_budgets)
         log.info("enqueued %d solved seeds", len(seeds))

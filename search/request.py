@@ -18,7 +18,9 @@ from search.budget import parse_budget
 from search.samplers import SAMPLERS
 from search.space import DEFAULT_BITS, DEFAULT_GROUPS, GRANULARITIES, SearchSpace, check_granularity
 
-__all__ = ["MeasureRequest", "SearchRequest"]
+__all__ = ["MeasureRequest", "SearchRequest", "SENSITIVITY_METHODS"]
+
+SENSITIVITY_METHODS = ("measured", "proxy")
 
 
 def _refuse(check: Any, value: Any) -> Any:
@@ -100,15 +102,24 @@ class SearchRequest(MeasureRequest):
     memory_limit: str | None = Field(None, description="memory the search may use, e.g. 8GB (default: available)")
     multi_fidelity: bool | None = Field(None, description="score children on the first batch of windows and stop "
                                                           "the hopeless ones there (default: on for the evo sampler)")
-    sensitivity: bool = Field(False, description="measure (or reuse) per-matrix sensitivity first and enqueue "
-                                                 "DP/greedy seeds (one forward per matrix and setting; reused by "
-                                                 "later studies)")
+    sensitivity: bool = Field(False, description="score every unit at every setting first and enqueue DP/greedy "
+                                                 "seeds (see --sensitivity-method)")
+    sensitivity_method: str = Field("measured", description="proxy: predicted from one backward pass per "
+                                    "calibration window (diagonal Fisher; seconds); measured: one forward per "
+                                    "unit and setting (stored, reused by later studies)")
 
     @field_validator("budget", "memory_limit")
     @classmethod
     def _size(cls, v: str | None) -> str | None:
         # The form only: what a bpw budget means in bytes is known once the model is loaded.
         return v if v is None else _refuse(lambda text: parse_budget(text, 8), v)
+
+    @field_validator("sensitivity_method")
+    @classmethod
+    def _sensitivity_method(cls, v: str) -> str:
+        if v not in SENSITIVITY_METHODS:
+            raise ValueError(f"unknown sensitivity method {v!r}; choose one of {', '.join(SENSITIVITY_METHODS)}")
+        return v
 
     @field_validator("sampler")
     @classmethod

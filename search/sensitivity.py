@@ -19,13 +19,12 @@ from tqdm.auto import tqdm
 
 import quant
 from evaluators import Evaluator
-from search.space import fits
 from studies import Store
 
 if TYPE_CHECKING:
     from search.request import MeasureRequest
 
-__all__ = ["SensitivityTable", "measure_sensitivity", "run_sensitivity"]
+__all__ = ["SensitivityTable", "measure_sensitivity", "proxy_table", "run_sensitivity"]
 
 log = logging.getLogger(__name__)
 UNFIT_BYTES = 1 << 62  # the bytes of a (unit, setting) pair that cannot exist
@@ -85,7 +84,7 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
     for name in table.units:
         table.kl[name], table.nbytes[name] = {}, {}
         for s in settings:
-            if not all(fits(s, shapes[m]) for m in table.units[name]):
+            if not all(s.fits(shapes[m]) for m in table.units[name]):
                 continue
             hit = known.get((name, s.key()))
             if hit is None:
@@ -124,3 +123,24 @@ def run_sensitivity(request: MeasureRequest, storage: str, *, progress: bool = T
     return measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
                                model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
                                windows=request.sensitivity_seqs, progress=progress)
+
+
+def proxy_table(evaluator: Evaluator, space: Any) -> SensitivityTable:
+    """The table predicted by the one-pass proxy (:func:`evaluators.proxy.proxy_sensitivity`: diagonal
+    Fisher of the model's own predictions on the calibration windows), for the space's units and settings.
+
+    Seconds instead of one forward per pair, so it is recomputed rather than stored.
+    """
+    from evaluators.proxy import proxy_sensitivity
+
+    settings = space.settings()
+    evaluator.restore_float()
+    hessians = None
+    if quant.needs_hessians(settings):
+        evaluator.calibrate(settings)
+        hessians = evaluator.hessians
+    calib = evaluator.tokens.calib if len(evaluator.tokens.calib) else evaluator.tokens.eval
+    pt = proxy_sensitivity(evaluator.model, calib, settings, units=space.units, hessians=hessians)
+    table = SensitivityTable(pt.units, pt.settings, kl=pt.kl, nbytes=pt.nbytes)
+    table.computed, table.seconds = sum(len(v) for v in pt.kl.values()), pt.seconds
+    return table

@@ -19,7 +19,7 @@ import quant
 from evaluators.errors import UserError
 
 __all__ = ["SearchSpace", "DEFAULT_BITS", "DEFAULT_GROUPS", "GRANULARITIES", "check_granularity", "format_label",
-           "fits", "format_setting", "param_names", "units_of"]
+           "format_setting", "param_names", "units_of"]
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUPS: tuple[int | None, ...] = (32, 64, 128)
@@ -124,7 +124,7 @@ class SearchSpace:
     def _build_ladders(self) -> None:
         types = [format_setting(f, *_geometry(f)) for f in self.formats]
         for unit, members in self.units.items():
-            fits = [s for s in types if all(fits(s, self.matrices[m]) for m in members)]
+            fits = [s for s in types if all(s.fits(self.matrices[m]) for m in members)]
             if not fits:
                 shapes = sorted({self.matrices[m] for m in members})
                 raise UserError(f"no format of {list(self.formats)} fits unit {unit} (shapes {shapes}): add a type "
@@ -267,12 +267,3 @@ def _geometry(label: str) -> tuple[int, int | None]:
     """The one bits and block size of a fixed-geometry format."""
     fmt = quant.get_format(label.split("+")[0])
     return fmt.bits_range[0], fmt.group_sizes[0]
-
-
-def fits(setting: quant.QuantSetting, shape: tuple[int, int]) -> bool:
-    """Whether a matrix of ``shape`` can take ``setting`` (the format's own check, e.g. row length vs block)."""
-    try:
-        quant.get_format(setting.format).check_shape(shape, setting)
-    except ValueError:
-        return False
-    return True
