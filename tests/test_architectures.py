@@ -175,3 +175,23 @@ def test_every_linear_matrix_gets_the_hessian_of_its_inputs(arch: str) -> None:
     assert set(hessians) == {n for n, m in matrices.items() if not isinstance(m, nn.Embedding)} | set(ties)
     shapes = quant.weight_matrices(model)
     assert all(hessians[n].shape == (shapes[n][1], shapes[n][1]) for n in shapes if n in hessians)
+
+
+def test_plain_linears_decode_one_token_through_the_packed_kernel() -> None:
+    model = _model("qwen2")  # attention biases (initialised to zero: drawn here) the kernel path adds
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    ref = copy.deepcopy(model)
+    packed = quant.apply_policy(model, Policy.uniform(list(quant.weight_matrices(model)), QuantSetting("rtn", 4, 32)))
+    with torch.no_grad():
+        for name, p in packed.items():
+            ref.get_submodule(name).weight.copy_(p.dequantize())
+    linears = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
+    assert linears and all(m._kernel is None for m in linears)
+    one = _logits(model, _ids(1, 1))  # decode: one token
+    assert all(m._kernel is not None for m in linears)
+    expected = _logits(ref, _ids(1, 1))  # the int kernels run in bfloat16
+    torch.testing.assert_close(one, expected, rtol=0, atol=3e-2 * float(expected.abs().max()))
