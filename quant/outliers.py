@@ -17,9 +17,8 @@ Both buffers are in :attr:`PackedTensor.buffers`, so their 6 bytes per outlier c
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -130,7 +129,7 @@ def supports_outliers(cls: C) -> C:
         return expected_nbytes(self, shape, setting) + BYTES_PER_OUTLIER * k
 
     def _runtime(self: Any, setting: QuantSetting) -> Any:
-        return dataclasses.replace(runtime(self, setting), outliers=self.options_of(setting).outlier_frac > 0)
+        return replace(runtime(self, setting), outliers=self.options_of(setting).outlier_frac > 0)
 
     cls.quantize, cls.decode, cls.expected_nbytes, cls.runtime = _quantize, _decode, _expected_nbytes, _runtime
     return cls
