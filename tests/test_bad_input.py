@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sqlite3
@@ -246,3 +247,27 @@ def test_group_size_that_does_not_divide_is_padded_and_counted() -> None:
     assert packed.nbytes > quant.quantize(w[:, :512], setting).nbytes * 576 / 512
     d = packed.dequantize()
     assert d.shape == w.shape and float((w - d).pow(2).mean() / w.var()) < 0.02
+
+
+def test_cli_flags_and_api_fields_are_the_request_fields() -> None:
+    """One schema: ``turboquant search``'s flags and ``POST /studies``' fields are SearchRequest's fields,
+    with its defaults; comma lists and switches map onto its types."""
+    from search.cli import _parser
+    from search.cli_args import request_from_args
+    from search.request import SearchRequest
+    from search.service import StudyRequest
+
+    parser = _parser()
+    search = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["search"]
+    flags = {a.dest for a in search._actions} - {"help", "storage", "ray_address"}  # how to run it, not what
+    assert flags == set(SearchRequest.model_fields) == set(StudyRequest.model_fields)
+    args = parser.parse_args(["search", "--budget", "3bpw"])
+    assert request_from_args(SearchRequest, args) == SearchRequest(budget="3bpw")
+    args = parser.parse_args(["search", "--budget", "3bpw", "--bits", "2,4", "--groups", "32,ch", "--formats",
+                              "rtn, gptq+clip", "--no-multi-fidelity", "--sensitivity", "--seed", "3"])
+    req = request_from_args(SearchRequest, args)
+    assert (req.bits, req.groups, req.formats) == ([2, 4], [32, None], ["rtn", "gptq+clip"])
+    assert (req.multi_fidelity, req.sensitivity, req.seed, req.trials) == (False, True, 3, 20)
+    assert req.study_name == "smollm2-135m-3bpw"
+    with pytest.raises(UserError, match="--trials: input should be greater than or equal to 1, got 0"):
+        request_from_args(SearchRequest, parser.parse_args(["search", "--budget", "3bpw", "--trials", "0"]))
