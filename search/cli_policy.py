@@ -30,13 +30,20 @@ def _export_which(p) -> None:
 @command("export", "write the policy of a chosen front point", arg("study"), arg("--storage", default=None),
          _export_which, arg("--out", required=True, help="file to write"),
          arg("--format", default="json", choices=EXPORT_FORMATS, help="json (TurboQuant policy), gptqmodel "
-             "(dynamic overrides), llamacpp (--tensor-type-file), torchao (FqnToConfig JSON)"))
+             "(dynamic overrides), llamacpp (--tensor-type-file), torchao (FqnToConfig JSON), gguf (the whole "
+             "model as a GGUF file llama.cpp runs, with exactly the searched weights)"),
+         arg("--nearest", action="store_true", help="gguf: map formats llama.cpp cannot run to the nearest "
+             "llama.cpp type that fits (each change printed); without it such a policy is refused"))
 def _cmd_export(args: argparse.Namespace) -> int:
     store = studies.Store(args.storage or studies.DEFAULT_STORAGE)
     budget = None
     if args.budget is not None:
         budget = parse_budget(args.budget, store.get_study(args.study).numel)
     doc = studies.export_policy(store, args.study, trial=args.trial, budget_bytes=budget)
+    if args.format == "gguf":
+        from search.cli_gguf import write_gguf_export
+
+        return write_gguf_export(doc, args.out, nearest=args.nearest)
     if args.format != "json":
         return _write_runtime_export(doc, args.format, args.out)
     with open(args.out, "w") as f:
@@ -103,29 +110,47 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file; the checkpoint is a folder (give a new or existing folder)")
     policy = quant.Policy.load(args.policy)
-    provenance = policy.meta.get("provenance")
-    model_name = provenance.get("model") if isinstance(provenance, dict) else policy.meta.get("model")
-    if not model_name:
-        raise UserError(f"policy {args.policy} names no model; export it with turboquant export")
-    hessians = {}
-    if quant.needs_hessians(policy.settings.values()):  # gptq: the calibration windows the search used
-        if not isinstance(provenance, dict):
-            raise UserError(f"policy {args.policy} uses gptq but has no provenance naming its calibration data")
-        loaded, tokens = DataConfig.from_dict(provenance).load()
-        hessians = calibration_hessians(loaded.model, tokens, quant.weight_matrices(loaded.model))
-    else:
-        loaded = load_model(model_name, trust_remote_code=bool((provenance or {}).get("trust_remote_code")))
-    try:
-        packed = quant.apply_policy(loaded.model, policy,
-                                    quantizer=lambda n, w, s: quant.quantize_calibrated(n, w, s, hessians))
-    except quant.PolicyError as exc:
-        raise UserError(f"policy {args.policy} does not fit model {model_name}: {exc}") from None
+    loaded, packed, _ = pack_policy(policy, f"policy {args.policy}")
     out = quant.save_checkpoint(loaded.model, policy, args.out)
     nbytes = sum(p.nbytes for p in packed.values())
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out}: {len(packed)} packed matrices, {nbytes:,} packed bytes; {size:,} bytes on disk "
           f"with float tensors and metadata")
     return 0
+
+
+def pack_policy(policy: quant.Policy, label: str, *, remap: Any = None) -> tuple[Any, dict[str, quant.PackedTensor],
+                                                                            dict[str, Any]]:
+    """Loads the policy's model and quantizes it in place as the search did (calibrated formats on the
+    calibration windows its provenance names).
+
+    Args:
+        remap: ``(policy, shapes) -> policy`` applied once the model's matrix shapes are known.
+
+    Returns:
+        The loaded model, the packed tensors by matrix, and the float weights from before quantizing.
+    """
+    provenance = policy.meta.get("provenance")
+    model_name = provenance.get("model") if isinstance(provenance, dict) else policy.meta.get("model")
+    if not model_name:
+        raise UserError(f"{label} names no model; export it with turboquant export")
+    hessians = {}
+    if quant.needs_hessians(policy.settings.values()):  # gptq: the calibration windows the search used
+        if not isinstance(provenance, dict):
+            raise UserError(f"{label} uses a calibrated format but has no provenance naming its calibration data")
+        loaded, tokens = DataConfig.from_dict(provenance).load()
+        hessians = calibration_hessians(loaded.model, tokens, quant.weight_matrices(loaded.model))
+    else:
+        loaded = load_model(model_name, trust_remote_code=bool((provenance or {}).get("trust_remote_code")))
+    if remap is not None:
+        policy = remap(policy, quant.weight_matrices(loaded.model))
+    weights = {n: w.clone() for n, w in quant.float_weights(loaded.model).items()}
+    try:
+        packed = quant.apply_policy(loaded.model, policy,
+                                    quantizer=lambda n, w, s: quant.quantize_calibrated(n, w, s, hessians))
+    except quant.PolicyError as exc:
+        raise UserError(f"{label} does not fit model {model_name}: {exc}") from None
+    return loaded, packed, weights
 
 
 @command("show", "a policy per layer: each matrix's bits and group size (table, optional bit map)",

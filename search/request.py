@@ -21,6 +21,7 @@ from search.space import DEFAULT_BITS, DEFAULT_GROUPS, GRANULARITIES, SearchSpac
 __all__ = ["MeasureRequest", "SearchRequest", "SENSITIVITY_METHODS"]
 
 SENSITIVITY_METHODS = ("measured", "proxy")
+GGUF_FORMATS = "gguf"  # the --formats shorthand for llama.cpp's block types
 
 
 def _refuse(check: Any, value: Any) -> Any:
@@ -49,7 +50,8 @@ class MeasureRequest(BaseModel):
                                      description="allowed group sizes; 'ch' (API: null) = per output channel")
     formats: list[str] = Field(["rtn"], min_length=1,
                                description="allowed quantizers: rtn, gptq, turbo, lloyd, vq, ternary; boolean "
-                                           "options with '+' (gptq+clip)")
+                                           "options with '+' (gptq+clip); or llama.cpp's block types (q4_k, "
+                                           "q8_0, ...; 'gguf' for all of them)")
     granularity: str = Field("matrix", description=f"what shares one setting: {', '.join(GRANULARITIES)} "
                                                    "(block: each layer's attention and MLP)")
     sensitivity_seqs: int | None = Field(None, ge=1, description="measure sensitivity on the first N evaluation "
@@ -61,6 +63,14 @@ class MeasureRequest(BaseModel):
         from evaluators.models import check_model_name
 
         return _refuse(check_model_name, v)
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        # "gguf": every llama.cpp block type (each unit then climbs the ones its rows fit).
+        from quant.gguf import BLOCK_TYPES
+
+        return [name for f in v for name in (BLOCK_TYPES if f == GGUF_FORMATS else (f,))]
 
     @field_validator("granularity")
     @classmethod

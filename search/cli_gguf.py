@@ -1,0 +1,82 @@
+"""``turboquant export --format gguf``: a front point as a GGUF file that llama.cpp runs.
+
+The policy is applied as the search applied it (same quantizers, same calibration windows), and the
+packed bytes go into the file as they are: llama.cpp computes with exactly the weights that were
+measured. Metadata, tokenizer and the tensors a policy does not cover (norms) come from a GGUF of the
+same model (:func:`evaluators.llamacpp.source_gguf`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import quant
+from evaluators import UserError
+from quant.gguf_file import GGUFExportError, gguf_type, write_gguf
+
+__all__ = ["nearest_gguf", "write_gguf_export"]
+
+
+def _runs_in_llamacpp(setting: quant.QuantSetting) -> bool:
+    return "llamacpp" in quant.get_format(setting.format).native_runtimes
+
+
+def nearest_gguf(policy: quant.Policy, shapes: dict[str, tuple[int, int]]) -> tuple[quant.Policy, list[str]]:
+    """Each setting llama.cpp cannot run becomes the llama.cpp type that fits its matrix with the
+    nearest bytes (the larger on a tie); returns the new policy and one line per change."""
+    from quant.gguf import BLOCK_TYPES
+
+    types = [quant.QuantSetting.from_dict({"format": name}) for name in BLOCK_TYPES]
+    settings, changes = dict(policy.settings), []
+    for name, s in policy.settings.items():
+        if _runs_in_llamacpp(s):
+            continue
+        shape = shapes[name]
+        bpw = {t: 8 * quant.get_format(t.format).expected_nbytes(shape, t) / (shape[0] * shape[1])
+               for t in types if t.fits(shape)}
+        want = 8 * quant.get_format(s.format).expected_nbytes(shape, s) / (shape[0] * shape[1])
+        best = min(bpw, key=lambda t: (abs(bpw[t] - want), -bpw[t]))
+        settings[name] = best
+        changes.append(f"{name}: {s.describe()} ({want:.3f} bpw) -> {best.describe()} ({bpw[best]:.3f} bpw)")
+    return quant.Policy(settings, policy.meta), changes
+
+
+def write_gguf_export(doc: dict[str, Any], out: str, *, nearest: bool = False) -> int:
+    """Writes the exported point ``doc`` (from :func:`studies.export_policy`) as the GGUF file ``out``."""
+    from evaluators.llamacpp import source_gguf
+    from search.cli_policy import pack_policy
+
+    policy = quant.Policy.from_dict(doc)
+    foreign = [n for n, s in policy.settings.items() if not _runs_in_llamacpp(s)]
+    if foreign and not nearest:
+        raise UserError(f"{len(foreign)} matrices use formats llama.cpp cannot run ("
+                        + ", ".join(f"{n}: {policy.settings[n].describe()}" for n in foreign[:5])
+                        + (", ..." if len(foreign) > 5 else "")
+                        + "): search with --formats gguf, or export with --nearest to map each to the nearest "
+                          "llama.cpp type (the file then holds other weights than the ones measured)")
+    changes: list[str] = []
+
+    def remap(p: quant.Policy, shapes: dict[str, tuple[int, int]]) -> quant.Policy:
+        mapped, lines = nearest_gguf(p, shapes)
+        changes.extend(lines)
+        return mapped
+
+    trial = doc["provenance"]["trial"]
+    loaded, packed, weights = pack_policy(policy, f"trial {trial}", remap=remap if foreign else None)
+    try:
+        written = write_gguf(out, source_gguf(loaded.name), weights, packed,
+                             policy_json=json.dumps(doc, sort_keys=True, default=str))
+    except GGUFExportError as exc:
+        raise UserError(str(exc)) from None
+    m = doc["metrics"]
+    kinds = Counter(gguf_type(p).name for p in packed.values())
+    print(f"wrote {out}: {len(written)} tensors replaced ({', '.join(f'{k} x{v}' for k, v in sorted(kinds.items()))}), "
+          f"{sum(p.nbytes for p in packed.values()):,} packed bytes; trial {trial} measured KL {m['kl']:.5f} at "
+          f"{m['bytes']:,} bytes")
+    for line in changes:
+        print(f"  ~ {line}")
+    if changes:
+        print(f"  {len(changes)} matrices changed by --nearest: the file is not the policy that was measured")
+    return 0
