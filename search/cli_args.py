@@ -3,8 +3,9 @@ and the table of subcommands (:func:`command`).
 
 A field ``seq_len: int = Field(256, description=...)`` becomes ``--seq-len N`` with that help; a
 ``bool`` field a switch, a ``bool | None`` field a ``--x / --no-x`` pair, a list field one
-comma-separated value (``--bits 2,3,4``; ``ch`` for a ``None`` group). Flags that are not given
-are left out, so the model's own defaults apply: they are stated once, on the model.
+comma-separated value (``--bits 2,3,4``; ``ch`` for a ``None`` group), a ``Literal`` field a flag
+with those choices. Flags that are not given are left out, so the model's own defaults apply:
+they are stated once, on the model.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def add_request_args(parser: argparse.ArgumentParser, model: type[BaseModel], sk
             kwargs["metavar"] = name.upper()  # comma-separated; split by request_from_args
         elif kind is int:
             kwargs["type"] = int
+        elif typing.get_origin(kind) is typing.Literal:  # e.g. Literal["proxy", "measured"]
+            kwargs["choices"] = typing.get_args(kind)
         if field.is_required():
             kwargs["required"] = True
         parser.add_argument(_flag(name), **kwargs)
