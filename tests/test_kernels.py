@@ -10,7 +10,7 @@ import quant
 from quant.formats import format_names
 from quant.kernels import GenericKernel, Int4Kernel, Int8Kernel, RTNTiledKernel, prepare
 from quant.kernels._registry import kernel_factory
-from tests.test_formats import CASES
+from tests.test_formats import CASES, fitting
 
 GROUPS = [32, 128, None]  # 128 does not divide 576: a padded last group; None: per channel
 
@@ -116,9 +116,10 @@ def test_generic_path_matches_int_kernels_exactly_where_both_apply() -> None:
 @pytest.mark.parametrize("m", [1, 2])
 def test_every_format_through_its_kernel(name: str, setting: dict, m: int) -> None:
     assert name in format_names()
-    packed = quant.quantize(_weight(48, 576), {"format": name, **setting})
+    rows, cols = fitting(name, setting, (48, 576))  # 768-wide for llama.cpp's 256-weight blocks
+    packed = quant.quantize(_weight(rows, cols), {"format": name, **setting})
     kernel = prepare(packed)
-    x = _x(m, 576)
+    x = _x(m, cols)
     _close(kernel(x), x @ packed.dequantize().t(), _tolerance(kernel))
 
 

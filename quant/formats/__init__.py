@@ -8,6 +8,7 @@ from quant.formats import lloyd  # noqa: F401  (registers "lloyd")
 from quant.formats import ternary  # noqa: F401  (registers "ternary")
 from quant.formats import turbo  # noqa: F401  (registers "turbo")
 from quant.formats import vq  # noqa: F401  (registers "vq")
+from quant.formats import gguf  # noqa: F401  (registers llama.cpp's block types "q8_0" .. "q4_k" .. "tq2_0")
 
 __all__ = ["Format", "FormatOptions", "NoOptions", "RUNTIMES", "RuntimeMapping", "format_names", "get_format",
            "register_format"]

@@ -1,0 +1,112 @@
+"""llama.cpp's block types as formats: ``q8_0``, ``q4_0`` ... ``q4_k`` ... ``tq2_0``, one each.
+
+Each format is one GGML type of :data:`quant.gguf.BLOCK_TYPES`, with that type's fixed geometry:
+``quant.quantize(w, {"format": "q4_k"})`` gets bits 4 and group 256 (the super-block) by default,
+and no other bits or group is allowed. The packed tensor holds one buffer, ``"blocks"``: the
+tensor's GGUF bytes, ``(out, in / block * block_bytes)`` uint8, rows in order, each row its blocks
+in order, exactly as a GGUF file stores the tensor (``nbytes`` is its size in the file). A matrix
+whose rows are not whole blocks (SmolLM2's 576-wide rows for the 256-weight types) is refused by
+:meth:`~GGUFBlockFormat.check_shape` and by ``quantize``.
+
+Calibration: ``quant.quantize(w, setting, hessian=H)`` weighs each weight's error by its input
+column's energy ``H[j, j]`` (the diagonal of ``H = X^T X``: llama.cpp's importance matrix), so the
+scales are chosen where the layer's output error is made. Without ``H`` (or with option
+``imatrix: false``) every weight counts alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from quant.formats._base import Format, register_format
+from quant.formats._options import FormatOptions
+from quant.gguf import BLOCK_TYPES, BlockType, dequantize_blocks, quantize_blocks
+from quant.packed import PackedTensor
+from quant.settings import QuantSetting
+
+__all__ = ["GGUFBlockFormat", "GGUFOptions"]
+
+
+@dataclass(frozen=True)
+class GGUFOptions(FormatOptions):
+    """Options of every GGUF block format.
+
+    Attributes:
+        imatrix: weigh the encoder's error by the calibration Hessian's diagonal when one is given.
+    """
+
+    imatrix: bool = True
+
+
+class GGUFBlockFormat(Format):
+    """One GGML block type; subclasses (one per type, made below) set :attr:`block_type`."""
+
+    block_type: BlockType
+    Options = GGUFOptions
+    calibration = ("hessian",)
+    native_runtimes = ("llamacpp",)
+
+    @property
+    def ggml_type(self):
+        """The ``gguf.GGMLQuantizationType`` whose bytes this format writes (for the GGUF writer)."""
+        return self.block_type.qtype
+
+    def uses_calibration(self, setting: QuantSetting) -> bool:
+        return self.options_of(setting).imatrix
+
+    def check_shape(self, shape: tuple[int, int], setting: QuantSetting) -> None:
+        bt = self.block_type
+        if len(shape) != 2 or shape[1] % bt.block:
+            raise ValueError(f"{bt.name} stores rows of whole {bt.block}-weight blocks; a matrix of shape "
+                             f"{tuple(shape)} has rows of {shape[-1]} weights (choose a type whose block divides "
+                             "the row length)")
+
+    def code_bits(self, setting: QuantSetting) -> float:
+        if self.block_type.name.startswith("tq"):
+            return round(math.log2(3), 2)  # a trit's information, as the ternary format says
+        return float(self.block_type.bits)
+
+    def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
+        unknown = set(calibration) - set(self.calibration)
+        if unknown:
+            raise ValueError(f"{self.name} takes calibration 'hessian' ((in, in) sum of x x^T), got {sorted(unknown)}")
+        shape = tuple(weight.shape)
+        self.check_shape(shape, setting)
+        bt = self.block_type
+        importance = None
+        h = calibration.get("hessian")
+        if h is not None and self.options_of(setting).imatrix:
+            if tuple(h.shape) != (shape[1], shape[1]):
+                raise ValueError(f"hessian must be ({shape[1]}, {shape[1]}) for a weight of shape {shape}, "
+                                 f"got {tuple(h.shape)}")
+            energy = torch.diagonal(h).float().clamp(min=0)  # (in,): each input column's sum of x_j^2
+            importance = energy.expand(shape[0], -1).reshape(-1, bt.block)
+        blocks = quantize_blocks(bt.name, weight.float().reshape(-1, bt.block), importance)
+        return PackedTensor(setting=setting, shape=shape, buffers={"blocks": blocks.view(shape[0], -1)})
+
+    def decode(self, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        data = packed.buffers["blocks"]
+        if rows is not None:
+            data = data[rows]
+        bt = self.block_type
+        return dequantize_blocks(bt.name, data.reshape(-1, bt.block_bytes)).view(data.shape[0], packed.shape[1])
+
+    def expected_nbytes(self, shape: tuple[int, int], setting: QuantSetting) -> int:
+        self.check_shape(shape, setting)
+        return shape[0] * self.block_type.row_bytes(shape[1])
+
+
+def _register(bt: BlockType) -> type[GGUFBlockFormat]:
+    attrs = {"name": bt.name, "layout": f"gguf-{bt.name}", "block_type": bt,
+             "bits_range": (bt.bits, bt.bits), "group_sizes": (bt.block,),
+             "default_bits": bt.bits, "default_group_size": bt.block, "runtime_types": {"llamacpp": bt.name},
+             "__doc__": f"GGML type {bt.qtype.name}: blocks of {bt.block} weights in {bt.block_bytes} bytes "
+                        f"({bt.bits_per_weight:g} bits per weight)."}
+    return register_format(type(f"GGUF_{bt.name.upper()}", (GGUFBlockFormat,), attrs))
+
+
+FORMATS = {name: _register(bt) for name, bt in BLOCK_TYPES.items()}

@@ -1,0 +1,105 @@
+"""llama.cpp's block types as registered formats (quant/formats/gguf.py): the packed tensor is the GGUF tensor."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import quant
+from quant.gguf import BLOCK_TYPES
+from quant.settings import QuantSetting
+
+TYPES = sorted(BLOCK_TYPES)
+
+
+def gaussian(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_the_packed_tensor_is_the_gguf_tensor(name: str) -> None:
+    bt = BLOCK_TYPES[name]
+    w = gaussian(6, 768)  # 768 = 24 x 32 = 3 x 256: every type takes it
+    packed = quant.quantize(w, {"format": name})
+    assert (packed.setting.bits, packed.setting.group_size) == (bt.bits, bt.block)
+    assert packed.setting.describe() == name
+    (blocks,) = packed.buffers.values()
+    assert blocks.dtype == torch.uint8
+    assert tuple(blocks.shape) == gguf.quants.quant_shape_to_byte_shape(w.shape, bt.qtype)  # rows x row bytes
+    assert packed.nbytes == 6 * 768 // bt.block * bt.block_bytes == quant.get_format(name).expected_nbytes((6, 768), packed.setting)
+    assert packed.bits_per_weight == bt.bits_per_weight
+    ref = gguf.quants.dequantize(blocks.numpy(), bt.qtype)
+    assert np.array_equal(ref, packed.dequantize().numpy())
+    assert quant.get_format(name).ggml_type == bt.qtype
+    assert quant.get_format(name).runtime(packed.setting).types == {"llamacpp": name}
+
+
+def test_a_gguf_file_holds_exactly_the_packed_bytes(tmp_path) -> None:
+    w = gaussian(8, 512, seed=1)
+    packed = {n: quant.quantize(w, {"format": n}) for n in ("q4_k", "q8_0", "tq1_0")}
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    for n, p in packed.items():
+        writer.add_tensor(n, p.buffers["blocks"].numpy(), raw_dtype=quant.get_format(n).ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for t in gguf.GGUFReader(path).tensors:
+        p = packed[t.name]
+        assert int(t.n_bytes) == p.nbytes and tuple(int(d) for d in reversed(t.shape)) == p.shape
+        assert np.array_equal(np.asarray(t.data).reshape(p.shape[0], -1), p.buffers["blocks"].numpy())
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q2_k", "q6_k", "tq2_0"])
+def test_rows_that_are_not_whole_blocks_are_refused_up_front(name: str) -> None:
+    fmt = quant.get_format(name)
+    setting = QuantSetting.from_dict({"format": name})
+    with pytest.raises(ValueError, match="rows of 576 weights"):
+        fmt.check_shape((64, 576), setting)
+    with pytest.raises(ValueError, match="256-weight blocks"):
+        quant.quantize(gaussian(4, 576), setting)
+    fmt.check_shape((64, 1536), setting)  # SmolLM2's down_proj rows fit
+
+
+@pytest.mark.parametrize("setting", [{"format": "q4_k", "bits": 3}, {"format": "q4_0", "group_size": 64},
+                                     {"format": "q8_0", "options": {"imatrix": 1}},
+                                     {"format": "q5_k", "options": {"clip": True}}])
+def test_other_geometry_or_options_are_refused(setting: dict) -> None:
+    with pytest.raises(ValueError):
+        QuantSetting.from_dict(setting)
+
+
+def test_hessian_diagonal_is_the_importance() -> None:
+    gen = torch.Generator().manual_seed(3)
+    w = gaussian(64, 512, seed=2)
+    x = torch.randn(1024, 512, generator=gen) * torch.exp(1.5 * torch.randn(512, generator=gen))  # uneven inputs
+    h = x.T @ x
+    out_err = lambda p: float((x @ (p.dequantize() - w).T).pow(2).mean())  # noqa: E731
+    for name in ("q4_0", "q4_k", "q3_k", "iq4_nl"):
+        plain = quant.quantize(w, {"format": name})
+        weighted = quant.quantize(w, {"format": name}, hessian=h)
+        assert out_err(weighted) < 0.9 * out_err(plain), name
+        # Only the diagonal counts, and imatrix=false ignores the data.
+        assert torch.equal(quant.quantize(w, {"format": name}, hessian=torch.diag(torch.diagonal(h))).buffers["blocks"],
+                           weighted.buffers["blocks"])
+        off = quant.quantize(w, {"format": name, "options": {"imatrix": False}}, hessian=h)
+        assert torch.equal(off.buffers["blocks"], plain.buffers["blocks"])
+    assert quant.needs_hessians([QuantSetting.from_dict({"format": "q4_k"})])
+    assert not quant.needs_hessians([QuantSetting.from_dict({"format": "q4_k", "options": {"imatrix": False}})])
+
+
+def test_a_hessian_of_the_wrong_shape_is_refused() -> None:
+    with pytest.raises(ValueError, match="hessian must be"):
+        quant.quantize(gaussian(4, 256), {"format": "q4_k"}, hessian=torch.eye(128))
+
+
+def test_a_calibrated_policy_of_block_types_runs_the_model(evaluator) -> None:
+    # The tiny model's 64- and 128-wide rows take the 32-weight types (not the 256-weight ones).
+    names = list(evaluator.matrices)
+    q8 = evaluator.evaluate(quant.Policy.uniform(names, QuantSetting.from_dict({"format": "q8_0"})))
+    q4 = evaluator.evaluate(quant.Policy.uniform(names, QuantSetting.from_dict({"format": "q4_0"})))
+    assert 0 <= q8["kl"] < q4["kl"] and q8["kl"] < 0.01
+    assert evaluator.hessians  # the Hessians were collected for the block types' importance
