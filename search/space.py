@@ -192,7 +192,7 @@ class SearchSpace:
                    self.formats.index(trial.suggest_categorical(fmt, list(self.formats))) if len(self.formats) > 1
                    else 0)
             settings.update(dict.fromkeys(members, self.setting_at(row)))
-        return quant.Policy(settings)
+        return quant.Policy(settings, shapes={m: self.matrices[m] for m in settings})  # shapes: for exports
 
     def setting_at(self, row: Any, unit: str | None = None) -> quant.QuantSetting:
         """The setting of one index row: (bits index, group index, format index); with ladders the bits
@@ -233,7 +233,8 @@ class SearchSpace:
 
     def expand(self, per_unit: dict[str, quant.QuantSetting]) -> quant.Policy:
         """The policy giving every matrix its unit's setting."""
-        return quant.Policy({m: s for unit, s in per_unit.items() for m in self.units[unit]})
+        settings = {m: s for unit, s in per_unit.items() for m in self.units[unit]}
+        return quant.Policy(settings, shapes={m: self.matrices[m] for m in settings})
 
     def params(self, policy: quant.Policy) -> dict[str, Any]:
         """The Optuna params that :meth:`suggest` maps to ``policy`` (for enqueueing seeds).
@@ -259,7 +260,7 @@ class SearchSpace:
 
     def uniform_policies(self) -> list[tuple[str, quant.Policy]]:
         """One policy per setting that every unit may take."""
-        return [(s.describe(), quant.Policy.uniform(list(self.matrices), s)) for s in self.settings()
+        return [(s.describe(), quant.Policy.uniform(list(self.matrices), s, self.matrices)) for s in self.settings()
                 if all(s in self.unit_settings(u) for u in self.units)]
 
 

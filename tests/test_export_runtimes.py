@@ -289,3 +289,19 @@ def test_gptqmodel_reads_the_dynamic_export_and_resolves_every_module(tmp_path) 
             assert resolved[name] == [s["bits"], s["group_size"], sym], name  # representable: exact
     assert resolved["model.layers.0.mlp.down_proj"] == [4, 128, False]  # 5-bit turbo, group 256: nearest
     assert resolved["lm_head"] == [8, 64, False]  # 6 bits: the tie goes to the wider 8
+
+
+def test_search_policies_carry_their_shapes_into_the_torchao_export() -> None:
+    from evaluators import load_model
+    from search.space import SearchSpace
+
+    matrices = quant.weight_matrices(load_model("tiny-random-llama").model)
+    _, policy = SearchSpace(matrices, (4,), (128,), ("rtn",)).uniform_policies()[0]
+    doc = json.loads(json.dumps(policy.to_dict()))  # as the study stores it
+    assert {m: tuple(e["shape"]) for m, e in doc["matrices"].items()} == matrices
+    out = export_runtime(doc, "torchao")
+    fqn = json.loads(out.text)["_data"]["fqn_to_config"]
+    for name, (_, in_features) in matrices.items():  # rows of 64 and 128: group 128 fits only the latter
+        granularity = fqn[name]["_data"]["granularity"]
+        assert in_features % granularity["_data"]["group_size"] == 0
+    assert not any("shape(s) unknown" in line for line in out.approximations)
