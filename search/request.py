@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from evaluators.context import DataConfig
 from evaluators.errors import UserError
@@ -124,18 +124,13 @@ class SearchRequest(MeasureRequest):
         # The form only: what a bpw budget means in bytes is known once the model is loaded.
         return v if v is None else _refuse(lambda text: parse_budget(text, 8), v)
 
-    @field_validator("sensitivity_method")
+    @field_validator("sampler", "sensitivity_method")
     @classmethod
-    def _sensitivity_method(cls, v: str) -> str:
-        if v not in SENSITIVITY_METHODS:
-            raise ValueError(f"unknown sensitivity method {v!r}; choose one of {', '.join(SENSITIVITY_METHODS)}")
-        return v
-
-    @field_validator("sampler")
-    @classmethod
-    def _sampler(cls, v: str) -> str:
-        if v not in SAMPLERS:
-            raise ValueError(f"unknown sampler {v!r}; choose one of {', '.join(SAMPLERS)}")
+    def _known(cls, v: str, info: ValidationInfo) -> str:
+        known, what = {"sampler": (SAMPLERS, "sampler"),
+                       "sensitivity_method": (SENSITIVITY_METHODS, "sensitivity method")}[info.field_name]
+        if v not in known:
+            raise ValueError(f"unknown {what} {v!r}; choose one of {', '.join(known)}")
         return v
 
     @property
