@@ -152,9 +152,9 @@ _GGML_BY_BITS = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0
 # Each type's own sub-block: its scale granularity, fixed by the type.
 _GGML_BLOCK = {"q2_k": 16, "q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16, "q8_0": 32, "tq1_0": 256,
                "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_1": 32, "tq2_0": 256, "iq4_nl": 32}
-# The super-blocks of 256 weights that k-quant types store rows in: a format that fixes such a
-# type and groups by its super-block is that type's own geometry (no group note).
-_GGML_SUPERBLOCK = {t: 256 for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")}
+# Weights per block of each type: a row must be whole blocks (k-quant super-blocks and ternary blocks: 256).
+# A format that fixes the type and groups by this block is the type's own geometry (no group note).
+_GGML_ROW_BLOCK = {t: 256 if t.endswith("_k") or t.startswith("tq") else 32 for t in _GGML_BLOCK}
 
 
 def llamacpp_name(name: str) -> str | None:
@@ -173,6 +173,7 @@ def _to_llamacpp(doc: Mapping[str, Any]) -> RuntimeExport:
     notes: list[str] = []
     skipped: list[str] = []
     lines: list[str] = []
+    unknown_rows = 0  # matrices without a shape whose type needs rows of 256
     for name, s in _matrices(doc).items():
         target = llamacpp_name(name)
         if target is None:
@@ -184,16 +185,25 @@ def _to_llamacpp(doc: Mapping[str, Any]) -> RuntimeExport:
         ggml = fixed or _GGML_BY_BITS[_nearest(eff, tuple(_GGML_BY_BITS))]
         group = "per channel" if s.get("group_size") is None else f"group {s.get('group_size')}"
         block = _GGML_BLOCK.get(ggml)
-        own = {block, _GGML_SUPERBLOCK.get(ggml) if fixed else None} - {None}
+        row_block = _GGML_ROW_BLOCK.get(ggml)
+        own = {block, row_block if fixed else None} - {None}
         what = _approximations(
             s, fmt=None if _native(s, "llamacpp") else ggml,
             bits=ggml[1] if fixed is None and float(int(ggml[1])) != eff else None,
             group=f"{group} -> {ggml}'s blocks of {block}" if own and s.get("group_size") not in own else None)
         if what:
             notes.append(f"{name} ({target}): {what}")
+        shape = s.get("shape")
+        if row_block and row_block > 32 and not shape:
+            unknown_rows += 1
+        elif row_block and shape and shape[1] % row_block:
+            notes.append(f"{name} ({target}): rows of {shape[1]} weights are not whole {row_block}-weight blocks "
+                         f"of {ggml}; llama-quantize falls back to another type for it")
         lines.append(f"{target}={ggml}")
-    notes.append("K-quant types need rows of a multiple of 256 weights; llama-quantize falls back to "
-                 "another type for tensors that are not")
+    if unknown_rows:
+        notes.append(f"K-quant types need rows of a multiple of 256 weights and {unknown_rows} matrix shape(s) are "
+                     "unknown (the policy has no 'shape' for them); llama-quantize falls back to another type "
+                     "for tensors that are not")
     return RuntimeExport("\n".join(lines) + "\n", notes, skipped)
 
 

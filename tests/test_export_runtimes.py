@@ -305,3 +305,7 @@ def test_search_policies_carry_their_shapes_into_the_torchao_export() -> None:
         granularity = fqn[name]["_data"]["granularity"]
         assert in_features % granularity["_data"]["group_size"] == 0
     assert not any("shape(s) unknown" in line for line in out.approximations)
+    # llama.cpp: the tiny model's rows (64, 128 wide) are not whole k-quant super-blocks, each is named.
+    llama = export_runtime(doc, "llamacpp").approximations
+    assert sum("not whole 256-weight blocks of q4_k" in line for line in llama) == len(matrices)
+    assert not any("unknown" in line for line in llama)
