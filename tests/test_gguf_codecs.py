@@ -24,7 +24,7 @@ def weights(kind: str, rows: int = 16, cols: int = 768, seed: int = 0) -> torch.
         g = torch.randn(rows, cols, generator=gen)
         chi2 = torch.randn(rows, cols, 3, generator=gen).square().sum(-1)
         return g / (chi2 / 3).sqrt()
-    if kind == "edge":  # zero, constant, tiny, huge and one-spike blocks, 32 weights each
+    if kind == "edge":  # zero, constant, tiny, huge, spiked, positive and out-of-fp16-range rows
         w = torch.randn(rows, cols, generator=gen) * 0.02
         w[0] = 0.0
         w[1] = 0.37
@@ -32,6 +32,7 @@ def weights(kind: str, rows: int = 16, cols: int = 768, seed: int = 0) -> torch.
         w[3] *= 2e3
         w[4, ::32] = 50.0
         w[5, :] = w[5].abs()  # all positive
+        w[6] *= 5e7  # beyond fp16's range: scales saturate, nothing decodes to inf
         return w
     raise ValueError(kind)
 

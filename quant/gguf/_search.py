@@ -19,8 +19,8 @@ __all__ = ["Nearest", "uniform_levels", "table_levels", "scaled", "round_affine"
 
 
 def fp16(v: torch.Tensor) -> torch.Tensor:
-    """``v`` rounded to the nearest fp16 value, as float32."""
-    return v.to(torch.float16).float()
+    """``v`` rounded to the nearest fp16 value, as float32 (saturating at +-65504: never inf)."""
+    return v.clamp(-65504.0, 65504.0).to(torch.float16).float()
 
 
 def _inv(d: torch.Tensor) -> torch.Tensor:
