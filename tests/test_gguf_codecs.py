@@ -188,3 +188,20 @@ def test_real_q4_1_weights_are_reproduced_exactly(smollm2_rows: dict[str, torch.
         assert rel_mse(w, ours("q8_0", w)[1]) < 1e-4
     emb = smollm2_rows["embed"]  # stored as Q8_0
     assert torch.equal(ours("q8_0", emb)[1], emb)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_each_blocks_grid_is_read_back_and_takes_other_codes(name: str) -> None:
+    from quant.gguf._grids import block_grid, with_levels
+
+    bt = block_type(name)
+    w = weights("heavy", seed=9).reshape(-1, bt.block)
+    data = quantize_blocks(name, w)
+    grid = block_grid(name, data)
+    deq = dequantize_blocks(name, data)
+    assert torch.equal(grid.value(grid.round(deq)), deq)  # the grid is the decoder's, bit for bit
+    other = grid.round(w + 0.3 * weights("gaussian", seed=10).reshape(-1, bt.block))  # other levels, same scales
+    moved = with_levels(name, data, other)
+    assert torch.equal(dequantize_blocks(name, moved), grid.value(other))
+    assert np.array_equal(gguf_dequantize(moved.numpy(), bt.qtype).reshape(-1, bt.block),
+                          grid.value(other).numpy())

@@ -1,0 +1,134 @@
+"""Each block's fixed grid, read back from its bytes, and the bytes with other codes on that grid.
+
+What GPTQ-style error feedback needs from a block format: first every scale is fixed (the blocks
+are encoded once from the original weights), then each weight is rounded to *its* grid,
+``value = scale * level + offset`` with ``level`` one of the type's levels, and finally the chosen
+levels are written into the blocks in place of the first codes, the scale fields untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from quant.gguf._bytes import f16_values, split_fields
+from quant.gguf._klayout import (pack_2bit, pack_high_bits, pack_nibbles_64, pack_q6, unpack_scales_k4,
+                                 unpack_scales_q3)
+from quant.gguf._legacy import IQ4_NL_VALUES, _fifth_bits, _nibbles
+from quant.gguf._search import Nearest, table_levels, uniform_levels
+from quant.gguf._table import block_type
+
+__all__ = ["Grid", "block_grid", "with_levels"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Per weight ``(N, block)``: ``value = scale * level + offset`` (offset ``None``: 0)."""
+
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    nearest: Nearest
+
+    def round(self, x: torch.Tensor, cols: slice | int = slice(None)) -> torch.Tensor:
+        """The levels nearest to ``x`` on the grid's columns ``cols`` (``x`` shaped like ``scale[:, cols]``)."""
+        s = self.scale[:, cols]
+        y = x if self.offset is None else x - self.offset[:, cols]
+        return self.nearest(torch.where(s != 0, y / torch.where(s != 0, s, 1.0), 0.0))
+
+    def value(self, levels: torch.Tensor, cols: slice | int = slice(None)) -> torch.Tensor:
+        v = self.scale[:, cols] * levels
+        return v if self.offset is None else v + self.offset[:, cols]
+
+
+def _per_weight(v: torch.Tensor, sub: int) -> torch.Tensor:
+    """(N, n_sub) per-sub-block values -> (N, n_sub * sub) per weight."""
+    return v.repeat_interleave(sub, dim=1)
+
+
+def _d(data: torch.Tensor, at: int, block: int) -> torch.Tensor:
+    return f16_values(data[:, at:at + 2]).unsqueeze(-1).expand(-1, block)
+
+
+def _k_affine(data: torch.Tensor):  # q4_k / q5_k: d, dmin, 12 scale bytes
+    sc, mn = unpack_scales_k4(data[:, 4:16])
+    dl = f16_values(data[:, 0:2]).unsqueeze(-1) * sc.float()
+    ml = f16_values(data[:, 2:4]).unsqueeze(-1) * mn.float()
+    return _per_weight(dl, 32), -_per_weight(ml, 32)
+
+
+def _q2k(data: torch.Tensor):
+    scales, _, d, dm = split_fields(data, [16, 64, 2, 2])
+    dl = f16_values(d).unsqueeze(-1) * (scales & 0x0F).float()
+    ml = f16_values(dm).unsqueeze(-1) * (scales >> 4).float()
+    return _per_weight(dl, 16), -_per_weight(ml, 16)
+
+
+def _q3k(data: torch.Tensor):
+    sc = (unpack_scales_q3(data[:, 96:108]).to(torch.int8) - 32).float()
+    return _per_weight(f16_values(data[:, 108:110]).unsqueeze(-1) * sc, 16), None
+
+
+def _q6k(data: torch.Tensor):
+    sc = data[:, 192:208].contiguous().view(torch.int8).float()
+    return _per_weight(f16_values(data[:, 208:210]).unsqueeze(-1) * sc, 16), None
+
+
+def _q3k_codes(lev: torch.Tensor) -> torch.Tensor:
+    u = (lev + 4).to(torch.uint8)
+    return torch.cat([pack_high_bits(u >> 2), pack_2bit(u & 3)], dim=1)
+
+
+def _q5k_codes(lev: torch.Tensor) -> torch.Tensor:
+    u = lev.to(torch.uint8)
+    return torch.cat([pack_high_bits(u >> 4), pack_nibbles_64(u & 0x0F)], dim=1)
+
+
+def _tq1_codes(lev: torch.Tensor) -> torch.Tensor:
+    from quant.gguf._ternary import _base3_bytes
+
+    t, n = (lev + 1).to(torch.uint8), lev.shape[0]
+    return torch.cat([_base3_bytes(t[:, :160].reshape(n, 5, 32)), _base3_bytes(t[:, 160:240].reshape(n, 5, 16)),
+                      _base3_bytes(t[:, 240:].reshape(n, 4, 4))], dim=1)
+
+
+_IQ4 = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32)
+# name -> (scale and offset per weight from the blocks, the levels, code bytes [start, stop), levels -> code bytes)
+_SPECS: dict[str, tuple[Callable, Callable[[], Nearest], tuple[int, int], Callable]] = {
+    "q8_0": (lambda b: (_d(b, 0, 32), None), lambda: uniform_levels(-128, 127), (2, 34),
+             lambda q: q.to(torch.int8).view(torch.uint8)),
+    "q4_0": (lambda b: (_d(b, 0, 32), None), lambda: uniform_levels(-8, 7), (2, 18), lambda q: _nibbles(q + 8)),
+    "q5_0": (lambda b: (_d(b, 0, 32), None), lambda: uniform_levels(-16, 15), (2, 22),
+             lambda q: torch.cat([_fifth_bits((q + 16).to(torch.uint8)), _nibbles(q + 16)], dim=1)),
+    "q4_1": (lambda b: (_d(b, 0, 32), _d(b, 2, 32)), lambda: uniform_levels(0, 15), (4, 20), _nibbles),
+    "q5_1": (lambda b: (_d(b, 0, 32), _d(b, 2, 32)), lambda: uniform_levels(0, 31), (4, 24),
+             lambda q: torch.cat([_fifth_bits(q.to(torch.uint8)), _nibbles(q)], dim=1)),
+    "iq4_nl": (lambda b: (_d(b, 0, 32), None), lambda: table_levels(_IQ4), (2, 18),
+               lambda v: _nibbles(torch.searchsorted(_IQ4, v))),
+    "q2_k": (_q2k, lambda: uniform_levels(0, 3), (16, 80), pack_2bit),
+    "q3_k": (_q3k, lambda: uniform_levels(-4, 3), (0, 96), _q3k_codes),
+    "q4_k": (_k_affine, lambda: uniform_levels(0, 15), (16, 144), pack_nibbles_64),
+    "q5_k": (_k_affine, lambda: uniform_levels(0, 31), (16, 176), _q5k_codes),
+    "q6_k": (_q6k, lambda: uniform_levels(-32, 31), (0, 192), lambda q: torch.cat(pack_q6(q + 32), dim=1)),
+    "tq1_0": (lambda b: (_d(b, 52, 256), None), lambda: uniform_levels(-1, 1), (0, 52), _tq1_codes),
+    "tq2_0": (lambda b: (_d(b, 64, 256), None), lambda: uniform_levels(-1, 1), (0, 64),
+              lambda q: pack_2bit((q + 1).to(torch.uint8))),
+}
+
+
+def block_grid(name: str, data: torch.Tensor) -> Grid:
+    """The grid of every weight of the ``(N, block_bytes)`` blocks ``data`` of type ``name``."""
+    scale, offset = _SPECS[name][0](data)
+    return Grid(scale.contiguous(), None if offset is None else offset.contiguous(), _SPECS[name][1]())
+
+
+def with_levels(name: str, data: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """``data`` with its codes replaced by ``levels`` ``(N, block)`` (level values of :func:`block_grid`)."""
+    bt = block_type(name)
+    if tuple(levels.shape) != (data.shape[0], bt.block):
+        raise ValueError(f"levels must be ({data.shape[0]}, {bt.block}), got {tuple(levels.shape)}")
+    (a, b), pack = _SPECS[name][2], _SPECS[name][3]
+    out = data.clone()
+    out[:, a:b] = pack(levels)
+    return out
