@@ -18,9 +18,10 @@ import optuna
 from optuna.trial import TrialState
 
 import quant
-from evaluators import UserError, reference_logprobs
+from evaluators import UserError, reference_logprobs, reference_nbytes
 from search.budget import parse_budget
 from search.dispatch import Dispatcher
+from search.placement import WorkerSize, resolve_device
 from search.fidelity import FirstBatchGate
 from search.progress import Progress
 from search.record import RETRY_ON, Job, reconcile, record_failure, record_result
@@ -47,6 +48,7 @@ class SearchConfig:
     progress: bool = True
     max_retries: int = 2  # a trial whose worker dies is run again on a new one this many times
     seed_budgets: int = 8  # budgets, from the smallest policy to the study's, at which seeds are solved
+    extra_seed_budgets: tuple[int, ...] = ()  # bytes at which seeds are solved as well
     fidelity_keep: int = 12  # a child must be among this many best first-batch KLs to be measured fully
 
 
@@ -60,7 +62,7 @@ def _use_sensitivity(cfg: SearchConfig, study: optuna.Study, store: Store, loade
     from search.seeds import enqueue_solved_seeds
     from search.sensitivity import measure_sensitivity, proxy_table
 
-    evaluator = Evaluator(loaded, tokens)
+    evaluator = Evaluator(loaded, tokens, reference_topk=cfg.request.reference_topk)
     if cfg.request.sensitivity_method == "proxy":
         table = proxy_table(evaluator, space)
         log.info("sensitivity proxy: %d pairs predicted in %.1f s", table.computed, table.seconds)
@@ -70,7 +72,7 @@ def _use_sensitivity(cfg: SearchConfig, study: optuna.Study, store: Store, loade
                                     windows=cfg.request.sensitivity_seqs, progress=cfg.progress)
         log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
     if created:
-        seeds = enqueue_solved_seeds(study, table, space, budget_bytes, cfg.seed_budgets)
+        seeds = enqueue_solved_seeds(study, table, space, budget_bytes, cfg.seed_budgets, cfg.extra_seed_budgets)
         log.info("enqueued %d solved seeds", len(seeds))
     if isinstance(study.sampler, EvoSampler):
         study.sampler.guide(table)
@@ -97,36 +99,37 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     Returns a summary: trials run now, complete (in total), failed and pruned now, seconds.
     """
     request = cfg.request
+    device = _device(request, cfg.ray_address)
     loaded, tokens = request.data_config().load()
     space = request.space(quant.weight_matrices(loaded.model))
     budget_bytes = _budget(request, space)
     store = Store(cfg.storage)  # only now: bad input above leaves the storage untouched
     provenance = {**request.data_config().to_dict(), "model_fingerprint": loaded.fingerprint,
-                  "data_fingerprint": tokens.fingerprint, "budget": request.budget}
+                  "data_fingerprint": tokens.fingerprint, "budget": request.budget,
+                  "reference_topk": request.reference_topk}
     study, row, created = open_study(request, cfg.storage, store, space, budget_bytes, provenance)
     gate = None
     if request.uses_multi_fidelity:
         gate = FirstBatchGate(budget_bytes, keep=cfg.fidelity_keep)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             gate.add(t.user_attrs.get("kl_low"), t.values[1])
+    reconcile(study, store, row)
+    # Finished trials: measured fully, or stopped after the first batch by multi-fidelity selection.
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if done >= request.trials and not created:
+        return Progress.nothing_to_do(done, complete)  # before minutes of sensitivity it would not use
     reference = None
     if request.sensitivity:
         reference = _use_sensitivity(cfg, study, store, loaded, tokens, space, budget_bytes, created)
     if created:
         enqueue_uniform_seeds(study, space, budget_bytes)
-    reconcile(study, store, row)
-
-    # Finished trials: measured fully, or stopped after the first batch by multi-fidelity selection.
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if done >= request.trials:
-        return Progress.nothing_to_do(done, complete)
-    _check_memory(request, loaded.model, tokens)
+    size = _check_memory(request, loaded.model, tokens, device)
     if reference is None:
-        reference = reference_logprobs(loaded.model, tokens)
+        reference = reference_logprobs(loaded.model, tokens, topk=request.reference_topk)
     del loaded  # the workers load their own copies
     workers = Dispatcher(request.data_config().to_dict(), reference, request.workers, ray_address=cfg.ray_address,
-                         max_retries=cfg.max_retries)
+                         max_retries=cfg.max_retries, device=device, size=size)
     best = min((t.values[0] for t in study.best_trials), default=math.inf)
     progress = Progress(request.trials, done, complete, best, name=request.study_name, sampler=request.sampler,
                         budget_bytes=row.budget_bytes, show=cfg.progress)
@@ -164,21 +167,40 @@ def _trials(study: optuna.Study, store: Store, row: Any, space: SearchSpace, gat
         progress.finished(outcome)
 
 
-def _check_memory(request: SearchRequest, model: Any, tokens: Any) -> None:
-    """Refuses up front a search whose workers cannot fit in memory, saying the estimate.
+def _device(request: SearchRequest, ray_address: str | None) -> str:
+    """The workers' device, refused up front (before loading) when ``cuda`` is asked for with no GPU:
+    resolved here for a local Ray, whose GPUs are this machine's; a cluster's by the dispatcher."""
+    import os
+
+    if ray_address or os.environ.get("RAY_ADDRESS"):
+        return request.device
+    import torch
+
+    return resolve_device(request.device, torch.cuda.device_count())
+
+
+def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str) -> WorkerSize:
+    """Refuses up front a search whose workers cannot fit in memory, saying the estimate; returns
+    what one worker holds (for its GPU share, see :mod:`search.placement`).
 
     Per worker: the float model, a float copy of its matrices, their decoded weights
-    (cached for speed) and a batch of logits; once: the driver's model and the reference.
+    (cached for speed) and a batch of logits, in host memory on the CPU; on a GPU only the model
+    passes through host memory. Once: the driver's model and the reference (the driver's, and the
+    object store's copy that the workers share).
     """
     import psutil
 
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = int(model.config.vocab_size)
-    reference = tokens.eval.shape[0] * (tokens.seq_len - 1) * vocab * 4
+    reference = reference_nbytes(tokens.eval.shape[0], tokens.seq_len - 1, vocab, request.reference_topk)
     batch_logits = 2 * tokens.seq_len * vocab * 4 * 3  # logits, log-probs, reference slice
-    estimate = request.workers * (3 * params + batch_logits) + params + 2 * reference
+    size = WorkerSize(params, reference, batch_logits)
+    per_worker = params if device == "cuda" else 3 * params + batch_logits
+    estimate = request.workers * per_worker + params + 2 * reference
     limit = request.memory_limit_bytes or psutil.virtual_memory().available
     if estimate > limit:
         raise UserError(f"this search needs about {estimate / 2**30:.2f} GiB ({request.workers} workers x "
-                        f"{3 * params / 2**30:.2f} GiB model copies + {2 * reference / 2**30:.2f} GiB reference) "
-                        f"but {limit / 2**30:.2f} GiB is available; use fewer --workers or --eval-seqs")
+                        f"{per_worker / 2**30:.2f} GiB model copies + {2 * reference / 2**30:.2f} GiB reference) "
+                        f"but {limit / 2**30:.2f} GiB is available; use fewer --workers or --eval-seqs"
+                        + ("" if request.reference_topk else ", or --reference-topk 512"))
+    return size

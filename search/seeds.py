@@ -90,13 +90,16 @@ def solve_greedy(kl: np.ndarray, nbytes: np.ndarray, budget: int) -> np.ndarray 
 
 
 def solved_policies(table: SensitivityTable, space: SearchSpace, budget_bytes: int, n_budgets: int = 8,
-                    methods: tuple[str, ...] = ("dp", "greedy")) -> list[tuple[str, quant.Policy, int]]:
+                    methods: tuple[str, ...] = ("dp", "greedy"),
+                    extra_budgets: tuple[int, ...] = ()) -> list[tuple[str, quant.Policy, int]]:
     """(label, policy, predicted bytes) at ``n_budgets`` budgets evenly from the smallest policy to
     ``budget_bytes``, distinct policies only, largest budget first."""
     names, kl, nb = table.arrays()
     settings = table.settings
     lo = int(nb.min(axis=1).sum())
-    budgets = [int(b) for b in np.linspace(lo, budget_bytes, n_budgets)][::-1] if n_budgets > 1 else [budget_bytes]
+    budgets = [int(b) for b in np.linspace(lo, budget_bytes, n_budgets)] if n_budgets > 1 else [budget_bytes]
+    # Budgets a user asked for (e.g. the sizes of files to compare with) join the even ones.
+    budgets = sorted({*budgets, *(int(b) for b in extra_budgets if lo <= b <= budget_bytes)}, reverse=True)
     seen: set[tuple[int, ...]] = set()
     out: list[tuple[str, quant.Policy, int]] = []
     for b in budgets:
@@ -112,10 +115,11 @@ def solved_policies(table: SensitivityTable, space: SearchSpace, budget_bytes: i
 
 
 def enqueue_solved_seeds(study: optuna.Study, table: SensitivityTable, space: SearchSpace, budget_bytes: int,
-                         n_budgets: int = 8) -> list[dict[str, Any]]:
+                         n_budgets: int = 8, extra_budgets: tuple[int, ...] = ()) -> list[dict[str, Any]]:
     """Enqueues the solved allocations (user attr ``seed`` = e.g. ``dp:3.00bpw``); returns what it enqueued."""
     done = []
-    for label, policy, predicted in solved_policies(table, space, budget_bytes, n_budgets):
+    for label, policy, predicted in solved_policies(table, space, budget_bytes, n_budgets,
+                                                    extra_budgets=extra_budgets):
         study.enqueue_trial(space.params(policy), user_attrs={"seed": label})
         done.append({"seed": label, "bytes": predicted})
     return done
