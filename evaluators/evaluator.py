@@ -15,6 +15,7 @@ import quant
 from evaluators.data import TokenSets
 from evaluators.metrics import MetricSums
 from evaluators.models import LoadedModel
+from evaluators.reference import Reference, TopKReference
 
 __all__ = ["Evaluator", "calibration_hessians", "reference_logprobs"]
 
@@ -26,12 +27,28 @@ def _forward_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:  # (
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
-def reference_logprobs(model: nn.Module, tokens: TokenSets, batch_size: int = 2) -> np.ndarray:
-    """The float model's log-probs on the evaluation windows, ``(B, T-1, V)`` float32."""
-    ids = torch.from_numpy(tokens.eval)
-    parts = [_forward_logprobs(model, ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
-    return torch.cat(parts).numpy()
+def reference_logprobs(model: nn.Module, tokens: TokenSets, batch_size: int = 2,
+                       topk: int | None = None) -> Reference:
+    """The float model's log-probs on the evaluation windows: full ``(B, T-1, V)`` float32, or with
+    ``topk`` below the vocabulary a :class:`~evaluators.reference.TopKReference` (on the CPU, either way).
+
+    Top-k is made batch by batch: the full tensor never exists at once.
+    """
+    ids = torch.from_numpy(tokens.eval).to(_device(model))
+    full: list[torch.Tensor] = []
+    top: list[TopKReference] = []
+    for i in range(0, len(ids), batch_size):
+        lp = _forward_logprobs(model, ids[i:i + batch_size]).cpu()  # (b, T-1, V)
+        if topk is None or topk >= lp.shape[-1]:
+            full.append(lp)
+        else:
+            top.append(TopKReference.from_logprobs(lp, topk))
+    return TopKReference.concat(top) if top else torch.cat(full).numpy()
 
 
 @torch.inference_mode()
@@ -43,7 +60,7 @@ def calibration_hessians(model: nn.Module, tokens: TokenSets, names: Iterable[st
     A tied embedding gets its LM head's Hessian: the table is GPTQ'd for the head's inputs (as a
     lookup table it sees no input activations at all).
     """
-    ids = torch.from_numpy(tokens.calib)
+    ids = torch.from_numpy(tokens.calib).to(_device(model))
     if not len(ids):
         log.warning("no calibration windows (--calib-seqs 0): gptq runs without data, as rtn")
         return {}
@@ -94,21 +111,30 @@ class Evaluator:
     Args:
         loaded: the model (it is quantized in place by :meth:`evaluate`).
         tokens: evaluation / calibration windows.
-        reference: reference log-probs from :func:`reference_logprobs`; computed here if ``None``.
+        reference: from :func:`reference_logprobs` (full or top-k); computed here if ``None``.
         cache_bytes: budget of the packed-matrix cache.
+        reference_topk: the reference computed here keeps the top-k words per position (``None``: full).
+
+    Everything runs on the model's device (move the model before): the reference is copied there
+    once (on the CPU it is used in place, e.g. shared from Ray's object store).
     """
 
-    def __init__(self, loaded: LoadedModel, tokens: TokenSets, reference: np.ndarray | None = None,
-                 cache_bytes: int = 2 << 30, batch_size: int = 2):
+    def __init__(self, loaded: LoadedModel, tokens: TokenSets, reference: Reference | None = None,
+                 cache_bytes: int = 2 << 30, batch_size: int = 2, reference_topk: int | None = None):
         self.loaded = loaded
         self.model = loaded.model
+        self.device = _device(self.model)
         self.tokens = tokens
         self.batch_size = batch_size
         self.matrices = quant.weight_matrices(self.model)
         self.weights = {name: w.clone() for name, w in quant.float_weights(self.model).items()}
         self.numel = sum(h * w for h, w in self.matrices.values())
-        self.reference = reference_logprobs(self.model, tokens, batch_size) if reference is None else reference
-        self._ref_top = torch.from_numpy(self.reference).argmax(-1)  # (B, T-1): the same for every trial
+        if reference is None:
+            reference = reference_logprobs(self.model, tokens, batch_size, topk=reference_topk)
+        self.reference = reference
+        self._ref = self._on_device(reference)
+        if isinstance(reference, np.ndarray):  # the top-k reference keeps its argmax first
+            self._ref_top = self._ref[0].argmax(-1)  # (B, T-1): the same for every trial
         self.cache = PackedCache(cache_bytes)
         self.hessians: dict[str, torch.Tensor] | None = None  # collected when a policy first needs them
 
@@ -120,18 +146,28 @@ class Evaluator:
         (``pruned``), costing one batch instead of the whole evaluation.
         """
         sums = MetricSums()
-        ids = torch.from_numpy(self.tokens.eval[:windows])
+        ids = torch.from_numpy(self.tokens.eval[:windows]).to(self.device)
         kl_low = None
         for i in range(0, len(ids), self.batch_size):
             batch = ids[i:i + self.batch_size]
             logprobs = _forward_logprobs(self.model, batch)
-            sums.add(logprobs, torch.from_numpy(self.reference[i:i + len(batch)]), batch[:, 1:],
-                     ref_top=self._ref_top[i:i + len(batch)])
+            window = slice(i, i + len(batch))
+            if isinstance(self.reference, np.ndarray):
+                sums.add(logprobs, self._ref[0][window], batch[:, 1:], ref_top=self._ref_top[window])
+            else:
+                sums.add_topk(logprobs, *(r[window] for r in self._ref), batch[:, 1:])
             if kl_low is None:
                 kl_low = sums.result()["kl"]
                 if prune_above is not None and kl_low > prune_above and len(ids) > len(batch):
                     return {"pruned": True, "kl_low": kl_low, "windows": len(batch)}
         return {**sums.result(), "pruned": False, "kl_low": kl_low, "windows": len(ids)}
+
+    def _on_device(self, reference: Reference) -> tuple[torch.Tensor, ...]:
+        """The reference's arrays as tensors on the model's device: ``(logprobs,)`` or top-k's
+        ``(logprobs, indices, log_rest)``."""
+        arrays = (reference,) if isinstance(reference, np.ndarray) else \
+            (reference.logprobs, reference.indices, reference.log_rest)
+        return tuple(torch.as_tensor(a).to(self.device) for a in arrays)
 
     def calibrate(self, settings: Iterable[quant.QuantSetting]) -> None:
         """Collects the input Hessians once, on the float model, when ``settings`` first need them."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from evaluators.reference import rest_logmass
+
 __all__ = ["MetricSums", "METRIC_NAMES"]
 
 METRIC_NAMES = ("kl", "ppl", "top1", "logit_err")
@@ -53,6 +55,34 @@ class MetricSums:
         self.top1 += float((logprobs.argmax(-1) == top).sum())
         self.positions += targets.numel()
         self.cells += logprobs.numel()
+
+    def add_topk(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, ref_indices: torch.Tensor,
+                 ref_log_rest: torch.Tensor, targets: torch.Tensor) -> None:
+        """Adds ``(B, T, V)`` model log-probs against a top-k reference (see
+        :class:`~evaluators.reference.TopKReference`): ``(B, T, k)`` log-probs and word ids, ``(B, T)``
+        log of the mass outside them.
+
+        KL is the definition's over the k words plus the rest as one bucket:
+        ``sum_k p_i (log p_i - log q_i) + r_p (log r_p - log r_q)``, with ``r_q`` the model's mass
+        outside the reference's k words (the bucket's term is 0 when ``r_p`` is 0). ``logit_err`` is
+        the mean over the k kept words; perplexity and top-1 come from the model's own log-probs.
+        """
+        if logprobs.shape[:2] != targets.shape or ref_logprobs.shape != ref_indices.shape \
+                or ref_logprobs.shape[:2] != targets.shape or ref_log_rest.shape != targets.shape:
+            raise ValueError(f"shapes differ: model {tuple(logprobs.shape)}, reference top-k "
+                             f"{tuple(ref_logprobs.shape)} / {tuple(ref_indices.shape)}, rest "
+                             f"{tuple(ref_log_rest.shape)}, targets {tuple(targets.shape)}")
+        indices = ref_indices.long()
+        diff = ref_logprobs - logprobs.gather(-1, indices)  # (B, T, k)
+        rest_p = ref_log_rest.exp()
+        bucket = torch.where(rest_p > 0, rest_p * (ref_log_rest - rest_logmass(logprobs, indices)),
+                             torch.zeros_like(rest_p))
+        self.kl += float((ref_logprobs.exp() * diff).sum()) + float(bucket.sum())
+        self.abs_err += float(diff.abs_().sum())
+        self.nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
+        self.top1 += float((logprobs.argmax(-1) == indices[..., 0]).sum())
+        self.positions += targets.numel()
+        self.cells += diff.numel()
 
     def result(self) -> dict[str, float]:
         n = max(self.positions, 1)

@@ -10,8 +10,9 @@ from typing import Any
 
 import ray
 
+from search.placement import WorkerSize, actor_options, resolve_device
 from search.record import Job
-from search.workers import TrialWorker, init_ray
+from search.workers import TrialWorker, gpu_memory, init_ray
 from studies import TrialResult
 
 __all__ = ["Dispatcher"]
@@ -23,13 +24,22 @@ class Dispatcher:
     Lifecycle: :meth:`submit` a job to a slot from :attr:`idle`; :meth:`next` returns the next job
     to finish with its :class:`~studies.TrialResult` or its failure reason (the slot is idle again);
     :meth:`close` kills the workers.
+
+    The reference is put in Ray's object store once: its numpy arrays reach every worker on the
+    same node without a copy. ``device`` (``auto``, ``cpu``, ``cuda``) is resolved against the GPUs
+    the cluster reports; on ``cuda`` each worker asks Ray for its share of a GPU, sized from ``size``
+    (see :func:`~search.placement.actor_options`).
     """
 
     def __init__(self, data: dict[str, Any], reference: Any, n_workers: int, *, ray_address: str | None = None,
-                 max_retries: int = 2):
+                 max_retries: int = 2, device: str = "cpu", size: WorkerSize | None = None):
         init_ray(ray_address, n_workers)
         self.max_retries = max_retries
         self._data = data
+        n_gpus = int(ray.cluster_resources().get("GPU", 0))
+        self.device = resolve_device(device, n_gpus)
+        memory = gpu_memory() if self.device == "cuda" else 0
+        self._options = actor_options(self.device, n_workers, size or WorkerSize(0, 0, 0), memory, n_gpus)
         self._reference = ray.put(reference)
         self._threads = max(1, int(ray.available_resources().get("CPU", n_workers)) // n_workers)
         self._workers = [self._start() for _ in range(n_workers)]
@@ -37,7 +47,7 @@ class Dispatcher:
         self._pending: dict[Any, Job] = {}
 
     def _start(self) -> Any:
-        return TrialWorker.options(num_cpus=1).remote(self._data, self._reference, self._threads)
+        return TrialWorker.options(**self._options).remote(self._data, self._reference, self._threads, self.device)
 
     @property
     def busy(self) -> int:

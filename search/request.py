@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from evaluators.context import DataConfig
 from evaluators.errors import UserError
 from search.budget import parse_budget
+from search.placement import Device
 from search.samplers import SAMPLERS
 from search.space import DEFAULT_BITS, DEFAULT_GROUPS, GRANULARITIES, SearchSpace, check_granularity
 
@@ -117,6 +118,11 @@ class SearchRequest(MeasureRequest):
     sensitivity_method: str = Field("measured", description="proxy: predicted from one backward pass per "
                                     "calibration window (diagonal Fisher; seconds); measured: one forward per "
                                     "unit and setting (stored, reused by later studies)")
+    reference_topk: int | None = Field(None, ge=1, description="compare with the float model's K most likely "
+                                       "words per position and the rest of its mass as one bucket, stored once "
+                                       "and shared by the workers (default: the full log-probs)")
+    device: Device = Field("auto", description="where workers run: cuda (each asks Ray for a share of a GPU), "
+                                               "cpu, or auto (cuda when there is a GPU)")
 
     @field_validator("budget", "memory_limit")
     @classmethod

@@ -17,7 +17,7 @@ from studies.retry import SCHEMA_RACE_SECONDS, with_db_retry
 __all__ = ["optuna_storage", "open_study"]
 
 # What a resumed study must share with the one stored (a different value is another search).
-_SAME_DATA = ("model", "dataset", "seq_len", "n_eval", "n_calib", "seed")
+_SAME_DATA = ("model", "dataset", "seq_len", "n_eval", "n_calib", "seed", "reference_topk")
 _SAME_SPACE = ("bits", "groups", "formats", "granularity")
 
 

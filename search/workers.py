@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import ray
 
 from studies.results import TrialResult
 
-__all__ = ["TrialWorker", "init_ray"]
+if TYPE_CHECKING:
+    from evaluators.reference import Reference
+
+__all__ = ["TrialWorker", "gpu_memory", "init_ray"]
 
 
 def init_ray(address: str | None, num_cpus: int) -> None:
@@ -29,11 +31,26 @@ def init_ray(address: str | None, num_cpus: int) -> None:
                  log_to_driver=False)
 
 
+@ray.remote(num_gpus=1)
+def _gpu_memory() -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def gpu_memory() -> int:
+    """Bytes of memory of one of the cluster's GPUs, asked on a GPU node (the driver needs none)."""
+    return int(ray.get(_gpu_memory.remote()))
+
+
 @ray.remote(max_restarts=0)
 class TrialWorker:
-    """Measures policies on one model. Created once per search; receives and returns plain data."""
+    """Measures policies on one model. Created once per search; receives and returns plain data.
 
-    def __init__(self, data: dict[str, Any], reference: np.ndarray, threads: int):
+    The model, its float weights, the reference and the packed cache live on ``device``.
+    """
+
+    def __init__(self, data: dict[str, Any], reference: Reference, threads: int, device: str = "cpu"):
         import torch
 
         from evaluators import Evaluator
@@ -41,6 +58,7 @@ class TrialWorker:
 
         torch.set_num_threads(max(1, threads))
         loaded, tokens = DataConfig.from_dict(data).load()
+        loaded.model.to(device)
         self.evaluator = Evaluator(loaded, tokens, reference=reference)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
