@@ -17,18 +17,22 @@ __all__ = ["evaluate_checkpoint"]
 
 
 @torch.inference_mode()
-def evaluate_checkpoint(folder: str | Path, *, batch_size: int = 2) -> tuple[dict[str, Any], quant.PackedCheckpoint]:
-    """Reloads ``folder`` and measures it on the data named in its provenance.
+def evaluate_checkpoint(folder: str | Path, *, batch_size: int = 2, dataset: str | None = None,
+                        seq_len: int | None = None, n_eval: int | None = None
+                        ) -> tuple[dict[str, Any], quant.PackedCheckpoint]:
+    """Reloads ``folder`` and measures it on the data named in its provenance, or on ``dataset``
+    (windows as the provenance's unless ``seq_len`` / ``n_eval`` are given).
 
     The reference comes from the float model named in the provenance (rebuilt as the
-    search built it); the scored model is the reloaded checkpoint itself, so this checks
-    the file, not a re-quantization.
+    search built it), on the same windows; the scored model is the reloaded checkpoint itself,
+    so this checks the file, not a re-quantization.
     """
     try:
         ckpt = quant.load_checkpoint(folder)
     except quant.PolicyError as exc:
         raise UserError(str(exc)) from None
-    loaded, tokens = measured_on(ckpt.policy.meta, "checkpoint", str(folder), " to measure it against")
+    loaded, tokens = measured_on(ckpt.policy.meta, "checkpoint", str(folder), " to measure it against",
+                                 dataset=dataset, seq_len=seq_len, n_eval=n_eval)
     reference = reference_logprobs(loaded.model, tokens, batch_size)
     del loaded  # the float model is only needed for the reference
     sums = MetricSums()
@@ -39,4 +43,5 @@ def evaluate_checkpoint(folder: str | Path, *, batch_size: int = 2) -> tuple[dic
         sums.add(torch.log_softmax(logits.float(), dim=-1), torch.from_numpy(reference[i:i + batch_size]),
                  batch[:, 1:])
     numel = sum(p.numel for p in ckpt.packed.values())
-    return {**sums.result(), "bytes": ckpt.nbytes, "bpw": 8.0 * ckpt.nbytes / numel}, ckpt
+    return {**sums.result(), "bytes": ckpt.nbytes, "bpw": 8.0 * ckpt.nbytes / numel, "windows": len(ids),
+            "seq_len": tokens.seq_len}, ckpt

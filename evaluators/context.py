@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from evaluators.data import DEFAULT_CORPUS, TokenSets, load_corpus, make_token_sets
 from evaluators.errors import UserError
 from evaluators.models import LoadedModel, load_model
 
-__all__ = ["DataConfig", "measured_on"]
+__all__ = ["DataConfig", "OtherText", "measured_on"]
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,63 @@ class DataConfig:
         return loaded, tokens
 
 
-def measured_on(meta: dict[str, Any], what: str, source: str, hint: str = "") -> tuple[LoadedModel, TokenSets]:
+def measured_on(meta: dict[str, Any], what: str, source: str, hint: str = "", *, dataset: str | None = None,
+                seq_len: int | None = None, n_eval: int | None = None) -> tuple[LoadedModel, TokenSets]:
     """The model and tokens a policy or checkpoint (``what`` at ``source``) was measured on, rebuilt from
-    the provenance in its ``meta``; refused when there is none or the tokens came out different."""
+    the provenance in its ``meta``; refused when there is none or the tokens came out different.
+
+    With ``dataset``, the evaluation windows are cut from that text instead (:class:`OtherText`; ``seq_len``
+    and ``n_eval`` override the provenance's); the calibration windows stay the provenance's.
+    """
     provenance = meta.get("provenance")
     if not isinstance(provenance, dict) or "model" not in provenance:
         raise UserError(f"{what} {source} has no provenance (model and data){hint}")
-    loaded, tokens = DataConfig.from_dict(provenance).load()
+    if dataset is None and (seq_len is not None or n_eval is not None):
+        raise UserError("--seq-len and --eval-seqs cut windows from another text: give it with --dataset FILE")
+    config = DataConfig.from_dict(provenance)
+    other = None if dataset is None else OtherText.of(dataset, config, seq_len=seq_len, n_eval=n_eval)
+    loaded, tokens = config.load()
     if provenance.get("data_fingerprint") not in (None, tokens.fingerprint):
         raise UserError(f"the evaluation tokens differ from those the {what} was measured on (corpus changed?)")
-    return loaded, tokens
+    return loaded, tokens if other is None else other.tokens(loaded, tokens)
+
+
+@dataclass(frozen=True)
+class OtherText:
+    """Evaluation windows cut from another text than the one a policy was searched on.
+
+    The windows are cut as the study's were (its ``seq_len``, number of evaluation windows and seed,
+    unless given); the reference is the float model's outputs on these windows, and calibrated formats
+    keep the study's own calibration windows, so the policy is quantized exactly as it was measured.
+
+    Attributes:
+        dataset: the text as given (a path, ``shakespeare`` or ``hf:NAME``).
+        seq_len, n_eval, seed: how its windows are cut.
+        text: its contents.
+    """
+
+    dataset: str
+    seq_len: int
+    n_eval: int
+    seed: int
+    text: str = field(repr=False)
+
+    @classmethod
+    def of(cls, dataset: str, study: DataConfig, *, seq_len: int | None = None,
+           n_eval: int | None = None) -> "OtherText":
+        """Reads ``dataset``; windows as the ``study``'s unless ``seq_len`` / ``n_eval`` are given."""
+        return cls(dataset, study.seq_len if seq_len is None else seq_len,
+                   study.n_eval if n_eval is None else n_eval, study.seed, load_corpus(dataset))
+
+    @property
+    def fingerprint(self) -> str:
+        """What a measurement on this text depends on besides the model: the contents and the windows.
+        Known without loading the model, so stored results are found before any model is loaded."""
+        head = f"{self.seq_len}|{self.n_eval}|{self.seed}|".encode()
+        return hashlib.sha256(head + self.text.encode()).hexdigest()[:16]
+
+    def tokens(self, loaded: LoadedModel, study_tokens: TokenSets) -> TokenSets:
+        """This text's evaluation windows with the study's calibration windows."""
+        mine = make_token_sets(loaded, self.text, seq_len=self.seq_len, n_eval=self.n_eval, n_calib=0,
+                               seed=self.seed)
+        return replace(study_tokens, eval=mine.eval, fingerprint=self.fingerprint)

@@ -78,11 +78,56 @@ def _front_format(p: argparse.ArgumentParser) -> None:
 
 @command("front", "a study's Pareto front (feasible, non-dominated, by bytes)", arg("study"),
          arg("--storage", default=None), _front_format,
-         arg("--plot", default=None, help="also write the front as a picture: front.png or front.html"))
+         arg("--plot", default=None, help="also write the front as a picture: front.png or front.html"),
+         arg("--dataset", default=None, help="also measure each front point on this text (a UTF-8 file, or "
+             "hf:NAME[:CONFIG]) against the float model on it; stored beside the trials and reused"),
+         arg("--eval-seqs", type=int, default=None, dest="n_eval",
+             help="with --dataset: evaluation windows (default: the study's)"),
+         arg("--seq-len", type=int, default=None, help="with --dataset: tokens per window (default: the study's)"))
 def _cmd_front(args: argparse.Namespace) -> int:
+    mode = "json" if args.json else "csv" if args.csv else "table"
+    if args.dataset is None and (args.n_eval is not None or args.seq_len is not None):
+        from evaluators.errors import UserError
+
+        raise UserError("--seq-len and --eval-seqs cut windows from another text: give it with --dataset FILE")
     if args.plot:
         _plot_front(_storage(args), args.study, args.plot)
-    return _print_front(_storage(args), args.study, "json" if args.json else "csv" if args.csv else "table")
+    if args.dataset is not None:
+        return _print_rescored(_storage(args), args, mode)
+    return _print_front(_storage(args), args.study, mode)
+
+
+def _print_rescored(storage: str, args: argparse.Namespace, mode: str) -> int:
+    from search.rescore import rescore_front
+
+    done = rescore_front(storage, args.study, args.dataset, seq_len=args.seq_len, n_eval=args.n_eval)
+    if mode != "table":
+        _print_frame(done.frame, mode)
+        return 0
+    other = done.other
+    print(f"front of {args.study}: kl on the study's data, kl_other on {other.dataset} ({other.n_eval} windows of "
+          f"{other.seq_len} tokens, float reference on them); {done.measured} point(s) measured now "
+          f"in {done.seconds:.0f} s, {done.reused} reused from {storage}")
+    _print_frame(done.frame, mode)
+    if len(done.frame) < 2:
+        print("order by KL: one point, nothing to compare")
+    elif not done.swaps:
+        print(f"order by KL: the same on both texts (Spearman {done.spearman:.3f} over {len(done.frame)} points)")
+    else:
+        pairs = ", ".join(f"{a}<->{b}" for a, b in done.swaps)
+        print(f"order by KL: differs (Spearman {done.spearman:.3f} over {len(done.frame)} points); "
+              f"{len(done.swaps)} pair(s) of trials swap: {pairs}")
+    return 0
+
+
+def _print_frame(frame, mode: str) -> None:
+    if mode == "json":
+        print(json.dumps(frame.to_dict(orient="records"), indent=2))
+    elif mode == "csv":
+        sys.stdout.write(frame.to_csv(index=False))
+    else:
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:.4f}") if not frame.empty
+              else "(no feasible trial yet)")
 
 
 def _print_front(storage: str, study: str, mode: str) -> int:
@@ -90,14 +135,9 @@ def _print_front(storage: str, study: str, mode: str) -> int:
 
     store = Store(storage)
     row = store.get_study(study)
-    front = store.front(row)
-    if mode == "json":
-        print(json.dumps(front.to_dict(orient="records"), indent=2))
-    elif mode == "csv":
-        sys.stdout.write(front.to_csv(index=False))
-    else:
+    if mode == "table":
         print(f"front of {study} (budget {row.budget_bytes:,} bytes = {row.budget_bpw:.2f} bpw, model {row.model})")
-        print(front.to_string(index=False, float_format=lambda v: f"{v:.4f}") if not front.empty else "(no feasible trial yet)")
+    _print_frame(store.front(row), mode)
     return 0
 
 
@@ -141,6 +181,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one ``turboquant`` command; returns its exit status (2 for bad input, with a one-line error)."""
+    from search.quiet import quiet_dependencies
+
+    quiet_dependencies()  # before any command loads a model (transformers then imports torchao)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from evaluators.errors import UserError

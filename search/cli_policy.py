@@ -72,35 +72,57 @@ def _write_runtime_export(doc: dict, fmt: str, out: str) -> int:
     return 0
 
 
-@command("eval", "re-measure a policy (or a packed checkpoint folder) on the data it was measured on",
+_OTHER_TEXT = ("dataset", "seq_len", "n_eval")  # eval's flags for measuring on another text
+
+
+@command("eval", "re-measure a policy (or a packed checkpoint folder) on the data it was measured on, "
+         "or on any other text (--dataset)",
          arg("policy", help="policy JSON, or a checkpoint folder written by turboquant apply"),
+         arg("--dataset", default=None, help="measure on this text instead (a UTF-8 file, or hf:NAME[:CONFIG]), "
+             "against the float model's outputs on it; printed beside the stored figures"),
+         arg("--eval-seqs", type=int, default=None, dest="n_eval",
+             help="with --dataset: evaluation windows (default: as the policy was measured)"),
+         arg("--seq-len", type=int, default=None, help="with --dataset: tokens per window (default: as measured)"),
          arg("--json", action="store_true"))
 def _cmd_eval(args: argparse.Namespace) -> int:
+    other = {k: getattr(args, k) for k in _OTHER_TEXT}
     if Path(args.policy).is_dir():
         from evaluators.checkpoint import evaluate_checkpoint
 
-        result, ckpt = evaluate_checkpoint(args.policy)
-        _print_metrics(result, ckpt.policy.meta.get("metrics", {}), args.json)
+        result, ckpt = evaluate_checkpoint(args.policy, **other)
+        _print_metrics(result, ckpt.policy.meta, args.json, args.dataset)
         return 0
     policy = quant.Policy.load(args.policy)
-    loaded, tokens = measured_on(policy.meta, "policy", args.policy, "; export it with turboquant export")
+    loaded, tokens = measured_on(policy.meta, "policy", args.policy, "; export it with turboquant export", **other)
     try:
         result = Evaluator(loaded, tokens).evaluate(policy)
     except quant.PolicyError as exc:
         raise UserError(f"policy {args.policy} does not fit model {loaded.name}: {exc}") from None
-    _print_metrics(result, policy.meta.get("metrics", {}), args.json)
+    _print_metrics({**result, "seq_len": tokens.seq_len}, policy.meta, args.json, args.dataset)
     return 0
 
 
-def _print_metrics(result: dict[str, Any], stored: dict, as_json: bool) -> None:
-
+def _print_metrics(result: dict[str, Any], meta: dict, as_json: bool, dataset: str | None = None) -> None:
     metrics = {k: result[k] for k in (*METRIC_NAMES, "bytes", "bpw")}
     if as_json:
         print(json.dumps(metrics, indent=2))
         return
+    stored = meta.get("metrics") or {}
+    if dataset is None:
+        for k, v in metrics.items():
+            extra = f"   (stored {stored[k]:.6g})" if isinstance(stored.get(k), (int, float)) else ""
+            print(f"{k:>10} {v:.6g}{extra}")
+        return
+    # Beside the figures measured on the text the policy was searched on (its provenance's corpus).
+    provenance = meta.get("provenance") or {}
+    here = f"on {dataset} ({result['windows']} x {result['seq_len']} tokens)"
+    there = f"stored, on {provenance.get('dataset', '?')} ({provenance.get('n_eval', '?')} x " \
+            f"{provenance.get('seq_len', '?')} tokens)"
+    width = max(len(here), 12)
+    print(f"{'':>10} {here:>{width}}   {there}")
     for k, v in metrics.items():
-        extra = f"   (stored {stored[k]:.6g})" if isinstance(stored.get(k), (int, float)) else ""
-        print(f"{k:>10} {v:.6g}{extra}")
+        old = stored.get(k)
+        print(f"{k:>10} {v:>{width}.6g}   " + (f"{old:.6g}" if isinstance(old, (int, float)) else "-"))
 
 
 @command("apply", "quantize the model with a policy and write a packed safetensors checkpoint",

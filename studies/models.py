@@ -9,7 +9,7 @@ from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, 
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "StudyRow", "TrialRow", "SensitivityRow", "FRONT_INDEX", "WIDE_COLUMNS"]
+__all__ = ["Base", "StudyRow", "TrialRow", "SensitivityRow", "RescoreRow", "FRONT_INDEX", "WIDE_COLUMNS"]
 
 
 def _now() -> datetime:
@@ -92,6 +92,32 @@ class SensitivityRow(Base):
     kl: Mapped[float] = mapped_column(Float)
     ppl: Mapped[float | None] = mapped_column(Float, nullable=True)
     bytes: Mapped[int] = mapped_column(BigInteger)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class RescoreRow(Base):
+    """A study's trial measured on another text than the study's (``turboquant front STUDY --dataset``).
+
+    Kept beside the trial, never over it: the trial's own metrics stay those of the study's data.
+    Keyed by the text's fingerprint (its contents and the windows cut from it), so a second
+    re-scoring on the same text reuses the row.
+    """
+
+    __tablename__ = "tq_rescores"
+    __table_args__ = (UniqueConstraint("study_id", "trial", "data_fingerprint"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("tq_studies.id", ondelete="CASCADE"), index=True)
+    trial: Mapped[int] = mapped_column(Integer)  # the trial's number in its study
+    data_fingerprint: Mapped[str] = mapped_column(String(128))
+    dataset: Mapped[str] = mapped_column(String(1024))  # as given (a path); the fingerprint is what counts
+    seq_len: Mapped[int] = mapped_column(Integer)
+    windows: Mapped[int] = mapped_column(Integer)
+    kl: Mapped[float] = mapped_column(Float)
+    ppl: Mapped[float | None] = mapped_column(Float, nullable=True)
+    top1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    logit_err: Mapped[float | None] = mapped_column(Float, nullable=True)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 

@@ -15,7 +15,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from studies.migrate import migrate
-from studies.models import FRONT_INDEX, Base, SensitivityRow, StudyRow, TrialRow
+from studies.models import FRONT_INDEX, Base, RescoreRow, SensitivityRow, StudyRow, TrialRow
 from studies.pareto import front_indices
 from studies.results import TrialResult
 from studies.retry import SCHEMA_RACE_SECONDS, with_db_retry
@@ -272,6 +272,28 @@ class Store:
                     s.commit()
                 except IntegrityError:
                     s.rollback()
+
+    # Re-scores on other text -------------------------------------------------------------------
+
+    def rescores(self, study: StudyRow, data_fingerprint: str) -> dict[int, dict[str, Any]]:
+        """The study's trials measured on the text of ``data_fingerprint``: trial -> its metrics there."""
+        with self.session() as s:
+            rows = s.scalars(select(RescoreRow).where(RescoreRow.study_id == study.id,
+                                                      RescoreRow.data_fingerprint == data_fingerprint))
+            return {r.trial: {"kl": r.kl, "ppl": r.ppl, "top1": r.top1, "logit_err": r.logit_err,
+                              "seconds": r.seconds} for r in rows}
+
+    def record_rescore(self, study: StudyRow, trial: int, data_fingerprint: str, *, dataset: str, seq_len: int,
+                       windows: int, **metrics: Any) -> None:
+        """Adds one trial's metrics on another text (kl, ppl, top1, logit_err, seconds); the trial's own row
+        is not touched, and a row already stored for the same key is kept (equal numbers, measured twice)."""
+        with self.session() as s:
+            s.add(RescoreRow(study_id=study.id, trial=trial, data_fingerprint=data_fingerprint, dataset=dataset,
+                             seq_len=seq_len, windows=windows, **metrics))
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
 
 
 def _front_json(frame: pd.DataFrame) -> bytes:
