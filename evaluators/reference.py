@@ -4,7 +4,11 @@ The full reference is the log-prob tensor ``(B, T, V)``: 400 MB in float32 for S
 positions x 49,152 words), 8.6 GB for a 262k vocabulary at 8 x 1,023 positions. The top-k one keeps
 the ``k`` most likely words per position and the mass of all the others as one bucket (``8k + 4``
 bytes a position instead of ``4V``); KL against it is the KL of the distributions with that bucket
-as one outcome (EvoPress: top-K KL is as good as full KL for K >= 512).
+as one outcome, a lower bound of the full KL (merging outcomes loses what the tail tells apart).
+
+EvoPress reports top-K KL as good as full KL for K >= 512; on SmolLM2 (Shakespeare windows, where
+the words beyond the top 512 hold 6 % of the mass on average) top-512 KL reads 6-9 % below full KL
+for rtn 2/3/4-bit g64 and 8-bit per channel, top-8192 0.5-0.6 %: full stays the default.
 """
 
 from __future__ import annotations

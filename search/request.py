@@ -119,8 +119,9 @@ class SearchRequest(MeasureRequest):
                                     "calibration window (diagonal Fisher; seconds); measured: one forward per "
                                     "unit and setting (stored, reused by later studies)")
     reference_topk: int | None = Field(None, ge=1, description="compare with the float model's K most likely "
-                                       "words per position and the rest of its mass as one bucket, stored once "
-                                       "and shared by the workers (default: the full log-probs)")
+                                       "words per position and the rest of its mass as one bucket (8K+4 bytes a "
+                                       "position instead of 4 x vocabulary); KL reads low by the tail's share "
+                                       "(SmolLM2: 0.91x full at K=512, 0.994x at K=8192; default: the full log-probs)")
     device: Device = Field("auto", description="where workers run: cuda (each asks Ray for a share of a GPU), "
                                                "cpu, or auto (cuda when there is a GPU)")
 
