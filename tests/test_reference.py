@@ -141,3 +141,27 @@ def test_rest_mass_is_resolved_when_little_is_left() -> None:
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
     flat = torch.log_softmax(torch.randn(2, 6, 300, generator=g), -1)
     assert torch.allclose(rest_logmass(flat, idx), torch.logsumexp(flat[..., 5:], -1), atol=1e-6)
+
+
+def test_search_with_a_topk_reference_measures_with_it_and_resumes_only_with_it(corpus, local_ray, tmp_path,
+                                                                                  capsys) -> None:
+    from evaluators.context import DataConfig
+    from search.cli import main
+    from studies import Store
+
+    storage = f"sqlite:///{tmp_path}/k.db"
+    argv = ["search", "--model", "tiny-random-llama", "--dataset", corpus, "--seq-len", "64", "--eval-seqs", "4",
+            "--calib-seqs", "0", "--budget", "4.5bpw", "--workers", "2", "--trials", "3", "--storage", storage,
+            "--study", "k", "--reference-topk", "128", "--device", "cpu"]
+    assert main(argv) == 0
+    store = Store(storage)
+    row = store.get_study("k")
+    assert row.provenance["reference_topk"] == 128
+    frame = store.trials_frame(row)
+    trial = store.trial(row, int(frame[frame["state"] == "complete"]["trial"].iloc[0]))
+    loaded, tokens = DataConfig(model="tiny-random-llama", dataset=corpus, seq_len=64, n_eval=4, n_calib=0).load()
+    here = Evaluator(loaded, tokens, reference_topk=128).evaluate(Policy.from_dict(trial.policy))
+    assert trial.kl == pytest.approx(here["kl"], rel=1e-5)  # the workers measured against top-128
+    capsys.readouterr()
+    assert main([*argv[:-4], "--reference-topk", "64"]) == 2
+    assert "different reference_topk" in capsys.readouterr().err
