@@ -122,7 +122,8 @@ def _print_metrics(result: dict[str, Any], meta: dict, as_json: bool, dataset: s
     print(f"{'':>10} {here:>{width}}   {there}")
     for k, v in metrics.items():
         old = stored.get(k)
-        print(f"{k:>10} {v:>{width}.6g}   " + (f"{old:.6g}" if isinstance(old, (int, float)) else "-"))
+        spec = "," if k == "bytes" else ".6g"  # bytes as the export prints them, not 6.72399e+07
+        print(f"{k:>10} {v:>{width}{spec}}   " + (f"{old:{spec}}" if isinstance(old, (int, float)) else "-"))
 
 
 @command("apply", "quantize the model with a policy and write a packed safetensors checkpoint",

@@ -127,3 +127,27 @@ def test_order_agreement_names_the_pairs_that_swap() -> None:
     assert rho == pytest.approx(0.5)
     same = frame.assign(kl_other=[3.0, 2.0, 1.0])
     assert order_agreement(same) == (pytest.approx(1.0), [])
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 's.db'}"
+    server = request.getfixturevalue("postgres")
+    with Store(server.url).engine.begin() as conn:  # a clean slate: other tests leave studies behind
+        conn.exec_driver_sql("DELETE FROM tq_studies WHERE name = 'rows'")
+    return server.url
+
+
+def test_rescore_rows_are_keyed_by_study_trial_and_text(storage_url) -> None:
+    store = Store(storage_url)  # the table is created with the others on a new database
+    row = store.create_study(name="rows", model="m", dataset="d", budget_bytes=5 << 31, numel=1 << 33, sampler="s",
+                             space={}, provenance={})
+    common = dict(dataset="other.txt", seq_len=64, windows=4, ppl=9.0, top1=0.5, logit_err=0.1, seconds=1.0)
+    store.record_rescore(row, 3, "fp-a", kl=0.25, **common)
+    store.record_rescore(row, 3, "fp-a", kl=0.75, **common)  # the same key again: the first row stays
+    store.record_rescore(row, 3, "fp-b", kl=0.5, **common)
+    store.record_rescore(row, 4, "fp-a", kl=0.125, **common)
+    assert {t: r["kl"] for t, r in store.rescores(row, "fp-a").items()} == {3: 0.25, 4: 0.125}
+    assert {t: r["kl"] for t, r in store.rescores(row, "fp-b").items()} == {3: 0.5}
+    assert store.rescores(row, "fp-c") == {}
