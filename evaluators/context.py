@@ -10,7 +10,9 @@ from evaluators.data import DEFAULT_CORPUS, TokenSets, load_corpus, make_token_s
 from evaluators.errors import UserError
 from evaluators.models import LoadedModel, load_model
 
-__all__ = ["DataConfig", "OtherText", "measured_on"]
+__all__ = ["DataConfig", "NEEDS_DATASET", "OtherText", "measured_on"]
+
+NEEDS_DATASET = "--seq-len and --eval-seqs cut windows from another text: give it with --dataset FILE"
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def measured_on(meta: dict[str, Any], what: str, source: str, hint: str = "", *,
     if not isinstance(provenance, dict) or "model" not in provenance:
         raise UserError(f"{what} {source} has no provenance (model and data){hint}")
     if dataset is None and (seq_len is not None or n_eval is not None):
-        raise UserError("--seq-len and --eval-seqs cut windows from another text: give it with --dataset FILE")
+        raise UserError(NEEDS_DATASET)
     config = DataConfig.from_dict(provenance)
     other = None if dataset is None else OtherText.of(dataset, config, seq_len=seq_len, n_eval=n_eval)
     loaded, tokens = config.load()

@@ -11,10 +11,13 @@ import argparse
 import json
 import logging
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from search.cli_args import COMMANDS, arg, command, request_args, request_from_args
 from search.request import MeasureRequest, SearchRequest
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["main"]
 
@@ -87,9 +90,10 @@ def _front_format(p: argparse.ArgumentParser) -> None:
 def _cmd_front(args: argparse.Namespace) -> int:
     mode = "json" if args.json else "csv" if args.csv else "table"
     if args.dataset is None and (args.n_eval is not None or args.seq_len is not None):
+        from evaluators.context import NEEDS_DATASET
         from evaluators.errors import UserError
 
-        raise UserError("--seq-len and --eval-seqs cut windows from another text: give it with --dataset FILE")
+        raise UserError(NEEDS_DATASET)
     if args.plot:
         _plot_front(_storage(args), args.study, args.plot)
     if args.dataset is not None:
@@ -120,7 +124,7 @@ def _print_rescored(storage: str, args: argparse.Namespace, mode: str) -> int:
     return 0
 
 
-def _print_frame(frame, mode: str) -> None:
+def _print_frame(frame: "pd.DataFrame", mode: str) -> None:
     if mode == "json":
         print(json.dumps(frame.to_dict(orient="records"), indent=2))
     elif mode == "csv":
