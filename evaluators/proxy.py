@@ -5,6 +5,12 @@ Near the float weights ``w`` the KL from the float model to a perturbed one is, 
 distribution (the KL's Hessian at ``w``). Keeping the diagonal of ``F`` (ModelOpt's AutoQuantize score)
 makes the prediction for a unit ``1/2 sum_i F_ii (w_q,i - w_i)^2`` over its matrices: ``F`` costs one
 forward and backward per calibration window, after which a pair costs only quantizing its matrices.
+
+Chosen by measurement (``benchmarks/sensitivity_proxy.py``, SmolLM2, 61 blocks x rtn 2-4 bits x groups
+32-128 against the measured table): Spearman per format 0.93-0.96 with labels drawn from the model, 0.85-0.89
+with the text's own next tokens (the empirical Fisher), 0.83-0.90 for HIGGS's ``alpha_u * relative MSE``
+(one noise-injection forward per unit) and 0.87-0.91 for the Fisher rescaled per unit by such a forward;
+the weights' error alone (plain or relative MSE) does not rank units at all (-0.36 to 0.28).
 """
 
 from __future__ import annotations
