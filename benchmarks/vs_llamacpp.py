@@ -10,7 +10,7 @@ GGUF on evaluation text disjoint from the calibration text::
 Our files come from one study over llama.cpp's block types (``--formats gguf``, matrix granularity,
 the sensitivity proxy's DP seeds, then ``evo``): at each stock size the best measured policy whose file
 fits, or the DP allocation solved at that size from the same table (measured here) if it is better.
-``--no-grid`` adds a second study without q4_1 / q5_1: the embedded model's float weights are the
+``--studies`` runs a second study without q4_1 / q5_1: the embedded model's float weights are the
 dequantized Q4_1 file, which q4_1 (and q5_1 at half the step) reproduce exactly, so that row shows
 what the allocation and encoders win when the source grid is out of reach.
 """
@@ -21,6 +21,8 @@ import argparse
 import os
 import sys
 import time
+import dataclasses
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,14 +56,17 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--trials", type=int, default=40, help="trials of each study (seeds included)")
     ap.add_argument("--types", default=",".join(STOCK))
-    ap.add_argument("--no-grid", action="store_true", help="also search without q4_1/q5_1 (see docstring)")
+    ap.add_argument("--studies", choices=("all", "nogrid", "both"), default="both",
+                    help="our studies: all types, without q4_1/q5_1 (see the docstring), or both")
+    ap.add_argument("--reuse", action="store_true", help="reuse the float GGUF, KL base, importance matrix and "
+                    "stock scores of an earlier run with the same windows")
     ap.add_argument("--work", default=None, help="folder for the files (default: cache/bench-vs-llamacpp)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
 
     import evaluators
     from benchmarks._gguf_search import best_gguf_at, calibration, run_gguf_study
-    from evaluators.llamacpp import llamacpp, save_base, score, source_gguf
+    from evaluators.llamacpp import LlamaScore, llamacpp, save_base, score, source_gguf
     from quant.gguf_file import write_gguf
     from transformers import AutoTokenizer
 
@@ -83,28 +88,39 @@ def main() -> None:
     import quant
 
     weights = {n: modules[n].weight.detach() for n in quant.weight_matrices(loaded.model)}
-    f32 = work / "f32.gguf"
-    write_gguf(f32, source_gguf("smollm2-135m"), weights)
-    base = work / "base.kld"
-    save_base(cpp, f32, eval_txt, base, n_ctx=args.seq_len, chunks=args.test_seqs, threads=args.threads)
-    imatrix = work / "imatrix.gguf"
-    cpp.run("llama-imatrix", "-m", f32, "-f", calib_txt, "-o", imatrix, "-c", args.seq_len, "-b", args.seq_len,
-            "-t", args.threads)
+    # Files of an earlier run with the same windows are reused (--reuse): they depend on nothing else.
+    tag = f"{args.seq_len}-{args.eval_seqs}-{args.calib_seqs}-{args.test_seqs}"
+    f32, base, imatrix = work / "f32.gguf", work / f"base-{tag}.kld", work / f"imatrix-{tag}.gguf"
+    if not (args.reuse and f32.exists()):
+        write_gguf(f32, source_gguf("smollm2-135m"), weights)
+    if not (args.reuse and base.exists()):
+        save_base(cpp, f32, eval_txt, base, n_ctx=args.seq_len, chunks=args.test_seqs, threads=args.threads)
+    if not (args.reuse and imatrix.exists()):
+        cpp.run("llama-imatrix", "-m", f32, "-f", calib_txt, "-o", imatrix, "-c", args.seq_len, "-b", args.seq_len,
+                "-t", args.threads)
+    cache_file = work / f"stock-scores-{tag}.json"
+    cached = json.loads(cache_file.read_text()) if args.reuse and cache_file.exists() else {}
     print(f"float GGUF, KL base and importance matrix in {time.time() - t0:.0f} s", flush=True)
 
     rows: list[tuple[str, int, object, str]] = []  # (method, file bytes, LlamaScore, note)
     stock_sizes: list[tuple[str, int]] = []
     for qtype in args.types.split(","):
         for im in (False, True):
-            out = work / f"{qtype}{'-imatrix' if im else ''}.gguf"
-            cpp.run("llama-quantize", *(["--imatrix", imatrix] if im else []), f32, out, qtype, args.threads)
-            s = score(cpp, out, base, threads=args.threads)
+            out = work / f"{qtype}{'-imatrix' if im else ''}-{tag}.gguf"
             name = f"{qtype}{' +imatrix' if im else ''}"
+            if name in cached and out.exists():
+                s = LlamaScore(**cached[name])
+            else:
+                cpp.run("llama-quantize", *(["--imatrix", imatrix] if im else []), f32, out, qtype, args.threads)
+                s = score(cpp, out, base, threads=args.threads)
+                cached[name] = dataclasses.asdict(s)
+                cache_file.write_text(json.dumps(cached))
             rows.append((f"llama.cpp {name}", out.stat().st_size, s, ""))
             stock_sizes.append((name, out.stat().st_size))
             print(f"{name:>16}: {out.stat().st_size / 2**20:7.2f} MiB  KL {s.kl:.4f}", flush=True)
 
-    studies = [("ours", None)] + ([("ours, no q4_1/q5_1", GRID_TYPES)] if args.no_grid else [])
+    studies = {"all": [("ours", None)], "nogrid": [("ours, no q4_1/q5_1", GRID_TYPES)]}
+    studies = {"both": studies["all"] + studies["nogrid"], **studies}[args.studies]
     sizes = sorted({size for _, size in stock_sizes})
     for label, exclude in studies:
         t = time.time()
@@ -116,7 +132,7 @@ def main() -> None:
         calib = calibration(study)
         for size in sizes:
             names = "/".join(n for n, s in stock_sizes if s == size)
-            out = work / f"ours-{'nogrid-' if exclude else ''}{size}.gguf"
+            out = work / f"ours-{'nogrid-' if exclude else ''}{size}-{tag}.gguf"
             picked = best_gguf_at(study, size, out, source_gguf("smollm2-135m"), calib)
             s = score(cpp, out, base, threads=args.threads)
             rows.append((f"{label} <= {names}", out.stat().st_size, s, picked))
