@@ -17,15 +17,25 @@ __all__ = ["pack_2bit", "unpack_2bit", "pack_high_bits", "unpack_high_bits", "pa
            "pack_q6", "unpack_q6"]
 
 
+def _pack_super_block(codes: torch.Tensor, planes: int, bits: int) -> torch.Tensor:
+    """(N, 256) codes -> (N, 256 * bits / 8): runs of 32 weights, ``planes`` runs interleaved per byte group."""
+    n = codes.shape[0]
+    runs = 256 // (32 * planes)  # byte groups of 32 per super-block
+    return pack_planes(codes.reshape(n * runs, planes, 32), bits).reshape(n, 32 * runs)
+
+
+def _unpack_super_block(data: torch.Tensor, planes: int, bits: int) -> torch.Tensor:
+    n = data.shape[0]
+    return unpack_planes(data.reshape(n * (256 // (32 * planes)), 32), bits).reshape(n, 256)
+
+
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     """(N, 256) 2-bit codes -> (N, 64): weight 128 h + 32 s + l sits in byte 32 h + l, bits 2 s."""
-    n = codes.shape[0]
-    return pack_planes(codes.reshape(n * 2, 4, 32), 2).reshape(n, 64)
+    return _pack_super_block(codes, 4, 2)
 
 
 def unpack_2bit(qs: torch.Tensor) -> torch.Tensor:
-    n = qs.shape[0]
-    return unpack_planes(qs.reshape(n * 2, 32), 2).reshape(n, 256)
+    return _unpack_super_block(qs, 4, 2)
 
 
 def pack_high_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -39,13 +49,12 @@ def unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:
 
 def pack_nibbles_64(codes: torch.Tensor) -> torch.Tensor:
     """(N, 256) 4-bit codes -> (N, 128): weight 64 c + 32 s + l sits in byte 32 c + l, nibble s."""
-    n = codes.shape[0]
-    return pack_planes(codes.reshape(n * 4, 2, 32), 4).reshape(n, 128)
+    return _pack_super_block(codes, 2, 4)
 
 
 def unpack_nibbles_64(qs: torch.Tensor) -> torch.Tensor:
-    n = qs.shape[0]
-    return unpack_planes(qs.reshape(n * 4, 32), 4).reshape(n, 256)
+    return _unpack_super_block(qs, 2, 4)
+
 
 
 def pack_scales_k4(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
