@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import gguf
 
 import quant
 from quant.gguf import BLOCK_TYPES
-from quant.gguf_file import write_gguf
+from quant.gguf_file import metadata_reserve, policy_metadata, write_gguf
 
 _ALIGN = 32  # GGUF's default tensor alignment: each tensor's data is padded to it
 
@@ -60,11 +59,14 @@ def best_gguf_at(study: dict[str, Any], file_size: int, out: Path, source: Path,
     import studies
 
     store = studies.Store(study["storage"])
-    doc = studies.export_policy(store, study["name"], budget_bytes=file_size - study["overhead"])
-    policy = quant.Policy.from_dict(doc)
     w, h = calib["weights"], calib["hessians"]
+    reserve = metadata_reserve(list(w))  # the policy recorded in the file counts too
+    doc = studies.export_policy(store, study["name"], budget_bytes=file_size - study["overhead"] - reserve)
+    policy = quant.Policy.from_dict(doc)
     packed = {n: quant.quantize_calibrated(n, w[n], s, h) for n, s in policy.settings.items()}
-    write_gguf(out, source, w, packed, policy_json=json.dumps(doc, sort_keys=True, default=str))
+    write_gguf(out, source, w, packed, policy_json=policy_metadata(
+        policy.settings, study=study["name"], trial=doc["provenance"]["trial"], metrics=doc["metrics"]))
+    assert out.stat().st_size <= file_size, (out.stat().st_size, file_size)
     m = doc["metrics"]
     seed = store.trial(store.get_study(study["name"]), doc["provenance"]["trial"]).seed or "evo"
     return f"trial {doc['provenance']['trial']} ({seed}), searched KL {m['kl']:.4f}"

@@ -26,7 +26,7 @@ import torch
 
 from quant.packed import PackedTensor
 
-__all__ = ["GGUFExportError", "gguf_names", "gguf_type", "write_gguf"]
+__all__ = ["GGUFExportError", "gguf_names", "gguf_type", "metadata_reserve", "policy_metadata", "write_gguf"]
 
 
 class GGUFExportError(ValueError):
@@ -185,6 +185,14 @@ def _tied(weights: Mapping[str, torch.Tensor]) -> set[str]:
     return tied
 
 
-def policy_metadata(policy: Mapping) -> str:
-    """The policy document as the compact JSON stored in the file."""
-    return json.dumps(policy, sort_keys=True, separators=(",", ":"))
+def policy_metadata(settings: Mapping[str, object], **provenance: object) -> str:
+    """What a written file records of its policy (``turboquant.policy``): each matrix's type and the
+    provenance given (study, trial, measured metrics), as compact JSON. A llama.cpp type's name is its
+    whole setting, so this is the policy; it is kept small because its bytes count in the file."""
+    doc = {"matrices": {n: s.describe() for n, s in settings.items()}, **provenance}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
+def metadata_reserve(names: list[str]) -> int:
+    """An upper bound on :func:`policy_metadata`'s bytes for these matrices (for budgets of whole files)."""
+    return sum(len(n) + 16 for n in names) + 1024

@@ -8,13 +8,12 @@ same model (:func:`evaluators.llamacpp.source_gguf`).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
 import quant
 from evaluators import UserError
-from quant.gguf_file import GGUFExportError, gguf_type, write_gguf
+from quant.gguf_file import GGUFExportError, gguf_type, policy_metadata, write_gguf
 
 __all__ = ["nearest_gguf", "write_gguf_export"]
 
@@ -67,7 +66,8 @@ def write_gguf_export(doc: dict[str, Any], out: str, *, nearest: bool = False) -
     loaded, packed, weights = pack_policy(policy, f"trial {trial}", remap=remap if foreign else None)
     try:
         written = write_gguf(out, source_gguf(loaded.name), weights, packed,
-                             policy_json=json.dumps(doc, sort_keys=True, default=str))
+                             policy_json=policy_metadata(policy.settings, study=doc["provenance"].get("study"),
+                                                         trial=trial, metrics=doc["metrics"]))
     except GGUFExportError as exc:
         raise UserError(str(exc)) from None
     m = doc["metrics"]

@@ -135,3 +135,29 @@ def test_llama_quantize_accepts_our_tensor_type_file(cpp, float_gguf, tmp_path):
     out = tmp_path / "q.gguf"
     log = cpp.run("llama-quantize", "--tensor-type-file", type_file, float_gguf, out, "Q8_0")
     assert out.exists() and out.stat().st_size > 0, log
+
+
+def test_export_gguf_of_a_study_refuses_foreign_formats_and_maps_them_with_nearest(cpp, base, tmp_path):
+    """turboquant export --format gguf: a rtn trial is refused with the matrices named; --nearest maps
+    rtn 4-bit g32 (5.0 bpw) to q4_1 (5.0 bpw, the embedded weights' own grid), and llama.cpp runs the file."""
+    import subprocess
+    import sys
+
+    from evaluators.llamacpp import score
+
+    db = f"sqlite:///{tmp_path}/s.db"
+    cli = [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())"]
+    subprocess.run([*cli, "search", "--model", "smollm2-135m", "--budget", "5.0bpw", "--bits", "4", "--groups", "32",
+                    "--trials", "1", "--workers", "1", "--eval-seqs", "1", "--seq-len", "64", "--calib-seqs", "0",
+                    "--storage", db, "--study", "s"], check=True, capture_output=True, text=True)
+    out = tmp_path / "s.gguf"
+    refused = subprocess.run([*cli, "export", "s", "--trial", "0", "--format", "gguf", "--out", str(out),
+                              "--storage", db], capture_output=True, text=True)
+    assert refused.returncode == 2 and "formats llama.cpp cannot run" in refused.stderr
+    assert "model.embed_tokens: rtn4g32" in refused.stderr and not out.exists()
+    done = subprocess.run([*cli, "export", "s", "--trial", "0", "--format", "gguf", "--nearest", "--out", str(out),
+                           "--storage", db], capture_output=True, text=True, check=True)
+    assert "-> q4_1 (5.000 bpw)" in done.stdout and "changed by --nearest" in done.stdout
+    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if len(t.shape) == 2}
+    assert types == {"Q4_1"}
+    assert score(cpp, out, base).kl < 0.02  # the source grid itself: only llama.cpp's 8-bit activations differ
