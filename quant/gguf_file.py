@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from quant.packed import PackedTensor
+from quant.settings import QuantSetting
 
 __all__ = ["GGUFExportError", "gguf_names", "gguf_type", "metadata_reserve", "policy_metadata", "write_gguf"]
 
@@ -33,11 +34,14 @@ class GGUFExportError(ValueError):
     """A policy or model that cannot become a GGUF file (the message says which matrices and why)."""
 
 
-def gguf_type(packed: PackedTensor) -> gguf.GGMLQuantizationType | None:
-    """The GGML type whose bytes ``packed`` holds, or ``None`` for a format llama.cpp cannot run."""
+def gguf_type(setting: QuantSetting | PackedTensor) -> gguf.GGMLQuantizationType | None:
+    """The GGML type whose bytes a setting's packed tensors hold, or ``None`` for a format llama.cpp
+    cannot run (only llama.cpp's own block types store GGUF bytes)."""
     from quant.formats import get_format
 
-    return getattr(get_format(packed.setting.format), "ggml_type", None)
+    if isinstance(setting, PackedTensor):
+        setting = setting.setting
+    return getattr(get_format(setting.format), "ggml_type", None)
 
 
 def _field(reader: gguf.GGUFReader, key: str):

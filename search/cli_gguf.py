@@ -19,7 +19,7 @@ __all__ = ["nearest_gguf", "write_gguf_export"]
 
 
 def _runs_in_llamacpp(setting: quant.QuantSetting) -> bool:
-    return "llamacpp" in quant.get_format(setting.format).native_runtimes
+    return gguf_type(setting) is not None
 
 
 def nearest_gguf(policy: quant.Policy, shapes: dict[str, tuple[int, int]]) -> tuple[quant.Policy, list[str]]:

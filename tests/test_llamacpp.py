@@ -137,9 +137,9 @@ def test_llama_quantize_accepts_our_tensor_type_file(cpp, float_gguf, tmp_path):
     assert out.exists() and out.stat().st_size > 0, log
 
 
-def test_export_gguf_of_a_study_refuses_foreign_formats_and_maps_them_with_nearest(cpp, base, tmp_path):
+def test_export_gguf_of_a_study_refuses_foreign_formats_and_maps_them_with_nearest(cpp, smollm2, base, tmp_path):
     """turboquant export --format gguf: a rtn trial is refused with the matrices named; --nearest maps
-    rtn 4-bit g32 (5.0 bpw) to q4_1 (5.0 bpw, the embedded weights' own grid), and llama.cpp runs the file."""
+    rtn 4-bit g32 (5.0 bpw) to q4_1 (5.0 bpw), and llama.cpp scores the file as we score that policy."""
     import subprocess
     import sys
 
@@ -160,4 +160,14 @@ def test_export_gguf_of_a_study_refuses_foreign_formats_and_maps_them_with_neare
     assert "-> q4_1 (5.000 bpw)" in done.stdout and "changed by --nearest" in done.stdout
     types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if len(t.shape) == 2}
     assert types == {"Q4_1"}
-    assert score(cpp, out, base).kl < 0.02  # the source grid itself: only llama.cpp's 8-bit activations differ
+    # The file holds what we compute for that policy: our KL of uniform q4_1 on llama.cpp's own positions.
+    import quant
+    from evaluators.llamacpp import read_base_tokens, score_like_llamacpp
+
+    loaded = smollm2[0]
+    packed_model = copy.deepcopy(loaded.model)
+    quant.apply_policy(packed_model, quant.Policy.uniform(list(quant.weight_matrices(loaded.model)),
+                                                         quant.QuantSetting.from_dict({"format": "q4_1"})))
+    ours = score_like_llamacpp(loaded.model, packed_model, read_base_tokens(base))
+    theirs = score(cpp, out, base)
+    assert ours.kl > 0.01 and abs(theirs.kl - ours.kl) <= 0.01 + 0.05 * ours.kl, (ours, theirs)
