@@ -15,7 +15,7 @@ import quant
 from evaluators import UserError
 from quant.gguf_file import GGUFExportError, gguf_type, policy_metadata, write_gguf
 
-__all__ = ["nearest_gguf", "write_gguf_export"]
+__all__ = ["gguf_file_bytes", "nearest_gguf", "write_gguf_export"]
 
 
 def _runs_in_llamacpp(setting: quant.QuantSetting) -> bool:
@@ -40,6 +40,20 @@ def nearest_gguf(policy: quant.Policy, shapes: dict[str, tuple[int, int]]) -> tu
         settings[name] = best
         changes.append(f"{name}: {s.describe()} ({want:.3f} bpw) -> {best.describe()} ({bpw[best]:.3f} bpw)")
     return quant.Policy(settings, policy.meta), changes
+
+
+def gguf_file_bytes(doc: dict[str, Any], *, nearest: bool = False) -> bytes:
+    """The GGUF file of the exported point ``doc``, as bytes (the HTTP API's export; it writes no files of
+    its own: the file is built in a temporary folder that is removed)."""
+    import contextlib
+    import io
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        out = Path(tmp) / "model.gguf"
+        write_gguf_export(doc, str(out), nearest=nearest)
+        return out.read_bytes()
 
 
 def write_gguf_export(doc: dict[str, Any], out: str, *, nearest: bool = False) -> int:

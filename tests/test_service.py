@@ -128,6 +128,12 @@ def test_export_returns_the_policy_document(searched) -> None:
     assert by_budget["metrics"]["bpw"] <= 5.0
     llama = client.post("/studies/api/export", json={"trial": trial, "format": "llamacpp"}).json()
     assert "blk.0.attn_q.weight=" in llama["text"] and isinstance(llama["approximations"], list)
+    # A GGUF file: rtn is refused naming the matrices; with nearest the tiny model has no GGUF to take its
+    # metadata from (tests/test_llamacpp.py exports the embedded model's through the CLI).
+    refused = client.post("/studies/api/export", json={"trial": trial, "format": "gguf"})
+    assert refused.status_code == 422 and "llama.cpp cannot run" in refused.json()["detail"]
+    no_source = client.post("/studies/api/export", json={"trial": trial, "format": "gguf", "nearest": True})
+    assert no_source.status_code == 422 and "Hugging Face model folder" in no_source.json()["detail"]
 
 
 def test_auth_is_required_when_a_token_is_set(server) -> None:

@@ -114,6 +114,11 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
         doc = export_policy(store, study, trial=req.trial, budget_bytes=budget)  # NotFoundError: 404
         if req.format == "json":
             return doc
+        if req.format == "gguf":  # the whole model file, built in a temporary folder and returned
+            from search.cli_gguf import gguf_file_bytes
+
+            return Response(gguf_file_bytes(doc, nearest=req.nearest), media_type="application/octet-stream",
+                            headers={"Content-Disposition": f'attachment; filename="{study}-{doc["provenance"]["trial"]}.gguf"'})
         import quant
         from studies.export_runtimes import export_runtime
 

@@ -38,6 +38,7 @@ class ExportRequest(BaseModel):
     trial: int | None = Field(None, ge=0, le=2**31 - 1)  # the store's trial numbers are 32-bit integers
     budget: str | None = None
     format: Literal[EXPORT_FORMATS] = "json"
+    nearest: bool = False  # gguf: map formats llama.cpp cannot run to the nearest type (else refused)
 
     @model_validator(mode="after")
     def _one_of(self) -> "ExportRequest":
