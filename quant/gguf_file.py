@@ -49,9 +49,8 @@ def _field(reader: gguf.GGUFReader, key: str):
     return None if field is None else field.contents()
 
 
-def gguf_names(source: Path | str, matrices: list[str]) -> dict[str, str]:
-    """Model matrix name -> the GGUF tensor name it has in ``source`` (``blk.3.attn_q.weight``)."""
-    reader = gguf.GGUFReader(source)
+def gguf_names(reader: gguf.GGUFReader, matrices: list[str]) -> dict[str, str]:
+    """Model matrix name -> the GGUF tensor name it has in the source file (``blk.3.attn_q.weight``)."""
     arch_name = _field(reader, "general.architecture")
     arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
     if arch is None:
@@ -63,7 +62,7 @@ def gguf_names(source: Path | str, matrices: list[str]) -> dict[str, str]:
     for matrix in matrices:
         base = name_map.get_name(matrix)
         if base is None or f"{base}.weight" not in present:
-            continue  # e.g. a tied LM head: the file has only token_embd
+            continue  # no such tensor in the file: write_gguf names it as missing
         names[matrix] = f"{base}.weight"
     return names
 
@@ -135,17 +134,17 @@ def write_gguf(out: Path | str, source: Path | str, weights: Mapping[str, torch.
         GGUF tensor name -> the GGML type written, for every replaced tensor.
     """
     packed = dict(packed or {})
-    names = gguf_names(source, list(weights))
+    reader = gguf.GGUFReader(source)
+    names = gguf_names(reader, list(weights))
     foreign = sorted(n for n, p in packed.items() if gguf_type(p) is None)
     if foreign:
         raise GGUFExportError(f"{len(foreign)} matrices use formats llama.cpp cannot run: "
                               + ", ".join(f"{n} ({packed[n].setting.describe()})" for n in foreign)
                               + "; use GGUF types (--formats gguf) or export with --nearest")
-    missing = sorted(set(weights) - set(names) - _tied(weights))
+    missing = sorted(set(weights) - set(names))
     if missing:
         raise GGUFExportError(f"matrices with no tensor in the source GGUF: {', '.join(missing)}")
     by_gguf = {g: m for m, g in names.items()}
-    reader = gguf.GGUFReader(source)
     arch = _field(reader, "general.architecture")
     writer = gguf.GGUFWriter(out, arch)
     _copy_metadata(reader, writer, {"turboquant.policy": policy_json} if policy_json else {})
@@ -175,18 +174,6 @@ def write_gguf(out: Path | str, source: Path | str, weights: Mapping[str, torch.
     writer.write_tensors_to_file()
     writer.close()
     return written
-
-
-def _tied(weights: Mapping[str, torch.Tensor]) -> set[str]:
-    """Matrices that share storage with an earlier one (a tied LM head): the file holds them once."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, w in weights.items():
-        key = w.untyped_storage().data_ptr()
-        if key in seen:
-            tied.add(name)
-        seen[key] = name
-    return tied
 
 
 def policy_metadata(settings: Mapping[str, object], **provenance: object) -> str:
