@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import quant
+from quant.modules import as_matrix
 
 __all__ = ["ProxyTable", "fisher_diagonal", "proxy_sensitivity"]
 
@@ -66,7 +67,9 @@ def fisher_diagonal(model: nn.Module, tokens: np.ndarray | torch.Tensor, names: 
     cross terms vanish on average); dividing by the positions gives the per-token Fisher whose quadratic
     form predicts the per-token KL the evaluator measures. Drawing labels (not the text's next tokens,
     the "empirical" Fisher) is what makes it the KL's Hessian. A tied embedding's gradient sums both of
-    its uses (lookup and LM head), because autograd accumulates every use of the one parameter.
+    its uses (lookup and LM head), because autograd accumulates every use of the one parameter. The
+    Fisher is laid out as :func:`quant.float_weights` lays out the weight, ``(out, in)``, whatever the
+    module stores (GPT-2's ``Conv1D`` keeps ``(in, out)``).
 
     Args:
         model: the float model, called as ``model(input_ids=..., use_cache=False)``.
@@ -83,7 +86,7 @@ def fisher_diagonal(model: nn.Module, tokens: np.ndarray | torch.Tensor, names: 
     names = list(quant.weight_matrices(model) if names is None else names)
     params = {n: modules[n].weight for n in names}
     grad_state = {p: p.requires_grad for p in model.parameters()}
-    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    fisher = {n: torch.zeros_like(as_matrix(modules[n], p), dtype=torch.float32) for n, p in params.items()}
     generator = torch.Generator().manual_seed(seed)
     positions = 0
     try:
@@ -103,6 +106,7 @@ def fisher_diagonal(model: nn.Module, tokens: np.ndarray | torch.Tensor, names: 
                 nll = -logprobs.reshape(-1, logprobs.shape[-1]).gather(1, labels).sum()
                 grads = torch.autograd.grad(nll, list(params.values()))
                 for n, g in zip(params, grads):
+                    g = as_matrix(modules[n], g).float()  # the parameter's layout -> (out, in)
                     fisher[n].addcmul_(g, g)
                 positions += labels.numel()
     finally:
@@ -146,17 +150,17 @@ def proxy_sensitivity(model: nn.Module, tokens: np.ndarray | torch.Tensor, setti
     names = [m for ms in units.values() for m in ms]
     fisher = fisher_diagonal(model, tokens, names, seed=seed)
     t1 = time.perf_counter()
-    modules = dict(model.named_modules())
+    weights = quant.float_weights(model)  # (out, in), as quantize and the search's workers take them
     table = ProxyTable(units, settings)
     with torch.inference_mode():
         for unit, members in units.items():
             table.kl[unit], table.nbytes[unit] = {}, {}
             for s in settings:
-                if not all(s.fits(modules[m].weight.shape) for m in members):
+                if not all(s.fits(matrices[m]) for m in members):
                     continue  # a type whose block the rows do not fit: the pair does not exist
                 kl, nbytes = 0.0, 0
                 for m in members:
-                    w = modules[m].weight.detach()
+                    w = weights[m]
                     packed = quant.quantize_calibrated(m, w, s, hessians or {})
                     err = packed.dequantize() - w.float()  # (out, in)
                     kl += 0.5 * float(torch.dot(fisher[m].reshape(-1), err.square_().reshape(-1)))

@@ -32,7 +32,7 @@ from quant.kernels import prepare as prepare_kernel
 from quant.packed import PackedTensor
 
 __all__ = ["PackedWeight", "PackedModule", "QuantLinear", "QuantEmbedding", "pack", "unpack",
-           "find_matrices", "matrix_shape", "float_weights", "weight_matrices"]
+           "find_matrices", "matrix_shape", "as_matrix", "float_weights", "weight_matrices"]
 
 
 class PackedWeight:
@@ -251,6 +251,12 @@ def weight_matrices(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: matrix_shape(module) for name, module in find_matrices(model)[0].items()}
 
 
+def as_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, laid out as ``module``'s own weight (``Conv1D``: ``(in, out)``), as an ``(out, in)`` view:
+    the weight itself, or anything shaped like it (its gradient)."""
+    return tensor.t() if _is_transposed(type(module)) else tensor
+
+
 def float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every weight matrix as a float ``(out, in)`` tensor, by name: views of the model's
     parameters, not copies (clone them to keep them apart from the model)."""
@@ -259,6 +265,5 @@ def float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, PackedModule):
             raise ValueError(f"matrix {name!r} is already quantized: its float weight is gone; keep "
                              "quant.float_weights(model) from before the first apply_policy")
-        w = module.weight.detach()
-        out[name] = w.t() if _is_transposed(type(module)) else w
+        out[name] = as_matrix(module, module.weight.detach())
     return out

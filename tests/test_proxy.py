@@ -129,3 +129,58 @@ def test_refuses_a_quantized_model_and_gptq_without_hessians(float_evaluator) ->
     ev.evaluate_partial({"model.layers.0.mlp.up_proj": SETTINGS[0]})
     with pytest.raises(ValueError, match="restore_float"):
         proxy_sensitivity(ev.model, ev.tokens.calib, SETTINGS)
+
+
+def _gpt2_pair():
+    """A tiny GPT-2 (``Conv1D`` layers, weights stored ``(in, out)``) and the same model with each ``Conv1D``
+    replaced by an ``nn.Linear`` holding the transposed weight: one function, two layouts."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    from tests.test_architectures import _model
+
+    gpt2 = _model("gpt2")
+    linear = copy.deepcopy(gpt2)
+    swapped = 0
+    for name, module in list(linear.named_modules()):
+        if isinstance(module, Conv1D):
+            parent, _, child = name.rpartition(".")
+            n_in, n_out = module.weight.shape
+            layer = torch.nn.Linear(n_in, n_out)
+            with torch.no_grad():
+                layer.weight.copy_(module.weight.t())
+                layer.bias.copy_(module.bias)
+            setattr(linear.get_submodule(parent), child, layer)
+            swapped += 1
+    assert swapped == 8  # c_attn, c_proj, c_fc and mlp.c_proj in each of the two blocks
+    return gpt2, linear
+
+
+def test_conv1d_layers_get_the_fisher_and_prediction_of_the_same_linear_layers() -> None:
+    # The proxy's Fisher and its error are taken in (out, in) for every layer: a transposed Conv1D must
+    # give what an nn.Linear of the same matrix gives (groups run along the input, as quantize expects).
+    gpt2, linear = _gpt2_pair()
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(gpt2(input_ids=ids).logits, linear(input_ids=ids).logits)
+    shapes = quant.weight_matrices(gpt2)
+    assert shapes == quant.weight_matrices(linear)
+    assert shapes["transformer.h.0.attn.c_attn"] == (192, 64)  # a Conv1D stored (64, 192)
+    fisher_c, fisher_l = fisher_diagonal(gpt2, ids, seed=2), fisher_diagonal(linear, ids, seed=2)
+    for name, shape in shapes.items():
+        assert tuple(fisher_c[name].shape) == shape, name
+        torch.testing.assert_close(fisher_c[name], fisher_l[name], rtol=1e-4, atol=1e-12)
+    settings = [quant.QuantSetting("rtn", 2, 32), quant.QuantSetting("rtn", 3, 64), quant.QuantSetting("rtn", 4, None)]
+    table_c = proxy_sensitivity(gpt2, ids, settings, seed=2)
+    table_l = proxy_sensitivity(linear, ids, settings, seed=2)
+    conv = [n for n in shapes if ".attn." in n or ".mlp." in n]
+    for name in conv:
+        for s in settings:
+            assert table_c.nbytes[name][s.key()] == table_l.nbytes[name][s.key()]
+            assert table_c.kl[name][s.key()] == pytest.approx(table_l.kl[name][s.key()], rel=1e-4), (name, s.key())
+    # The prediction for the quantization the search applies: quant.quantize of the (out, in) weight.
+    name, s = "transformer.h.1.mlp.c_proj", settings[0]  # stored (256, 64): groups of 32 along its 256 inputs
+    w = quant.float_weights(gpt2)[name]
+    err = quant.quantize(w, s).dequantize() - w
+    assert table_c.kl[name][s.key()] == pytest.approx(0.5 * float((fisher_c[name] * err.square()).sum()), rel=1e-5)
