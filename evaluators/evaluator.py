@@ -13,6 +13,7 @@ from torch import nn
 
 import quant
 from evaluators.data import TokenSets
+from evaluators.kv_attention import attention_modules, install_kv
 from evaluators.metrics import MetricSums
 from evaluators.models import LoadedModel
 from evaluators.reference import Reference, TopKReference
@@ -169,6 +170,22 @@ class Evaluator:
             (reference.logprobs, reference.indices, reference.log_rest)
         return tuple(torch.as_tensor(a).to(self.device) for a in arrays)
 
+    def _apply_kv(self, kv: Mapping[str, quant.kv.KVPair]) -> dict[str, Any]:
+        """Installs the KV cache settings ``kv`` (none: float attention, exactly as without) and
+        returns what the result reports of them: nothing without settings, else ``kv_bytes`` (the
+        cache of one evaluation window over every attention module, those ``kv`` does not name in
+        fp16), ``kv_bytes_per_token`` and ``kv_bits`` (bits per cached element, scales and norms included).
+        """
+        install_kv(self.model, kv)
+        if not kv:
+            return {}
+        infos = attention_modules(self.model)
+        tokens = self.tokens.eval.shape[1]
+        nbytes = sum(quant.layer_kv_bytes(info, kv.get(name, (quant.kv.FLOAT_KV,) * 2), tokens)
+                     for name, info in infos.items())
+        elements = sum(2 * info.kv_heads * info.head_dim * info.cached_tokens(tokens) for info in infos.values())
+        return {"kv_bytes": nbytes, "kv_bytes_per_token": nbytes / tokens, "kv_bits": 8.0 * nbytes / elements}
+
     def calibrate(self, settings: Iterable[quant.QuantSetting]) -> None:
         """Collects the input Hessians once, on the float model, when ``settings`` first need them."""
         if self.hessians is None and quant.needs_hessians(settings):
@@ -183,10 +200,11 @@ class Evaluator:
         quant.restore_float(self.model, self.weights)
 
     @torch.inference_mode()
-    def evaluate_partial(self, settings: Mapping[str, quant.QuantSetting],
-                         windows: int | None = None) -> dict[str, Any]:
+    def evaluate_partial(self, settings: Mapping[str, quant.QuantSetting], windows: int | None = None,
+                         kv: Mapping[str, quant.kv.KVPair] | None = None) -> dict[str, Any]:
         """Metrics with only the named matrices quantized; every other matrix runs in float.
         Over the first ``windows`` evaluation windows (default all): sensitivity can use fewer.
+        ``kv``: KV cache settings of attention modules (as :attr:`quant.Policy.kv`; default none).
 
         A full :class:`quant.Policy` cannot say "float", yet per-matrix sensitivity needs exactly
         that: :func:`quant.apply_policy` with ``partial`` puts the others back to float (around the
@@ -195,12 +213,14 @@ class Evaluator:
         self.calibrate(settings.values())
         packed = quant.apply_policy(self.model, quant.Policy(dict(settings)), partial=True, weights=self.weights,
                                     quantizer=self._quantize, cache_dense=True)
+        kv_result = self._apply_kv(kv or {})
         result = self._measure(windows=windows)
-        return {**result, "bytes": sum(p.nbytes for p in packed.values())}
+        return {**result, "bytes": sum(p.nbytes for p in packed.values()), **kv_result}
 
     @torch.inference_mode()
     def evaluate(self, policy: quant.Policy, prune_above: float | None = None) -> dict[str, Any]:
-        """Applies ``policy`` and returns metrics, bytes (of the packed buffers) and timings.
+        """Applies ``policy`` (its weights and its KV cache settings) and returns metrics, bytes (of
+        the packed weight buffers), timings and, with KV settings, the cache's bytes (see :meth:`_apply_kv`).
 
         With ``prune_above``, a policy worse than that on the first batch is stopped early: the
         result then has ``pruned=True`` and only ``kl_low`` (see :meth:`_measure`), bytes and timings.
@@ -209,9 +229,10 @@ class Evaluator:
         self.calibrate(policy.settings.values())
         packed = quant.apply_policy(self.model, policy, weights=self.weights, quantizer=self._quantize,
                                     cache_dense=True)
+        kv_result = self._apply_kv(policy.kv)
         t1 = time.perf_counter()
         result = self._measure(prune_above)
         t2 = time.perf_counter()
         nbytes = sum(p.nbytes for p in packed.values())
         return {**result, "bytes": nbytes, "bpw": 8.0 * nbytes / self.numel,
-                "seconds_quantize": t1 - t0, "seconds_forward": t2 - t1}
+                "seconds_quantize": t1 - t0, "seconds_forward": t2 - t1, **kv_result}

@@ -6,6 +6,10 @@ plus what quant knows about it for readers without torch (``studies``, ``search.
 :class:`~quant.formats.RuntimeMapping`: code bits, symmetry, runtime types). Both are
 optional on reading, so documents written before them load; ``runtime`` is derived and
 rewritten on every save, never trusted from the file.
+
+An optional ``kv`` section gives attention modules their KV cache settings
+(``{"model.layers.0.self_attn": {"k": {...}, "v": {...}}}``, see :mod:`quant.kv`); a module
+it does not name caches in float. A policy without one writes none, as before.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from quant.kv import KVPair, kv_from_dict, kv_to_dict
 from quant.modules import weight_matrices  # noqa: F401  (re-exported: policies cover these)
 from quant.settings import QuantSetting
 
@@ -39,11 +44,14 @@ class Policy:
             interpreted by ``quant``.
         shapes: matrix name -> ``(out, in)``, for the matrices whose shape is known
             (written into the document, so exports need no model).
+        kv: attention module name -> ``(keys, values)`` :class:`~quant.kv.KVSetting` of its
+            cache; empty (every cache in float) by default.
     """
 
     settings: dict[str, QuantSetting]
     meta: dict[str, Any] = field(default_factory=dict)
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    kv: dict[str, KVPair] = field(default_factory=dict)
 
     @classmethod
     def uniform(cls, names: list[str], setting: QuantSetting,
@@ -62,8 +70,9 @@ class Policy:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        kv = {"kv": kv_to_dict(self.kv)} if self.kv else {}
         return {"format_version": POLICY_VERSION, **self.meta,
-                "matrices": {name: self.entry(name) for name in self.settings}}
+                "matrices": {name: self.entry(name) for name in self.settings}, **kv}
 
     @classmethod
     def from_dict(cls, data: Any) -> "Policy":
@@ -83,8 +92,12 @@ class Policy:
                 raise PolicyError(f"matrix {name!r}: {exc}") from None
             if shape is not None:
                 shapes[str(name)] = shape
-        meta = {k: v for k, v in data.items() if k not in ("format_version", "matrices")}
-        return cls(settings, meta, shapes)
+        try:
+            kv = kv_from_dict(data.get("kv", {}))
+        except ValueError as exc:
+            raise PolicyError(str(exc)) from None
+        meta = {k: v for k, v in data.items() if k not in ("format_version", "matrices", "kv")}
+        return cls(settings, meta, shapes, kv)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
