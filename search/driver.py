@@ -100,11 +100,12 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     """
     request = cfg.request
     device = _device(request, cfg.ray_address)
-    loaded, tokens = request.data_config().load()
+    data = request.data_config(device)  # --dtype auto is resolved for the workers' device
+    loaded, tokens = data.load()
     space = request.space(quant.weight_matrices(loaded.model))
     budget_bytes = _budget(request, space)
     store = Store(cfg.storage)  # only now: bad input above leaves the storage untouched
-    provenance = {**request.data_config().to_dict(), "model_fingerprint": loaded.fingerprint,
+    provenance = {**data.to_dict(), "model_fingerprint": loaded.fingerprint,
                   "data_fingerprint": tokens.fingerprint, "budget": request.budget,
                   "reference_topk": request.reference_topk}
     study, row, created = open_study(request, cfg.storage, store, space, budget_bytes, provenance)
@@ -128,7 +129,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     if reference is None:
         reference = reference_logprobs(loaded.model, tokens, topk=request.reference_topk)
     del loaded  # the workers load their own copies
-    workers = Dispatcher(request.data_config().to_dict(), reference, request.workers, ray_address=cfg.ray_address,
+    workers = Dispatcher(data.to_dict(), reference, request.workers, ray_address=cfg.ray_address,
                          max_retries=cfg.max_retries, device=device, size=size)
     best = min((t.values[0] for t in study.best_trials), default=math.inf)
     progress = Progress(request.trials, done, complete, best, name=request.study_name, sampler=request.sampler,

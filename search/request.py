@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from evaluators.context import DataConfig
 from evaluators.errors import UserError
+from evaluators.models import Dtype, resolve_dtype
 from search.budget import parse_budget
 from search.placement import Device
 from search.samplers import SAMPLERS
@@ -46,6 +47,9 @@ class MeasureRequest(BaseModel):
     calib_seqs: int = Field(8, ge=0, description="calibration windows (disjoint from evaluation)")
     seed: int = Field(0, description="picks the windows")
     trust_remote_code: bool = Field(False, description="allow models that run their own code")
+    dtype: Dtype = Field("auto", description="what the float model is loaded in: auto = as saved on a GPU, float32 "
+                                             "on the CPU (half precision is emulated on most CPUs); the reference's "
+                                             "log-probs are float32 either way")
     bits: list[int] = Field(list(DEFAULT_BITS), min_length=1, description="allowed bit-widths")
     groups: list[int | None] = Field(list(DEFAULT_GROUPS), min_length=1,
                                      description="allowed group sizes; 'ch' (API: null) = per output channel")
@@ -84,10 +88,13 @@ class MeasureRequest(BaseModel):
         _refuse(lambda r: SearchSpace({}, tuple(r.bits), tuple(r.groups), tuple(r.formats)), self)
         return self
 
-    def data_config(self) -> DataConfig:
-        """The model and data part, as studies record it in their provenance."""
+    def data_config(self, device: str = "cpu") -> DataConfig:
+        """The model and data part, as studies record it in their provenance, for models run on ``device``
+        (``cpu`` or ``cuda``: what ``--dtype auto`` loads depends on it)."""
+        dtype = resolve_dtype(self.dtype, device, self.model, trust_remote_code=self.trust_remote_code)
         return DataConfig(model=self.model, dataset=self.dataset, seq_len=self.seq_len, n_eval=self.eval_seqs,
-                          n_calib=self.calib_seqs, seed=self.seed, trust_remote_code=self.trust_remote_code)
+                          n_calib=self.calib_seqs, seed=self.seed, trust_remote_code=self.trust_remote_code,
+                          dtype=dtype)
 
     def space(self, matrices: dict[str, tuple[int, int]]) -> SearchSpace:
         """The search space over ``matrices`` (name -> (out, in)) that these options allow."""
@@ -98,7 +105,8 @@ class MeasureRequest(BaseModel):
     def from_data(cls, data: DataConfig, **options: Any) -> "MeasureRequest":
         """A request on ``data`` (the inverse of :meth:`data_config`) with the other ``options``."""
         return cls(model=data.model, dataset=data.dataset, seq_len=data.seq_len, eval_seqs=data.n_eval,
-                   calib_seqs=data.n_calib, seed=data.seed, trust_remote_code=data.trust_remote_code, **options)
+                   calib_seqs=data.n_calib, seed=data.seed, trust_remote_code=data.trust_remote_code,
+                   dtype=data.dtype, **options)
 
 
 class SearchRequest(MeasureRequest):

@@ -17,7 +17,7 @@ from studies.retry import SCHEMA_RACE_SECONDS, with_db_retry
 __all__ = ["optuna_storage", "open_study"]
 
 # What a resumed study must share with the one stored (a different value is another search).
-_SAME_DATA = ("model", "dataset", "seq_len", "n_eval", "n_calib", "seed", "reference_topk")
+_SAME_DATA = ("model", "dataset", "seq_len", "n_eval", "n_calib", "seed", "reference_topk", "dtype")
 _SAME_SPACE = ("bits", "groups", "formats", "granularity")
 
 
@@ -42,7 +42,9 @@ def open_study(request: SearchRequest, storage: str, store: Store, space: Search
     name = request.study_name
     existing = store.find_study(name)
     if existing is not None:
-        mismatch = [k for k in _SAME_DATA if existing.provenance.get(k, provenance.get(k)) != provenance.get(k)]
+        # A study recorded before --dtype existed was measured in float32.
+        mismatch = [k for k in _SAME_DATA if existing.provenance.get(k, "float32" if k == "dtype" else provenance.get(k))
+                    != provenance.get(k)]
         wanted = space.to_dict()  # a resumed study must propose from the same space
         mismatch += [k for k in _SAME_SPACE
                      if existing.space.get(k, "matrix" if k == "granularity" else None) != wanted[k]]
