@@ -12,13 +12,15 @@ the numerics, the bit packing and the byte count are the formats' own (no second
 - ``rtn_token``: each head vector is one asymmetric min/max group of ``rtn`` (fp16 scale
   and offset per vector), the usual per-token cache quantization.
 - ``rtn_channel``: keys per channel (KIVI): each channel of each head over ``group``
-  consecutive tokens (default 128) shares an fp16 scale and offset; a last partial group is
-  padded (and its padding counted), as ``rtn`` pads a row.
-- ``float`` (``bits`` 16): not quantized; counted as a 16-bit (fp16 / bf16) cache.
+  consecutive tokens (default 128, groups aligned from the first token) shares an fp16 scale and
+  offset; the last ``tokens % group`` tokens, not yet a whole group, stay unquantized (KIVI's
+  residual) until the group fills.
+- ``float`` (``bits`` 16): not quantized.
 
-Evaluation quantizes a whole window at once, i.e. the cache as it is read back after the window's
-prefill: a ``rtn_channel`` group's range spans its tokens (KIVI's fp16 residual of recent tokens
-during decoding is not modelled).
+Unquantized elements (``float``, the residual) are kept in the model's dtype and counted at 2 bytes,
+as a 16-bit (fp16 / bf16) deployment holds them; an fp32 model is evaluated in fp32 (so a float
+cache reproduces its outputs exactly). Evaluation quantizes a whole window at once: the cache as it
+is read back after the window's prefill, which is also what :mod:`quant.kv_cache` holds while generating.
 """
 
 from __future__ import annotations
@@ -162,6 +164,13 @@ def _quant_setting(s: KVSetting, head_dim: int) -> QuantSetting:
     return QuantSetting("rtn", s.bits, s.group, {})  # rtn_channel: rows are channels, groups run over tokens
 
 
+def _quantized_tokens(s: KVSetting, tokens: int) -> int:
+    """How many of ``tokens`` are quantized: all, none (float), or whole ``rtn_channel`` groups."""
+    if s.is_float:
+        return 0
+    return tokens // s.group * s.group if s.format == "rtn_channel" else tokens
+
+
 def _matrix_shape(s: KVSetting, shape: tuple[int, int, int, int]) -> tuple[int, int]:
     b, h, t, d = shape
     return (b * h * d, t) if s.format == "rtn_channel" else (b * h * t, d)
@@ -182,19 +191,24 @@ class PackedKV:
         setting: how it is stored.
         shape: ``(batch, kv_heads, tokens, head_dim)``.
         dtype: the dtype it is read back in (the model's).
-        packed: the format's packed buffers (codes, norms / scales, QJL signs); ``None`` for float.
-        values: the tensor itself for a float setting, else ``None``.
+        packed: the format's packed buffers (codes, norms / scales, QJL signs); ``None`` when
+            nothing is quantized (float, or fewer tokens than a ``rtn_channel`` group).
+        residual: the unquantized tokens ``(batch, kv_heads, n, head_dim)`` in the model's dtype: all
+            of them for float, the last partial group for ``rtn_channel``; else ``None``.
     """
 
     setting: KVSetting
     shape: tuple[int, int, int, int]
     dtype: torch.dtype
     packed: PackedTensor | None = None
-    values: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
 
     @property
     def buffers(self) -> dict[str, torch.Tensor]:
-        return {"values": self.values} if self.packed is None else self.packed.buffers
+        out = dict(self.packed.buffers) if self.packed is not None else {}
+        if self.residual is not None:
+            out["residual"] = self.residual
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -207,19 +221,24 @@ def pack_kv(x: torch.Tensor, setting: KVSetting) -> PackedKV:
     if x.dim() != 4:
         raise ValueError(f"a key / value tensor is (batch, kv_heads, tokens, head_dim), got shape {tuple(x.shape)}")
     shape = tuple(x.shape)
-    if setting.is_float:
-        return PackedKV(setting, shape, x.dtype, values=x)
+    t = _quantized_tokens(setting, shape[2])
+    residual = x[:, :, t:] if t < shape[2] else None
+    if not t:
+        return PackedKV(setting, shape, x.dtype, residual=residual)
     qs = _quant_setting(setting, shape[-1])
-    return PackedKV(setting, shape, x.dtype, packed=get_format(qs.format).quantize(_matrix(x.detach(), setting), qs))
+    packed = get_format(qs.format).quantize(_matrix(x.detach()[:, :, :t], setting), qs)
+    return PackedKV(setting, shape, x.dtype, packed=packed, residual=residual)
 
 
 def unpack_kv(p: PackedKV) -> torch.Tensor:
     """The tensor :func:`pack_kv` stored, in its dtype, shaped ``(batch, kv_heads, tokens, head_dim)``."""
     if p.packed is None:
-        return p.values
-    b, h, t, d = p.shape
+        return p.residual
+    b, h, _, d = p.shape
+    t = _quantized_tokens(p.setting, p.shape[2])
     m = p.packed.dequantize().to(p.dtype)  # (rows, cols) of _matrix
-    return m.view(b, h, d, t).transpose(-1, -2) if p.setting.format == "rtn_channel" else m.view(b, h, t, d)
+    x = m.view(b, h, d, t).transpose(-1, -2) if p.setting.format == "rtn_channel" else m.view(b, h, t, d)
+    return x if p.residual is None else torch.cat([x, p.residual], dim=2)
 
 
 def quantize_kv(x: torch.Tensor, setting: KVSetting) -> torch.Tensor:
@@ -229,14 +248,17 @@ def quantize_kv(x: torch.Tensor, setting: KVSetting) -> torch.Tensor:
 
 def kv_bytes(setting: KVSetting, kv_heads: int, head_dim: int, tokens: int, batch: int = 1) -> int:
     """Bytes a cache holds for one layer's keys (or values) over ``tokens`` tokens: exactly
-    :attr:`PackedKV.nbytes` of ``pack_kv`` on such a tensor (a float setting counts 2 bytes)."""
+    :attr:`PackedKV.nbytes` of ``pack_kv`` on such a tensor of a 16-bit dtype (unquantized
+    elements, a float setting's or a ``rtn_channel`` residual's, count 2 bytes)."""
     shape = (batch, kv_heads, tokens, head_dim)
     if min(shape) < 1:
         raise ValueError(f"kv_heads, head_dim, tokens and batch must be positive, got {shape}")
-    if setting.is_float:
-        return 2 * batch * kv_heads * tokens * head_dim
+    t = _quantized_tokens(setting, tokens)
+    residual = 2 * batch * kv_heads * (tokens - t) * head_dim  # 16-bit
+    if not t:
+        return residual
     qs = _quant_setting(setting, head_dim)
-    return get_format(qs.format).expected_nbytes(_matrix_shape(setting, shape), qs)
+    return residual + get_format(qs.format).expected_nbytes(_matrix_shape(setting, (batch, kv_heads, t, head_dim)), qs)
 
 
 def layer_kv_bytes(info: AttentionInfo, pair: KVPair, context: int, batch: int = 1) -> int:

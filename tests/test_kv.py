@@ -55,16 +55,20 @@ def test_settings_round_trip_through_json_and_keys_tell_them_apart() -> None:
 @pytest.mark.parametrize("setting", QUANTIZED, ids=KVSetting.describe)
 def test_bytes_are_the_packed_buffers_and_unpacking_is_what_evaluation_reads(setting: KVSetting, shape) -> None:
     x = _x(shape)
+    half = pack_kv(x.half(), setting)  # a 16-bit model's cache: its residual is counted at 2 bytes
+    assert half.nbytes == sum(b.numel() * b.element_size() for b in half.buffers.values())
+    assert half.nbytes == kv_bytes(setting, shape[1], shape[3], shape[2], batch=shape[0])
     packed = pack_kv(x, setting)
-    assert packed.nbytes == sum(b.numel() * b.element_size() for b in packed.buffers.values())
-    assert packed.nbytes == kv_bytes(setting, shape[1], shape[3], shape[2], batch=shape[0])
-    codes = packed.buffers["codes"]
-    assert codes.dtype == torch.uint8 and codes.numel() == packed_size(codes.numel() * 8 // packed.packed.setting.bits,
-                                                                        packed.packed.setting.bits)
+    if setting.format == "rtn_channel":  # whole groups of tokens packed, the rest kept as it came
+        quantized = shape[2] // setting.group * setting.group
+        assert packed.residual is None if quantized == shape[2] else torch.equal(packed.residual, x[:, :, quantized:])
+    if packed.packed is not None:
+        codes, bits = packed.buffers["codes"], packed.packed.setting.bits
+        assert codes.dtype == torch.uint8 and codes.numel() == packed_size(codes.numel() * 8 // bits, bits)
     y = unpack_kv(packed)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert torch.equal(y, quantize_kv(x, setting))
-    assert not torch.equal(y, x)
+    assert torch.equal(y, x) == (packed.packed is None)  # nothing quantized only while no group is whole
 
 
 def test_bytes_per_token_are_the_layouts_known_sizes() -> None:
@@ -75,12 +79,13 @@ def test_bytes_per_token_are_the_layouts_known_sizes() -> None:
     assert kv_bytes(KVSetting("turbo", 3, qjl=True), h, d, t) == t * h * (64 * 2 // 8 + 2 + 64 // 8 + 2)
     assert kv_bytes(KVSetting("rtn_token", 4), h, d, t) == t * h * (32 + 4)  # fp16 scale and offset per vector
     assert kv_bytes(KVSetting("rtn_channel", 2, group=32), h, d, t) == h * d * (t // 32) * (8 + 4)
-    # A partial last group of tokens is padded and counted: 130 tokens hold two groups of 128.
-    assert kv_bytes(KVSetting("rtn_channel", 4), h, d, 130) == kv_bytes(KVSetting("rtn_channel", 4), h, d, 256)
+    # A partial last group of tokens is KIVI's 16-bit residual: 130 tokens hold a group of 128 and 2 tokens.
+    assert kv_bytes(KVSetting("rtn_channel", 4), h, d, 130) == kv_bytes(KVSetting("rtn_channel", 4), h, d, 128) + 2 * h * d * 2
+    assert kv_bytes(KVSetting("rtn_channel", 4), h, d, 100) == kv_bytes(FLOAT_KV, h, d, 100)
     info = AttentionInfo(h, d, sliding_window=512)
     assert layer_kv_bytes(info, (FLOAT_KV, FLOAT_KV), t) == 2 * kv_bytes(FLOAT_KV, h, d, 512)
     x = _x((1, h, 16, d)).half()  # a float cache holds the model's 16-bit tensor itself
-    assert pack_kv(x, FLOAT_KV).nbytes == kv_bytes(FLOAT_KV, h, d, 16) and unpack_kv(pack_kv(x, FLOAT_KV)) is x
+    assert pack_kv(x, FLOAT_KV).nbytes == kv_bytes(FLOAT_KV, h, d, 16) and torch.equal(unpack_kv(pack_kv(x, FLOAT_KV)), x)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -127,7 +132,7 @@ def test_eager_attention_gets_the_models_own_eager_function() -> None:
 
 
 def test_the_hook_quantizes_each_named_modules_cache_tensors_with_its_own_setting(monkeypatch) -> None:
-    model, ids = _model("llama"), _ids(n=2, length=24)
+    model, ids = _model("llama"), _ids(n=2, length=40)
     seen: list[tuple[tuple[int, ...], KVSetting]] = []
 
     def spy(x: torch.Tensor, setting: KVSetting) -> torch.Tensor:
@@ -138,7 +143,7 @@ def test_the_hook_quantizes_each_named_modules_cache_tensors_with_its_own_settin
     k, v = KVSetting("rtn_channel", 3, group=32), KVSetting("turbo", 4)
     with kv_installed(model, {"model.layers.1.self_attn": (k, v)}):
         _logits(model, ids)
-    assert seen == [((2, 2, 24, 16), k), ((2, 2, 24, 16), v)]  # (batch, kv heads, tokens, head dim); layer 0 untouched
+    assert seen == [((2, 2, 40, 16), k), ((2, 2, 40, 16), v)]  # (batch, kv heads, tokens, head dim); layer 0 untouched
 
 
 def test_install_refuses_names_that_are_not_attention_modules() -> None:
