@@ -6,20 +6,26 @@ run again on a new one, up to ``max_retries`` times, then reported as failed —
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import ray
 
-from search.placement import WorkerSize, actor_options, resolve_device
+from search.placement import WorkerSize, actor_options, plan_workers, resolve_device
 from search.record import Job
 from search.workers import TrialWorker, gpu_memory, init_ray
 from studies import TrialResult
 
 __all__ = ["Dispatcher"]
 
+log = logging.getLogger(__name__)
+
 
 class Dispatcher:
-    """``n_workers`` :class:`~search.workers.TrialWorker` actors over one model, data and reference.
+    """:class:`~search.workers.TrialWorker` actors over one model, data and reference: ``n_workers``, or
+    with ``None`` as many as :func:`~search.placement.plan_workers` chooses from the cores, the GPUs'
+    memory and ``host_workers`` (what host memory holds), at most ``max_workers``.
 
     Lifecycle: :meth:`submit` a job to a slot from :attr:`idle`; :meth:`next` returns the next job
     to finish with its :class:`~studies.TrialResult` or its failure reason (the slot is idle again);
@@ -28,26 +34,35 @@ class Dispatcher:
     The reference is put in Ray's object store once: its numpy arrays reach every worker on the
     same node without a copy. ``device`` (``auto``, ``cpu``, ``cuda``) is resolved against the GPUs
     the cluster reports; on ``cuda`` each worker asks Ray for its share of a GPU, sized from ``size``
-    (see :func:`~search.placement.actor_options`).
+    (see :func:`~search.placement.actor_options`). :attr:`plan` says what was chosen.
     """
 
-    def __init__(self, data: dict[str, Any], reference: Any, n_workers: int, *, ray_address: str | None = None,
-                 max_retries: int = 2, device: str = "cpu", size: WorkerSize | None = None):
-        init_ray(ray_address, n_workers)
+    def __init__(self, data: dict[str, Any], reference: Any, n_workers: int | None, *,
+                 ray_address: str | None = None, max_retries: int = 2, device: str = "cpu",
+                 size: WorkerSize | None = None, host_workers: int | None = None, max_workers: int | None = None):
+        # A local Ray gets this machine's cores (each worker then runs cores / workers torch threads),
+        # and never fewer CPUs than workers asked for, each of which takes one.
+        init_ray(ray_address, max(os.cpu_count() or 1, n_workers or 1))
         self.max_retries = max_retries
         self._data = data
         n_gpus = int(ray.cluster_resources().get("GPU", 0))
         self.device = resolve_device(device, n_gpus)
         memory = gpu_memory() if self.device == "cuda" else 0
-        self._options = actor_options(self.device, n_workers, size or WorkerSize(0, 0, 0), memory, n_gpus)
+        cpus = int(ray.available_resources().get("CPU", n_workers or 1))
+        self.plan = plan_workers(self.device, size or WorkerSize(0, 0, 0), requested=n_workers, cpus=cpus,
+                                 host_workers=host_workers or cpus, max_workers=max_workers, gpu_memory=memory,
+                                 n_gpus=n_gpus)
+        log.info("workers: %s", self.plan.why)
+        self._options = actor_options(self.device, self.plan.workers, self.plan.size, memory, n_gpus)
         self._reference = ray.put(reference)
-        self._threads = max(1, int(ray.available_resources().get("CPU", n_workers)) // n_workers)
-        self._workers = [self._start() for _ in range(n_workers)]
-        self.idle = list(range(n_workers))
+        self._threads = self.plan.threads
+        self._workers = [self._start() for _ in range(self.plan.workers)]
+        self.idle = list(range(self.plan.workers))
         self._pending: dict[Any, Job] = {}
 
     def _start(self) -> Any:
-        return TrialWorker.options(**self._options).remote(self._data, self._reference, self._threads, self.device)
+        return TrialWorker.options(**self._options).remote(self._data, self._reference, self._threads, self.device,
+                                                           self.plan.batch_size)
 
     @property
     def busy(self) -> int:

@@ -21,7 +21,7 @@ import quant
 from evaluators import UserError, reference_logprobs, reference_nbytes
 from search.budget import parse_budget
 from search.dispatch import Dispatcher
-from search.placement import WorkerSize, resolve_device
+from search.placement import CPU_BATCH, WorkerSize, fit_in_host, resolve_device
 from search.fidelity import FirstBatchGate
 from search.progress import Progress
 from search.record import RETRY_ON, Job, reconcile, record_failure, record_result
@@ -125,12 +125,13 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         reference = _use_sensitivity(cfg, study, store, loaded, tokens, space, budget_bytes, created)
     if created:
         enqueue_uniform_seeds(study, space, budget_bytes)
-    size = _check_memory(request, loaded.model, tokens, device)
+    size, host_workers = _check_memory(request, loaded.model, tokens, device)
     if reference is None:
         reference = reference_logprobs(loaded.model, tokens, topk=request.reference_topk)
     del loaded  # the workers load their own copies
     workers = Dispatcher(data.to_dict(), reference, request.workers, ray_address=cfg.ray_address,
-                         max_retries=cfg.max_retries, device=device, size=size)
+                         max_retries=cfg.max_retries, device=device, size=size, host_workers=host_workers,
+                         max_workers=max(request.trials - done, 1))
     best = min((t.values[0] for t in study.best_trials), default=math.inf)
     progress = Progress(request.trials, done, complete, best, name=request.study_name, sampler=request.sampler,
                         budget_bytes=row.budget_bytes, show=cfg.progress)
@@ -180,9 +181,10 @@ def _device(request: SearchRequest, ray_address: str | None) -> str:
     return resolve_device(request.device, torch.cuda.device_count())
 
 
-def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str) -> WorkerSize:
-    """Refuses up front a search whose workers cannot fit in memory, saying the estimate; returns
-    what one worker holds (for its GPU share, see :mod:`search.placement`).
+def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str) -> tuple[WorkerSize, int]:
+    """Refuses up front a search whose workers (with ``--workers`` unset: one) cannot fit in host memory,
+    saying the estimate; returns what one worker holds (for its GPU share and batch) and how many
+    workers host memory holds (the automatic count's bound, see :func:`search.placement.plan_workers`).
 
     Per worker: the float model, a float copy of its matrices, their decoded weights
     (cached for speed) and a batch of logits, in host memory on the CPU; on a GPU only the model
@@ -194,14 +196,10 @@ def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str) 
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = int(model.config.vocab_size)
     reference = reference_nbytes(tokens.eval.shape[0], tokens.seq_len - 1, vocab, request.reference_topk)
-    batch_logits = 2 * tokens.seq_len * vocab * 4 * 3  # logits, log-probs, reference slice
-    size = WorkerSize(params, reference, batch_logits)
-    per_worker = params if device == "cuda" else 3 * params + batch_logits
-    estimate = request.workers * per_worker + params + 2 * reference
+    window_logits = tokens.seq_len * vocab * 4 * 3  # logits, log-probs, reference slice
+    size = WorkerSize(params, reference, CPU_BATCH * window_logits, window_logits, int(tokens.eval.shape[0]))
+    per_worker = params if device == "cuda" else 3 * params + size.batch_bytes
     limit = request.memory_limit_bytes or psutil.virtual_memory().available
-    if estimate > limit:
-        raise UserError(f"this search needs about {estimate / 2**30:.2f} GiB ({request.workers} workers x "
-                        f"{per_worker / 2**30:.2f} GiB model copies + {2 * reference / 2**30:.2f} GiB reference) "
-                        f"but {limit / 2**30:.2f} GiB is available; use fewer --workers or --eval-seqs"
-                        + ("" if request.reference_topk else ", or --reference-topk 512"))
-    return size
+    fit = fit_in_host(request.workers, per_worker, params + 2 * reference, limit,
+                      "" if request.reference_topk else ", or --reference-topk 512")
+    return size, fit

@@ -117,7 +117,10 @@ class SearchRequest(MeasureRequest):
     trials: int = Field(20, ge=1, le=1_000_000, description="finished trials the study should have, complete or "
                                                             "pruned by multi-fidelity (resume adds up to it)")
     sampler: str = Field("nsga2", description="nsga2, tpe, gp, evo (budget-aware, ours) or random")
-    workers: int = Field(2, ge=1, le=4096, description="Ray workers, each with its own copy of the model")
+    workers: int | None = Field(None, ge=1, le=4096, description="Ray workers, each with its own copy of the model "
+                                "(default: chosen: on the CPU one per core, each on cores/workers torch threads; on "
+                                "a GPU 2 per GPU; fewer where host or GPU memory holds fewer, never more than the "
+                                "trials to run)")
     memory_limit: str | None = Field(None, description="memory the search may use, e.g. 8GB (default: available)")
     multi_fidelity: bool | None = Field(None, description="score children on the first batch of windows and stop "
                                                           "the hopeless ones there (default: on for the evo sampler)")

@@ -35,11 +35,11 @@ def init_ray(address: str | None, num_cpus: int) -> None:
 def _gpu_memory() -> int:
     import torch
 
-    return int(torch.cuda.get_device_properties(0).total_memory)
+    return int(torch.cuda.mem_get_info()[0])  # free, not total: another process's share is not ours
 
 
 def gpu_memory() -> int:
-    """Bytes of memory of one of the cluster's GPUs, asked on a GPU node (the driver needs none)."""
+    """Free bytes of memory of one of the cluster's GPUs, asked on a GPU node (the driver needs none)."""
     return int(ray.get(_gpu_memory.remote()))
 
 
@@ -47,10 +47,12 @@ def gpu_memory() -> int:
 class TrialWorker:
     """Measures policies on one model. Created once per search; receives and returns plain data.
 
-    The model, its float weights, the reference and the packed cache live on ``device``.
+    The model, its float weights, the reference and the packed cache live on ``device``; each forward
+    runs ``batch_size`` evaluation windows.
     """
 
-    def __init__(self, data: dict[str, Any], reference: Reference, threads: int, device: str = "cpu"):
+    def __init__(self, data: dict[str, Any], reference: Reference, threads: int, device: str = "cpu",
+                 batch_size: int = 2):
         import torch
 
         from evaluators import Evaluator
@@ -59,7 +61,7 @@ class TrialWorker:
         torch.set_num_threads(max(1, threads))
         loaded, tokens = DataConfig.from_dict(data).load()
         loaded.model.to(device)
-        self.evaluator = Evaluator(loaded, tokens, reference=reference)
+        self.evaluator = Evaluator(loaded, tokens, reference=reference, batch_size=batch_size)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def evaluate(self, policy: dict[str, Any], prune_above: float | None = None) -> TrialResult:

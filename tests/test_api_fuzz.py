@@ -63,7 +63,8 @@ bad_model = st.text(alphabet="abcxyz-_.", min_size=1, max_size=12).filter(
 DEFECTS = {
     "study": bad_study, "budget": bad_budget, "model": bad_model | not_a_string, "dataset": not_a_string,
     "trials": st.integers(max_value=0) | st.integers(min_value=1_000_001) | not_an_int,
-    "workers": st.integers(max_value=0) | st.integers(min_value=4097) | not_an_int,
+    "workers": st.integers(max_value=0) | st.integers(min_value=4097)
+    | not_an_int.filter(lambda v: v is not None),  # null: chosen by the search
     "seq_len": st.integers(max_value=1) | st.integers(min_value=(1 << 20) + 1) | not_an_int,
     "eval_seqs": st.integers(max_value=0) | not_an_int, "calib_seqs": st.integers(max_value=-1) | not_an_int,
     "seed": not_an_int, "sampler": st.text(max_size=10).filter(lambda s: s not in ("nsga2", "tpe", "random", "gp", "evo"))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from evaluators import UserError
-from search.placement import GPU_HEADROOM, WorkerSize, actor_options, resolve_device
+from search.placement import (CPU_BATCH, GPU_HEADROOM, WORKERS_PER_GPU, WorkerSize, actor_options, fit_in_host,
+                              plan_workers, resolve_device)
 from search.request import SearchRequest
 
 GIB = 2 ** 30
@@ -81,3 +82,74 @@ def test_search_on_cuda_without_a_gpu_is_refused_before_loading(tmp_path: Path, 
     with pytest.raises(UserError, match="--device cuda: no CUDA GPU"):
         run_search(cfg)
     assert not storage.exists()
+
+
+# SmolLM2 as _check_memory sizes it: 8 windows of 256 tokens, 49,152 words, logits + log-probs + reference slice.
+WINDOW = 256 * 49_152 * 4 * 3
+SMOLLM2_8 = WorkerSize(538_000_000, 8_364_000, CPU_BATCH * WINDOW, WINDOW, 8)
+
+
+@pytest.mark.parametrize(("cpus", "host", "trials", "workers", "threads"), [
+    (16, 100, None, 16, 1), (16, 3, None, 3, 5), (16, 100, 4, 4, 4), (2, 100, 20, 2, 1), (1, 0, None, 1, 1)])
+def test_automatic_cpu_workers_are_one_per_core_within_memory_and_trials(cpus, host, trials, workers, threads) -> None:
+    plan = plan_workers("cpu", SMOLLM2_8, requested=None, cpus=cpus, host_workers=host, max_workers=trials)
+    assert (plan.workers, plan.threads, plan.batch_size) == (workers, threads, CPU_BATCH)
+    assert plan.size == SMOLLM2_8  # the CPU batch is the evaluator's default: figures unchanged
+
+
+def test_asked_workers_are_kept_and_share_the_cores() -> None:
+    plan = plan_workers("cpu", SMOLLM2_8, requested=3, cpus=16, host_workers=100)
+    assert (plan.workers, plan.threads) == (3, 5) and "as asked" in plan.why
+    gpu = plan_workers("cuda", SMOLLM2_8, requested=5, cpus=16, host_workers=100, gpu_memory=141 * GIB, n_gpus=1)
+    assert gpu.workers == 5
+
+
+def test_automatic_gpu_workers_and_batch_follow_the_gpu_memory() -> None:
+    h200 = dict(cpus=16, host_workers=100, gpu_memory=141 * GIB)
+    plan = plan_workers("cuda", SMOLLM2_8, requested=None, n_gpus=1, **h200)
+    assert plan.workers == WORKERS_PER_GPU and plan.threads == 16 // WORKERS_PER_GPU
+    assert plan.batch_size == 4 and plan.size.batch_bytes == 4 * WINDOW  # half the windows: a first batch remains
+    assert plan_workers("cuda", SMOLLM2_8, requested=None, n_gpus=8, **h200).workers == 16  # 2 x 8 GPUs, 16 cores
+    assert plan_workers("cuda", SMOLLM2_8, requested=None, n_gpus=8, **dict(h200, host_workers=5)).workers == 5
+    # A 7B model in bf16 with a top-k reference over 512 windows: one fits on an 80 GB GPU, and its batch
+    # fills what is left (less than the 256 windows of half the evaluation).
+    big = WorkerSize(14 * GIB, GIB // 8, CPU_BATCH * WINDOW, WINDOW, 512)
+    tight = plan_workers("cuda", big, requested=None, n_gpus=2, cpus=16, host_workers=100, gpu_memory=80 * GIB)
+    room = (int(80 * GIB * GPU_HEADROOM) - 3 * 14 * GIB - GIB // 8) // WINDOW
+    assert tight.workers == 2 and tight.batch_size == room and 2 < room < 256
+    assert tight.size.device_bytes <= 80 * GIB * GPU_HEADROOM
+
+
+def test_a_model_larger_than_one_gpu_alone_is_refused_naming_its_size() -> None:
+    size = WorkerSize(param_bytes=140 * GIB, reference_bytes=GIB, batch_bytes=GIB)  # a 70B model in bf16
+    with pytest.raises(UserError, match=r"the model alone is 140\.00 GiB.*141\.00 GiB.*--dtype bfloat16"):
+        plan_workers("cuda", size, requested=None, cpus=16, host_workers=4, gpu_memory=141 * GIB, n_gpus=8)
+
+
+def test_host_memory_bounds_the_workers_and_refuses_with_the_estimate() -> None:
+    assert fit_in_host(None, 2 * GIB, GIB, 10 * GIB) == 4
+    assert fit_in_host(3, 2 * GIB, GIB, 10 * GIB) == 4
+    with pytest.raises(UserError, match=r"needs about 11\.00 GiB \(5 workers x 2\.00 GiB.*10\.00 GiB is available"):
+        fit_in_host(5, 2 * GIB, GIB, 10 * GIB)
+    with pytest.raises(UserError, match=r"needs about 3\.00 GiB \(1 workers.*--reference-topk"):
+        fit_in_host(None, 2 * GIB, GIB, 2 * GIB, ", or --reference-topk 512")
+
+
+def test_request_workers_default_to_automatic() -> None:
+    assert SearchRequest(budget="3bpw").workers is None
+    assert SearchRequest(budget="3bpw", workers=3).workers == 3
+    with pytest.raises(ValueError, match="workers"):
+        SearchRequest(budget="3bpw", workers=0)
+
+
+def test_a_search_without_workers_runs_one_per_core(corpus, local_ray, tmp_path: Path) -> None:
+    from search.driver import SearchConfig, run_search
+    from studies import Store
+
+    storage = f"sqlite:///{tmp_path / 'w.db'}"
+    request = SearchRequest(model="tiny-random-llama", dataset=corpus, seq_len=64, eval_seqs=4, calib_seqs=0,
+                            budget="4.5bpw", trials=6, study="auto", device="cpu")
+    run_search(SearchConfig(request, storage=storage, progress=False))
+    frame = Store(storage).trials_frame(Store(storage).get_study("auto"))
+    cores = int(local_ray.cluster_resources()["CPU"])  # the test cluster's 2
+    assert (frame["state"] == "complete").sum() == 6 and frame["worker"].nunique() == min(cores, 6)

@@ -107,7 +107,9 @@ def progress(store: Store, name: str, job: Job | None) -> dict[str, Any]:
     best = None if feasible.empty else float(feasible["kl"].min())
     if job is not None:
         elapsed = job.elapsed()
-        running = min(job.request.workers, max(job.request.trials - complete, 0)) if job.status == "running" else 0
+        # Workers chosen by the search (no --workers) are never more than the trials left to run.
+        workers = job.request.workers or job.request.trials
+        running = min(workers, max(job.request.trials - complete, 0)) if job.status == "running" else 0
     else:
         # Not launched here (CLI or another service): the trials' own compute time is what is known.
         elapsed = float(trials["seconds"].fillna(0).sum())
