@@ -87,7 +87,9 @@ def fisher_diagonal(model: nn.Module, tokens: np.ndarray | torch.Tensor, names: 
     params = {n: modules[n].weight for n in names}
     grad_state = {p: p.requires_grad for p in model.parameters()}
     fisher = {n: torch.zeros_like(as_matrix(modules[n], p), dtype=torch.float32) for n, p in params.items()}
+    # Labels are drawn on the CPU whatever the model's device: the same draws, so the same Fisher, on a GPU.
     generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     positions = 0
     try:
         for p in model.parameters():
@@ -98,11 +100,11 @@ def fisher_diagonal(model: nn.Module, tokens: np.ndarray | torch.Tensor, names: 
             # One window per backward: more (and smaller) squared gradients average out more noise
             # for the same compute.
             for window in ids.split(1):
-                logits = model(input_ids=window, use_cache=False).logits[:, :-1].float()  # (1, T-1, V)
+                logits = model(input_ids=window.to(device), use_cache=False).logits[:, :-1].float()  # (1, T-1, V)
                 logprobs = torch.log_softmax(logits, dim=-1)
                 with torch.no_grad():
-                    labels = torch.multinomial(logprobs.exp().reshape(-1, logprobs.shape[-1]), 1,
-                                               generator=generator)  # (T-1, 1)
+                    labels = torch.multinomial(logprobs.exp().reshape(-1, logprobs.shape[-1]).cpu(), 1,
+                                               generator=generator).to(device)  # (T-1, 1)
                 nll = -logprobs.reshape(-1, logprobs.shape[-1]).gather(1, labels).sum()
                 grads = torch.autograd.grad(nll, list(params.values()))
                 for n, g in zip(params, grads):
