@@ -13,6 +13,7 @@ from evaluators.kv_attention import attention_modules, install_kv, kv_installed,
 from quant import KVSetting, Policy, QuantSetting, kv_bytes, kv_settings, pack_kv, quantize_kv, unpack_kv
 from quant.formats.turbo import lloyd_max_gaussian
 from quant.kv import FLOAT_KV, AttentionInfo, layer_kv_bytes
+from quant.kv_cache import packed_cache
 from quant.packing import packed_size
 from tests.test_architectures import ARCHS, _ids, _logits, _model
 
@@ -205,3 +206,42 @@ def test_a_policy_keeps_its_kv_section_through_json_and_a_checkpoint(tmp_path, e
     quant.apply_policy(model, policy)
     quant.save_checkpoint(model, policy, tmp_path / "ckpt")
     assert quant.load_checkpoint(tmp_path / "ckpt").policy.kv == policy.kv
+
+
+MIXED_KV = {"model.layers.0.self_attn": (KVSetting("turbo", 3, qjl=True), KVSetting("turbo", 3)),
+            "model.layers.1.self_attn": (KVSetting("rtn_channel", 2, group=32), KVSetting("rtn_token", 4))}
+
+
+def _generate(model, ids: torch.Tensor, new: int, cache=None):
+    with torch.inference_mode():  # every token real (the tiny vocabulary's pad id 0 would be masked otherwise)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=new,
+                              min_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True)
+
+
+def test_generating_from_the_packed_cache_reads_what_the_evaluation_path_reads() -> None:
+    model, ids = _model("llama"), _ids(n=1, length=20)
+    cache = packed_cache(model, MIXED_KV)
+    out = _generate(model, ids, 16, cache)
+    assert cache.get_seq_length() == 35  # crosses a whole group of 32 keys in layer 1
+    plain = _generate(model, ids, 16)
+    with kv_installed(model, MIXED_KV), torch.inference_mode():
+        for step, logits in enumerate(out.logits):  # the evaluation path over the tokens the cache held then
+            seen = out.sequences[:, :ids.shape[1] + step]
+            expected = model(input_ids=seen, use_cache=False).logits[:, -1]
+            assert (logits - expected).abs().max() < 1e-4
+            assert (logits - plain.logits[step]).abs().max() > 0.1  # and the cache is not float
+
+
+def test_the_packed_cache_holds_the_bytes_the_policy_counts() -> None:
+    model, ids = _model("llama").half(), _ids(n=2, length=30)  # a 16-bit model: residual tokens take 2 bytes
+    cache = packed_cache(model, MIXED_KV)
+    _generate(model, ids, 20, cache)
+    infos, tokens = attention_modules(model), cache.get_seq_length()
+    assert tokens == 49
+    assert cache.nbytes == sum(layer_kv_bytes(infos[n], MIXED_KV[n], tokens, batch=2) for n in MIXED_KV)
+    float_cache = packed_cache(model, {})
+    _generate(model, ids, 20, float_cache)
+    assert float_cache.nbytes == sum(layer_kv_bytes(i, (FLOAT_KV, FLOAT_KV), tokens, batch=2) for i in infos.values())
+    assert cache.nbytes < float_cache.nbytes / 2  # head_dim 16: turbo pads each head to its group of 32
+    with pytest.raises(ValueError, match="not an attention module"):
+        packed_cache(model, {"model.layers.0.mlp": (FLOAT_KV, FLOAT_KV)})
