@@ -8,7 +8,9 @@ the numerics, the bit packing and the byte count are the formats' own (no second
   Hadamard rotation, the Lloyd-Max codebook of N(0, 1) per coordinate, one fp16 scale per
   vector: its RMS, i.e. its norm over ``sqrt(head_dim)``). With ``qjl`` (keys only) the
   codebook has ``bits - 1`` bits and the 1-bit QJL sketch of the residual (plus its fp16 norm)
-  takes the last bit: ``bits`` is the total per coordinate, as in the TurboQuant paper.
+  takes the last bit: ``bits`` is the total per coordinate, as in the TurboQuant paper. The
+  rotation's seed is turbo's default (0) for every layer; a head of other than 32..256 dims
+  (a power of two) is padded to the next group (its padding's codes counted) or split into 256s.
 - ``rtn_token``: each head vector is one asymmetric min/max group of ``rtn`` (fp16 scale
   and offset per vector), the usual per-token cache quantization.
 - ``rtn_channel``: keys per channel (KIVI): each channel of each head over ``group``
