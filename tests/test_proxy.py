@@ -184,3 +184,30 @@ def test_conv1d_layers_get_the_fisher_and_prediction_of_the_same_linear_layers()
     w = quant.float_weights(gpt2)[name]
     err = quant.quantize(w, s).dequantize() - w
     assert table_c.kl[name][s.key()] == pytest.approx(0.5 * float((fisher_c[name] * err.square()).sum()), rel=1e-5)
+
+
+def test_correlation_factor_is_the_full_over_the_diagonal_hessian_form() -> None:
+    from evaluators.proxy import _correlation
+
+    err = torch.tensor([[1.0, -1.0], [1.0, 1.0], [2.0, 0.0]])
+    assert torch.allclose(_correlation(err, torch.eye(2)), torch.ones(3))
+    # Inputs that always move together (H = v v^T, v = (1, 1)): an error against them costs nothing,
+    # one along them twice its diagonal form, one on a single weight exactly its diagonal form.
+    assert torch.allclose(_correlation(err, torch.ones(2, 2)), torch.tensor([0.0, 2.0, 1.0]))
+
+
+def test_correlations_rescale_only_calibrated_settings(float_evaluator) -> None:
+    ev = float_evaluator
+    ev.calibrate([quant.QuantSetting("gptq", 2, 32)])
+    units = {"mlp0": [m for m in ev.matrices if "layers.0.mlp" in m]}
+    gptq = quant.QuantSetting("gptq", 2, 32)
+    settings = [quant.QuantSetting("rtn", 2, 32), gptq]
+    with_h = proxy_sensitivity(ev.model, ev.tokens.calib, settings, units=units, hessians=ev.hessians)
+    plain = proxy_sensitivity(ev.model, ev.tokens.calib, SETTINGS[:1], units=units)
+    assert with_h.kl["mlp0"][settings[0].key()] == plain.kl["mlp0"][settings[0].key()]  # data-free: diagonal
+    # gptq's error follows the inputs' correlations: its full Hessian form is below the diagonal one.
+    weights = quant.float_weights(ev.model)
+    fisher = fisher_diagonal(ev.model, ev.tokens.calib, units["mlp0"])
+    diagonal = sum(0.5 * float((fisher[m] * (quant.quantize_calibrated(m, weights[m], gptq, ev.hessians).dequantize()
+                                              - weights[m]).square()).sum()) for m in units["mlp0"])
+    assert with_h.kl["mlp0"][gptq.key()] < diagonal
