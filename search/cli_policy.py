@@ -13,6 +13,7 @@ import quant
 import studies
 from evaluators import METRIC_NAMES, Evaluator, UserError, calibration_hessians, load_model
 from evaluators.context import DataConfig, measured_on
+from search.at_budget import REFINE_TRIALS, point_at_budget
 from search.budget import parse_budget
 from search.cli_args import arg, command
 from search.show import bit_map, summary_text
@@ -24,7 +25,8 @@ __all__: list[str] = []  # registers its subcommands in search.cli_args.COMMANDS
 def _export_which(p) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=int)
-    which.add_argument("--budget", help="best point within this budget, e.g. 3.0bpw or 60MB")
+    which.add_argument("--budget", help="best point within this budget, e.g. 3.0bpw or 60MB; where the study has "
+                       "no point using 99 %% of it, --refine-trials more trials are run at it first")
 
 
 @command("export", "write the policy of a chosen front point", arg("study"), arg("--storage", default=None),
@@ -33,13 +35,24 @@ def _export_which(p) -> None:
              "(dynamic overrides), llamacpp (--tensor-type-file), torchao (FqnToConfig JSON), gguf (the whole "
              "model as a GGUF file llama.cpp runs, with exactly the searched weights)"),
          arg("--nearest", action="store_true", help="gguf: map formats llama.cpp cannot run to the nearest "
-             "llama.cpp type that fits (each change printed); without it such a policy is refused"))
+             "llama.cpp type that fits (each change printed); without it such a policy is refused"),
+         arg("--refine-trials", type=int, default=REFINE_TRIALS, help="with --budget: trials run at that budget "
+             "when the study has no point using 99 %% of it (solved from its sensitivity table, then evo; stored "
+             "in the study); 0: only stored points"),
+         arg("--workers", type=int, default=None, help="Ray workers for those trials (default: as a search)"),
+         arg("--ray-address", default=None, help="join this Ray cluster for them (default: local Ray)"))
 def _cmd_export(args: argparse.Namespace) -> int:
-    store = studies.Store(args.storage or studies.DEFAULT_STORAGE)
-    budget = None
+    storage = args.storage or studies.DEFAULT_STORAGE
+    store = studies.Store(storage)
+    trial, budget = args.trial, None
     if args.budget is not None:
         budget = parse_budget(args.budget, store.get_study(args.study).numel)
-    doc = studies.export_policy(store, args.study, trial=args.trial, budget_bytes=budget)
+        if args.refine_trials < 0:
+            raise UserError(f"--refine-trials must be 0 or more, got {args.refine_trials}")
+        if args.refine_trials:
+            trial, budget = point_at_budget(storage, args.study, budget, trials=args.refine_trials,
+                                            workers=args.workers, ray_address=args.ray_address), None
+    doc = studies.export_policy(store, args.study, trial=trial, budget_bytes=budget)
     if args.format == "gguf":
         from search.cli_gguf import write_gguf_export
 

@@ -49,14 +49,17 @@ class SearchConfig:
     max_retries: int = 2  # a trial whose worker dies is run again on a new one this many times
     seed_budgets: int = 8  # budgets, from the smallest policy to the study's, at which seeds are solved
     extra_seed_budgets: tuple[int, ...] = ()  # bytes at which seeds are solved as well
+    # A budget below the study's at which this run solves its seeds and samples its children (the
+    # study's own budget is unchanged): how ``export --budget`` fills a budget the study has no point at.
+    target_bytes: int | None = None
     fidelity_keep: int = 12  # a child must be among this many best first-batch KLs to be measured fully
 
 
 def _use_sensitivity(cfg: SearchConfig, study: optuna.Study, store: Store, loaded: Any, tokens: Any,
                      space: SearchSpace, budget_bytes: int, created: bool) -> Any:
-    """Sensitivity table (measured in-process, or reused from the store); a new study gets DP / greedy
-    seeds at several budgets ahead of the uniform ones, and evo (new or resumed) draws its moves by
-    the table. Returns the reference it computed on the way."""
+    """Sensitivity table (predicted or measured, or reused from the store); a new study gets DP / greedy
+    seeds at several budgets ahead of the uniform ones (a run with a target budget, at that budget), and
+    evo (new or resumed) draws its moves by the table. Returns the reference it computed on the way."""
     from evaluators import Evaluator
     from search.evo import EvoSampler
     from search.seeds import enqueue_solved_seeds
@@ -64,14 +67,19 @@ def _use_sensitivity(cfg: SearchConfig, study: optuna.Study, store: Store, loade
 
     evaluator = Evaluator(loaded, tokens, reference_topk=cfg.request.reference_topk)
     if cfg.request.sensitivity_method == "proxy":
-        table = proxy_table(evaluator, space)
-        log.info("sensitivity proxy: %d pairs predicted in %.1f s", table.computed, table.seconds)
+        table = proxy_table(evaluator, space, store=store, model_fingerprint=loaded.fingerprint,
+                            data_fingerprint=tokens.fingerprint)
+        log.info("sensitivity proxy: %d pairs predicted in %.1f s, %d reused", table.computed, table.seconds,
+                 table.reused)
     else:
         table = measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
                                     model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
                                     windows=cfg.request.sensitivity_seqs, progress=cfg.progress)
         log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
-    if created:
+    if cfg.target_bytes is not None:
+        seeds = enqueue_solved_seeds(study, table, space, cfg.target_bytes, 1)
+        log.info("enqueued %d solved seeds at the target budget", len(seeds))
+    elif created:
         seeds = enqueue_solved_seeds(study, table, space, budget_bytes, cfg.seed_budgets, cfg.extra_seed_budgets)
         log.info("enqueued %d solved seeds", len(seeds))
     if isinstance(study.sampler, EvoSampler):
@@ -80,16 +88,16 @@ def _use_sensitivity(cfg: SearchConfig, study: optuna.Study, store: Store, loade
     return evaluator.reference
 
 
-def _budget(request: SearchRequest, space: SearchSpace) -> int:
-    budget_bytes = parse_budget(request.budget, space.numel)
+def _budget(text: str, space: SearchSpace) -> int:
+    budget_bytes = parse_budget(text, space.numel)
     min_bytes = space.min_bytes()
     if budget_bytes < min_bytes:
-        raise UserError(f"budget {request.budget} ({budget_bytes:,} bytes) is below the smallest allowed policy: "
+        raise UserError(f"budget {text} ({budget_bytes:,} bytes) is below the smallest allowed policy: "
                         f"{min_bytes:,} bytes = {8 * min_bytes / space.numel:.3f} bpw")
     full = space.numel * FULL_PRECISION_BITS // 8
     if budget_bytes >= full:
         log.warning("budget %s is at or above the %d-bit model size (%s bytes); searching anyway",
-                    request.budget, FULL_PRECISION_BITS, f"{full:,}")
+                    text, FULL_PRECISION_BITS, f"{full:,}")
     return budget_bytes
 
 
@@ -103,15 +111,20 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     data = request.data_config(device)  # --dtype auto is resolved for the workers' device
     loaded, tokens = data.load()
     space = request.space(quant.weight_matrices(loaded.model))
-    budget_bytes = _budget(request, space)
+    budget_bytes = _budget(request.budget, space)
+    if cfg.target_bytes is not None:
+        _budget(str(cfg.target_bytes), space)
     store = Store(cfg.storage)  # only now: bad input above leaves the storage untouched
     provenance = {**data.to_dict(), "model_fingerprint": loaded.fingerprint,
                   "data_fingerprint": tokens.fingerprint, "budget": request.budget,
-                  "reference_topk": request.reference_topk}
-    study, row, created = open_study(request, cfg.storage, store, space, budget_bytes, provenance)
+                  "reference_topk": request.reference_topk, "sensitivity": request.sensitivity,
+                  "sensitivity_method": request.sensitivity_method, "sensitivity_seqs": request.sensitivity_seqs}
+    target = budget_bytes if cfg.target_bytes is None else min(cfg.target_bytes, budget_bytes)
+    study, row, created = open_study(request, cfg.storage, store, space, budget_bytes, provenance,
+                                     sampler_budget=target)
     gate = None
     if request.uses_multi_fidelity:
-        gate = FirstBatchGate(budget_bytes, keep=cfg.fidelity_keep)
+        gate = FirstBatchGate(target, keep=cfg.fidelity_keep)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             gate.add(t.user_attrs.get("kl_low"), t.values[1])
     reconcile(study, store, row)
@@ -134,7 +147,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
                          max_workers=max(request.trials - done, 1))
     best = min((t.values[0] for t in study.best_trials), default=math.inf)
     progress = Progress(request.trials, done, complete, best, name=request.study_name, sampler=request.sampler,
-                        budget_bytes=row.budget_bytes, show=cfg.progress)
+                        budget_bytes=target, show=cfg.progress)
     try:
         _trials(study, store, row, space, gate, workers, progress)
     finally:

@@ -33,8 +33,10 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def open_study(request: SearchRequest, storage: str, store: Store, space: SearchSpace, budget_bytes: int,
-               provenance: dict[str, Any]) -> tuple[optuna.Study, Any, bool]:
+               provenance: dict[str, Any], sampler_budget: int | None = None) -> tuple[optuna.Study, Any, bool]:
     """The Optuna study and the store's row of ``request``'s study, and whether it is new.
+
+    ``sampler_budget``: where a budget-aware sampler keeps its children (default: the study's budget).
 
     Raises:
         UserError: the study exists with other data, another space or another budget.
@@ -53,7 +55,8 @@ def open_study(request: SearchRequest, storage: str, store: Store, space: Search
             raise UserError(f"study {name!r} already exists with a different {what}; "
                             "resume it with the same options or choose another --study name")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = make_sampler(request.sampler, request.seed, space.n_params, space=space, budget_bytes=budget_bytes)
+    sampler = make_sampler(request.sampler, request.seed, space.n_params, space=space,
+                           budget_bytes=budget_bytes if sampler_budget is None else sampler_budget)
     study = optuna.create_study(study_name=name, storage=optuna_storage(storage), directions=["minimize", "minimize"],
                                 sampler=sampler, load_if_exists=True)
     row = existing or store.create_study(

@@ -24,7 +24,7 @@ from studies import Store
 if TYPE_CHECKING:
     from search.request import MeasureRequest
 
-__all__ = ["SensitivityTable", "measure_sensitivity", "proxy_table", "run_sensitivity"]
+__all__ = ["PROXY_VERSION", "SensitivityTable", "measure_sensitivity", "proxy_table", "run_sensitivity"]
 
 log = logging.getLogger(__name__)
 UNFIT_BYTES = 1 << 62  # the bytes of a (unit, setting) pair that cannot exist
@@ -125,15 +125,34 @@ def run_sensitivity(request: MeasureRequest, storage: str, *, progress: bool = T
                                windows=request.sensitivity_seqs, progress=progress)
 
 
-def proxy_table(evaluator: Evaluator, space: Any) -> SensitivityTable:
+PROXY_VERSION = "proxy-v1"  # part of the stored rows' data key: a new formula never reuses old predictions
+
+
+def proxy_table(evaluator: Evaluator, space: Any, *, store: Store | None = None, model_fingerprint: str = "",
+                data_fingerprint: str = "") -> SensitivityTable:
     """The table predicted by the one-pass proxy (:func:`evaluators.proxy.proxy_sensitivity`: diagonal
     Fisher of the model's own predictions on the calibration windows), for the space's units and settings.
 
-    Seconds instead of one forward per pair, so it is recomputed rather than stored.
+    Seconds instead of one forward per pair. With a ``store`` the predictions are kept beside the measured
+    tables (under ``data_fingerprint/proxy-vN``), so a resumed study and ``export --budget`` solve from the
+    same numbers without the Fisher pass; a table the store holds whole is read, not recomputed.
     """
     from evaluators.proxy import proxy_sensitivity
 
     settings = space.settings()
+    key = f"{data_fingerprint}/{PROXY_VERSION}"
+    known = store.sensitivity(model_fingerprint, key) if store is not None else {}
+    shapes = evaluator.matrices
+    pairs = [(u, s) for u, ms in space.units.items() for s in settings if all(s.fits(shapes[m]) for m in ms)]
+    if pairs and all((u, s.key()) in known for u, s in pairs):
+        table = SensitivityTable(dict(space.units), settings)
+        for u in space.units:
+            table.kl[u], table.nbytes[u] = {}, {}
+        for u, s in pairs:
+            row = known[(u, s.key())]
+            table.kl[u][s.key()], table.nbytes[u][s.key()] = row["kl"], int(row["bytes"])
+        table.reused = len(pairs)
+        return table
     evaluator.restore_float()
     hessians = None
     if quant.needs_hessians(settings):
@@ -143,4 +162,9 @@ def proxy_table(evaluator: Evaluator, space: Any) -> SensitivityTable:
     pt = proxy_sensitivity(evaluator.model, calib, settings, units=space.units, hessians=hessians)
     table = SensitivityTable(pt.units, pt.settings, kl=pt.kl, nbytes=pt.nbytes)
     table.computed, table.seconds = sum(len(v) for v in pt.kl.values()), pt.seconds
+    if store is not None:
+        share = pt.seconds / max(1, table.computed)  # what a pair cost, for the record
+        store.record_sensitivity(model_fingerprint, key, [
+            {"matrix": u, "setting": k, "kl": kl, "ppl": None, "bytes": table.nbytes[u][k], "seconds": share}
+            for u, row in table.kl.items() for k, kl in row.items()])
     return table

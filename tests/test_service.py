@@ -159,7 +159,8 @@ def test_auth_is_required_when_a_token_is_set(server) -> None:
     ("post", "/studies", {"study": "x", "budget": "3bpw", "trials": 0}, 422, "trials"),
     ("post", "/studies/api/export", {"trial": 1, "budget": "3bpw"}, 422, "exactly one"),
     ("post", "/studies/api/export", {"trial": 9999}, 404, "no complete trial 9999"),
-    ("post", "/studies/api/export", {"budget": "0.1bpw"}, 404, "no finished trial within"),
+    ("post", "/studies/api/export", {"budget": "0.1bpw"}, 422, "below the smallest allowed policy"),
+    ("post", "/studies/api/export", {"budget": "0.1bpw", "refine_trials": 0}, 404, "no finished trial within"),
 ])
 def test_bad_requests_get_4xx_with_a_reason(searched, method, path, body, status, reason) -> None:
     client, _ = searched

@@ -110,8 +110,13 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
     def export(study: str, req: ExportRequest) -> Any:
         """The policy of a front point (``format`` json), or its form for another runtime."""
         row = store.get_study(study)
-        budget = None if req.budget is None else parse_budget(req.budget, row.numel)
-        doc = export_policy(store, study, trial=req.trial, budget_bytes=budget)  # NotFoundError: 404
+        trial, budget = req.trial, None if req.budget is None else parse_budget(req.budget, row.numel)
+        if budget is not None and req.refine_trials:  # a budget the study has no point at: trials run at it now
+            from search.at_budget import point_at_budget
+
+            trial, budget = point_at_budget(storage, study, budget, trials=req.refine_trials, ray_address=ray_address,
+                                            progress=False), None
+        doc = export_policy(store, study, trial=trial, budget_bytes=budget)  # NotFoundError: 404
         if req.format == "json":
             return doc
         if req.format == "gguf":  # the whole model file, built in a temporary folder and returned

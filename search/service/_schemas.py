@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from search.request import SearchRequest
+from search.at_budget import REFINE_TRIALS
 from studies.export import EXPORT_FORMATS
 
 __all__ = ["StudyRequest", "ExportRequest"]
@@ -39,6 +40,8 @@ class ExportRequest(BaseModel):
     budget: str | None = None
     format: Literal[EXPORT_FORMATS] = "json"
     nearest: bool = False  # gguf: map formats llama.cpp cannot run to the nearest type (else refused)
+    # With a budget the study has no point using 99 % of: trials run at it first (0: stored points only).
+    refine_trials: int = Field(REFINE_TRIALS, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _one_of(self) -> "ExportRequest":
