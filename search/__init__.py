@@ -1,8 +1,14 @@
 """Proposing and dispatching policies: search space, samplers, Ray workers, driver and CLI."""
 
-from search.budget import parse_budget
-from search.driver import SearchConfig, run_search
-from search.request import MeasureRequest, SearchRequest
-from search.space import SearchSpace
+from search.quiet import quiet_dependencies
+
+# First: the imports below reach transformers, which imports torchao and its start-up noise (see
+# search.quiet); the command line and the service enter through this package.
+quiet_dependencies()
+
+from search.budget import parse_budget  # noqa: E402
+from search.driver import SearchConfig, run_search  # noqa: E402
+from search.request import MeasureRequest, SearchRequest  # noqa: E402
+from search.space import SearchSpace  # noqa: E402
 
 __all__ = ["MeasureRequest", "SearchConfig", "SearchRequest", "SearchSpace", "parse_budget", "run_search"]

@@ -186,9 +186,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one ``turboquant`` command; returns its exit status (2 for bad input, with a one-line error)."""
-    from search.quiet import quiet_dependencies
-
-    quiet_dependencies()  # before any command loads a model (transformers then imports torchao)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from evaluators.errors import UserError
