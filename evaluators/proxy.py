@@ -150,8 +150,9 @@ def proxy_sensitivity(model: nn.Module, tokens: np.ndarray | torch.Tensor, setti
         settings: the settings of the search space.
         units: unit name -> matrices quantized together (default: every matrix alone).
         hessians: input Hessians for the calibrated formats (``evaluators.calibration_hessians``);
-            needed only when a setting takes them (gptq), which otherwise runs data-free. A calibrated
-            setting's prediction is corrected by the inputs' correlations (:func:`_correlation`).
+            needed only when a setting takes them (gptq), which otherwise runs data-free. The prediction
+            of a format with error feedback (gptq) is corrected by the inputs' correlations
+            (:func:`_correlation`); the others' errors do not follow them (measured: rtn unchanged).
         seed: seeds the Fisher's label draws.
 
     Returns:
@@ -187,7 +188,7 @@ def proxy_sensitivity(model: nn.Module, tokens: np.ndarray | torch.Tensor, setti
                     packed = quant.quantize_calibrated(m, w, s, hessians or {})
                     err = packed.dequantize() - w.float()  # (out, in)
                     rows = (fisher[m] * err.square()).sum(1)  # each output row's diagonal-Fisher form
-                    if m in correlated and quant.needs_hessians([s]):
+                    if m in correlated and quant.get_format(s.format).error_feedback:
                         rows *= _correlation(err, hessians[m])
                     kl += 0.5 * float(rows.sum())
                     nbytes += packed.nbytes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -15,11 +16,21 @@ import ray
 from search.placement import WorkerSize, actor_options, plan_workers, resolve_device
 from search.record import Job
 from search.workers import TrialWorker, gpu_memory, init_ray
-from studies import TrialResult
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "Task"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Task:
+    """Work for a worker slot other than a trial: the worker's ``method`` called with ``args``
+    (e.g. ``measure_pairs`` for the sensitivity table); retried on a new worker as a trial is."""
+
+    worker: int
+    method: str
+    args: tuple[Any, ...]
+    attempts: int = 1
 
 
 class Dispatcher:
@@ -69,11 +80,13 @@ class Dispatcher:
         """Jobs out with a worker."""
         return len(self._pending)
 
-    def submit(self, job: Job) -> None:
-        self._pending[self._workers[job.worker].evaluate.remote(job.policy, job.prune_above)] = job
+    def submit(self, job: Job | Task) -> None:
+        method, args = ("evaluate", (job.policy, job.prune_above)) if isinstance(job, Job) else (job.method, job.args)
+        self._pending[getattr(self._workers[job.worker], method).remote(*args)] = job
 
-    def next(self) -> tuple[Job, TrialResult | str]:
-        """Waits for the next finished job: its result, or why it failed (the error's first line)."""
+    def next(self) -> tuple[Job | Task, Any]:
+        """Waits for the next finished job: its result (a trial's :class:`~studies.TrialResult`, a task's
+        return value), or why it failed (the error's first line)."""
         while True:
             (ref,), _ = ray.wait(list(self._pending), num_returns=1)
             job = self._pending.pop(ref)
@@ -85,7 +98,7 @@ class Dispatcher:
                     job.attempts += 1
                     self.submit(job)
                     continue
-                outcome: TrialResult | str = f"worker died {job.attempts} times: {str(exc).splitlines()[0]}"
+                outcome: Any = f"worker died {job.attempts} times: {str(exc).splitlines()[0]}"
             except ray.exceptions.RayTaskError as exc:
                 outcome = f"{type(exc.cause).__name__}: {exc.cause}"
             else:

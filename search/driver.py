@@ -55,27 +55,39 @@ class SearchConfig:
     fidelity_keep: int = 12  # a child must be among this many best first-batch KLs to be measured fully
 
 
-def _use_sensitivity(cfg: SearchConfig, study: optuna.Study, store: Store, loaded: Any, tokens: Any,
-                     space: SearchSpace, budget_bytes: int, created: bool) -> Any:
-    """Sensitivity table (predicted or measured, or reused from the store); a new study gets DP / greedy
-    seeds at several budgets ahead of the uniform ones (a run with a target budget, at that budget), and
-    evo (new or resumed) draws its moves by the table. Returns the reference it computed on the way."""
+def _proxy(cfg: SearchConfig, store: Store, loaded: Any, tokens: Any, space: SearchSpace) -> tuple[Any, Any]:
+    """The proxy's table (predicted here, on the driver's model, or read from the store) and the
+    reference its evaluator computed on the way."""
     from evaluators import Evaluator
-    from search.evo import EvoSampler
-    from search.seeds import enqueue_solved_seeds
-    from search.sensitivity import measure_sensitivity, proxy_table
+    from search.sensitivity import proxy_table
 
     evaluator = Evaluator(loaded, tokens, reference_topk=cfg.request.reference_topk)
-    if cfg.request.sensitivity_method == "proxy":
-        table = proxy_table(evaluator, space, store=store, model_fingerprint=loaded.fingerprint,
-                            data_fingerprint=tokens.fingerprint)
-        log.info("sensitivity proxy: %d pairs predicted in %.1f s, %d reused", table.computed, table.seconds,
-                 table.reused)
-    else:
-        table = measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
-                                    model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
-                                    windows=cfg.request.sensitivity_seqs, progress=cfg.progress)
-        log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
+    table = proxy_table(evaluator, space, store=store, model_fingerprint=loaded.fingerprint,
+                        data_fingerprint=tokens.fingerprint)
+    log.info("sensitivity proxy: %d pairs predicted in %.1f s, %d reused", table.computed, table.seconds,
+             table.reused)
+    return table, evaluator.reference
+
+
+def _measured(cfg: SearchConfig, store: Store, workers: Dispatcher, shapes: dict[str, tuple[int, int]],
+              n_eval: int, fingerprints: tuple[str, str], space: SearchSpace) -> Any:
+    """The measured table: the pairs the store lacks, spread over the workers and stored as they finish."""
+    from search.sensitivity import measure_on_workers
+
+    table = measure_on_workers(workers, shapes, n_eval, space.settings(), units=space.units, store=store,
+                               model_fingerprint=fingerprints[0], data_fingerprint=fingerprints[1],
+                               windows=cfg.request.sensitivity_seqs, progress=cfg.progress)
+    log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
+    return table
+
+
+def _seed(cfg: SearchConfig, study: optuna.Study, table: Any, space: SearchSpace, budget_bytes: int,
+          created: bool) -> None:
+    """A new study gets DP / greedy seeds at several budgets ahead of the uniform ones (a run with a target
+    budget, at that budget), and evo (new or resumed) draws its moves by the table."""
+    from search.evo import EvoSampler
+    from search.seeds import enqueue_solved_seeds
+
     if cfg.target_bytes is not None:
         seeds = enqueue_solved_seeds(study, table, space, cfg.target_bytes, 1)
         log.info("enqueued %d solved seeds at the target budget", len(seeds))
@@ -85,7 +97,6 @@ def _use_sensitivity(cfg: SearchConfig, study: optuna.Study, store: Store, loade
     if isinstance(study.sampler, EvoSampler):
         study.sampler.guide(table)
         log.info("evo draws its moves by the sensitivity table")
-    return evaluator.reference
 
 
 def _budget(text: str, space: SearchSpace) -> int:
@@ -133,25 +144,33 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= request.trials and not created:
         return Progress.nothing_to_do(done, complete)  # before minutes of sensitivity it would not use
-    reference = None
-    if request.sensitivity:
-        reference = _use_sensitivity(cfg, study, store, loaded, tokens, space, budget_bytes, created)
-    if created:
-        enqueue_uniform_seeds(study, space, budget_bytes)
+    table = reference = None
+    measured = request.sensitivity and request.sensitivity_method == "measured"
+    if request.sensitivity and not measured:
+        table, reference = _proxy(cfg, store, loaded, tokens, space)
     size, host_workers = _check_memory(request, loaded.model, tokens, device)
     if reference is None:
         reference = reference_logprobs(loaded.model, tokens, topk=request.reference_topk)
+    fingerprints = (loaded.fingerprint, tokens.fingerprint)
     del loaded  # the workers load their own copies
     workers = Dispatcher(data.to_dict(), reference, request.workers, ray_address=cfg.ray_address,
                          max_retries=cfg.max_retries, device=device, size=size, host_workers=host_workers,
-                         max_workers=max(request.trials - done, 1))
-    best = min((t.values[0] for t in study.best_trials), default=math.inf)
-    progress = Progress(request.trials, done, complete, best, name=request.study_name, sampler=request.sampler,
-                        budget_bytes=target, show=cfg.progress)
+                         max_workers=None if measured else max(request.trials - done, 1))
+    progress = None
     try:
+        if measured:  # one forward per pair, on every worker
+            table = _measured(cfg, store, workers, space.matrices, len(tokens.eval), fingerprints, space)
+        if table is not None:
+            _seed(cfg, study, table, space, budget_bytes, created)
+        if created:
+            enqueue_uniform_seeds(study, space, budget_bytes)
+        best = min((t.values[0] for t in study.best_trials), default=math.inf)
+        progress = Progress(request.trials, done, complete, best, name=request.study_name, sampler=request.sampler,
+                            budget_bytes=target, show=cfg.progress)
         _trials(study, store, row, space, gate, workers, progress)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         workers.close()
     return progress.summary()
 

@@ -24,7 +24,8 @@ from studies import Store
 if TYPE_CHECKING:
     from search.request import MeasureRequest
 
-__all__ = ["PROXY_VERSION", "SensitivityTable", "measure_sensitivity", "proxy_table", "run_sensitivity"]
+__all__ = ["PROXY_VERSION", "SensitivityTable", "measure_on_workers", "measure_sensitivity", "proxy_table",
+           "run_sensitivity"]
 
 log = logging.getLogger(__name__)
 UNFIT_BYTES = 1 << 62  # the bytes of a (unit, setting) pair that cannot exist
@@ -61,26 +62,18 @@ class SensitivityTable:
         return sorted(worst, key=lambda t: -t[1])[:k]
 
 
-def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSetting], *,
-                        units: dict[str, list[str]] | None = None, store: Store | None = None,
-                        model_fingerprint: str = "", data_fingerprint: str = "", windows: int | None = None,
-                        progress: bool = True) -> SensitivityTable:
-    """Fills the table, measuring only pairs the store does not hold yet (and storing them).
-
-    Args:
-        units: unit name -> matrices quantized together (default: every matrix alone).
-        windows: measure on the first ``windows`` evaluation windows only (default all): the ranking of
-            units needs far fewer tokens than a trial's KL, and the table costs one forward per pair.
-    """
-    settings = list(settings)
-    if windows is not None and windows < len(evaluator.tokens.eval):
+def _plan(shapes: dict[str, tuple[int, int]], n_eval: int, settings: list[quant.QuantSetting],
+          units: dict[str, list[str]] | None, store: Store | None, model_fingerprint: str, data_fingerprint: str,
+          windows: int | None) -> tuple[SensitivityTable, list[tuple[str, quant.QuantSetting]], str, int | None]:
+    """The table with every pair the store holds, the pairs still to measure, and the data key and
+    window count they are measured under."""
+    if windows is not None and windows < n_eval:
         data_fingerprint = f"{data_fingerprint}/first{windows}"  # fewer tokens are other data
     else:
         windows = None
-    table = SensitivityTable(units or {m: [m] for m in evaluator.matrices}, settings)
+    table = SensitivityTable(units or {m: [m] for m in shapes}, settings)
     known = store.sensitivity(model_fingerprint, data_fingerprint) if store is not None else {}
     todo: list[tuple[str, quant.QuantSetting]] = []
-    shapes = evaluator.matrices
     for name in table.units:
         table.kl[name], table.nbytes[name] = {}, {}
         for s in settings:
@@ -92,21 +85,76 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
             else:
                 table.kl[name][s.key()], table.nbytes[name][s.key()] = hit["kl"], hit["bytes"]
     table.reused = sum(len(v) for v in table.kl.values())
+    return table, todo, data_fingerprint, windows
+
+
+def _add(table: SensitivityTable, rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        table.kl[r["matrix"]][r["setting"]], table.nbytes[r["matrix"]][r["setting"]] = r["kl"], int(r["bytes"])
+
+
+def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSetting], *,
+                        units: dict[str, list[str]] | None = None, store: Store | None = None,
+                        model_fingerprint: str = "", data_fingerprint: str = "", windows: int | None = None,
+                        progress: bool = True) -> SensitivityTable:
+    """Fills the table in this process, measuring only pairs the store does not hold yet (and storing them).
+
+    Args:
+        units: unit name -> matrices quantized together (default: every matrix alone).
+        windows: measure on the first ``windows`` evaluation windows only (default all): the ranking of
+            units needs far fewer tokens than a trial's KL, and the table costs one forward per pair.
+    """
+    table, todo, data_fingerprint, windows = _plan(evaluator.matrices, len(evaluator.tokens.eval), list(settings),
+                                                   units, store, model_fingerprint, data_fingerprint, windows)
     t0 = time.perf_counter()
     pending: list[dict[str, Any]] = []
     for name, s in tqdm(todo, desc="sensitivity", unit="pair", disable=not progress or not todo,
                         dynamic_ncols=True):
         t = time.perf_counter()
         r = evaluator.evaluate_partial(dict.fromkeys(table.units[name], s), windows=windows)
-        table.kl[name][s.key()], table.nbytes[name][s.key()] = r["kl"], int(r["bytes"])
         pending.append({"matrix": name, "setting": s.key(), "kl": r["kl"], "ppl": r["ppl"],
                         "bytes": int(r["bytes"]), "seconds": time.perf_counter() - t})
+        _add(table, pending[-1:])
         if store is not None and len(pending) >= _FLUSH_EVERY:
             store.record_sensitivity(model_fingerprint, data_fingerprint, pending)
             pending = []
     if store is not None:
         store.record_sensitivity(model_fingerprint, data_fingerprint, pending)
     evaluator.restore_float()  # callers (the driver) go on using the model as the float reference
+    table.computed = len(todo)
+    table.seconds = time.perf_counter() - t0
+    return table
+
+
+def measure_on_workers(workers: Any, shapes: dict[str, tuple[int, int]], n_eval: int,
+                       settings: Iterable[quant.QuantSetting], *, units: dict[str, list[str]] | None = None,
+                       store: Store | None = None, model_fingerprint: str = "", data_fingerprint: str = "",
+                       windows: int | None = None, progress: bool = True, chunk: int = 4) -> SensitivityTable:
+    """:func:`measure_sensitivity` on a :class:`~search.dispatch.Dispatcher`'s workers: the pairs the store
+    lacks go out ``chunk`` at a time to whichever worker is idle, and each chunk is stored as it comes
+    back, so an interrupted table resumes where it stopped. A worker that dies is replaced and its chunk
+    run again (the dispatcher's retries); a chunk that fails stops the table with the reason.
+    """
+    from search.dispatch import Task
+
+    table, todo, data_fingerprint, windows = _plan(shapes, n_eval, list(settings), units, store,
+                                                   model_fingerprint, data_fingerprint, windows)
+    t0 = time.perf_counter()
+    chunks = [[(u, table.units[u], s.to_dict()) for u, s in todo[i:i + chunk]] for i in range(0, len(todo), chunk)]
+    bar = tqdm(total=len(todo), desc="sensitivity", unit="pair", disable=not progress or not todo, dynamic_ncols=True)
+    try:
+        while chunks or workers.busy:
+            while chunks and workers.idle:
+                workers.submit(Task(workers.idle.pop(), "measure_pairs", (chunks.pop(0), windows)))
+            task, rows = workers.next()
+            if isinstance(rows, str):
+                raise RuntimeError(f"sensitivity: a worker failed measuring {task.args[0][0][0]}: {rows}")
+            _add(table, rows)
+            if store is not None:
+                store.record_sensitivity(model_fingerprint, data_fingerprint, rows)
+            bar.update(len(rows))
+    finally:
+        bar.close()
     table.computed = len(todo)
     table.seconds = time.perf_counter() - t0
     return table

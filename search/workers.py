@@ -75,5 +75,22 @@ class TrialWorker:
                            seconds_quantize=measured["seconds_quantize"], seconds_forward=measured["seconds_forward"],
                            worker=self.name, **metrics)
 
+    def measure_pairs(self, pairs: list[tuple[str, list[str], dict[str, Any]]],
+                      windows: int | None = None) -> list[dict[str, Any]]:
+        """Single-unit sensitivity: for each ``(unit, its matrices, setting)``, the metrics with only those
+        matrices quantized (over the first ``windows`` evaluation windows), as rows for the store."""
+        import time
+
+        import quant
+
+        rows = []
+        for unit, matrices, setting in pairs:
+            s = quant.QuantSetting.from_dict(setting)
+            t = time.perf_counter()
+            r = self.evaluator.evaluate_partial(dict.fromkeys(matrices, s), windows=windows)
+            rows.append({"matrix": unit, "setting": s.key(), "kl": r["kl"], "ppl": r["ppl"], "bytes": int(r["bytes"]),
+                         "seconds": time.perf_counter() - t})
+        return rows
+
     def pid(self) -> int:
         return os.getpid()

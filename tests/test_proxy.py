@@ -196,7 +196,7 @@ def test_correlation_factor_is_the_full_over_the_diagonal_hessian_form() -> None
     assert torch.allclose(_correlation(err, torch.ones(2, 2)), torch.tensor([0.0, 2.0, 1.0]))
 
 
-def test_correlations_rescale_only_calibrated_settings(float_evaluator) -> None:
+def test_correlations_rescale_only_error_feedback_formats(float_evaluator) -> None:
     ev = float_evaluator
     ev.calibrate([quant.QuantSetting("gptq", 2, 32)])
     units = {"mlp0": [m for m in ev.matrices if "layers.0.mlp" in m]}

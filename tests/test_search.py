@@ -103,7 +103,8 @@ def test_sensitivity_seeds_are_enqueued_when_asked(corpus, local_ray, tmp_path, 
     storage = f"sqlite:///{tmp_path}/s.db"
     argv = ["search", "--model", "tiny-random-llama", "--dataset", corpus, "--seq-len", "64", "--eval-seqs", "4",
             "--budget", "3.5bpw", "--bits", "2,4", "--groups", "32", "--workers", "2", "--trials", "6",
-            "--sampler", "evo", "--sensitivity", "--storage", storage, "--study", "sens"]
+            "--sampler", "evo", "--sensitivity", "--sensitivity-method", "measured", "--storage", storage,
+            "--study", "sens"]  # measured on the workers
     with caplog.at_level(logging.INFO, logger="search.driver"):
         assert main(argv) == 0
     assert "evo draws its moves by the sensitivity table" in caplog.text

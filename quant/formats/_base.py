@@ -88,6 +88,9 @@ class Format(abc.ABC):
     default_bits: int = 4
     default_group_size: int | None = 128
     calibration: tuple[str, ...] = ()
+    # Its rounding errors are shaped by the input Hessian's correlations (gptq's error feedback pushes
+    # each column's error onto the correlated ones), so a loss estimate must use the full Hessian form.
+    error_feedback: bool = False
     native_runtimes: tuple[str, ...] = ()
     runtime_types: Mapping[str, str] = {}
 

@@ -63,6 +63,7 @@ class GPTQ(AffineFormat):
     name = "gptq"
     Options = GptqOptions
     calibration = ("hessian",)
+    error_feedback = True
 
     def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
         with one_thread():  # the same codes whatever the caller's thread count (see one_thread)
