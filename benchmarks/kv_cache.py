@@ -11,7 +11,7 @@ and KIVI (keys ``rtn_channel`` over groups of 128 or 32 tokens, values per-token
 4 and 8 bits, and per-channel keys with turbo values; then keys alone (values float), with and without QJL; then mixed 4-bit keys /
 3-bit values (3.5 bits on average).
 
-    .venv/bin/python benchmarks/kv_cache.py                     # 2 x 2048 tokens, ~10 min on 2 threads
+    .venv/bin/python benchmarks/kv_cache.py                     # 2 x 2048 tokens, 34 rows: ~60 min here (loaded 2 cores)
     .venv/bin/python benchmarks/kv_cache.py --bits 3 --n-eval 1
 """
 
