@@ -175,24 +175,24 @@ def proxy_sensitivity(model: nn.Module, tokens: np.ndarray | torch.Tensor, setti
     # A lookup table's inputs are one-hot (no correlations); a tied one's Hessian is its LM head's use only.
     modules = dict(model.named_modules())
     correlated = {m for m in names if m in (hessians or {}) and not isinstance(modules[m], nn.Embedding)}
-    table = ProxyTable(units, settings)
+    # Per matrix, every setting its rows fit (gptq's bit-widths in one pass): predicted KL and bytes.
+    pairs: dict[str, dict[str, tuple[float, int]]] = {}
     with torch.inference_mode():
-        for unit, members in units.items():
-            table.kl[unit], table.nbytes[unit] = {}, {}
-            for s in settings:
-                if not all(s.fits(matrices[m]) for m in members):
-                    continue  # a type whose block the rows do not fit: the pair does not exist
-                kl, nbytes = 0.0, 0
-                for m in members:
-                    w = weights[m]
-                    packed = quant.quantize_calibrated(m, w, s, hessians or {})
-                    err = packed.dequantize() - w.float()  # (out, in)
-                    rows = (fisher[m] * err.square()).sum(1)  # each output row's diagonal-Fisher form
-                    if m in correlated and quant.get_format(s.format).error_feedback:
-                        rows *= _correlation(err, hessians[m])
-                    kl += 0.5 * float(rows.sum())
-                    nbytes += packed.nbytes
-                table.kl[unit][s.key()], table.nbytes[unit][s.key()] = kl, nbytes
+        for m in dict.fromkeys(names):
+            w, fits = weights[m], [s for s in settings if s.fits(matrices[m])]
+            pairs[m] = {}
+            for s, packed in zip(fits, quant.quantize_calibrated_many(m, w, fits, hessians or {})):
+                err = packed.dequantize() - w.float()  # (out, in)
+                rows = (fisher[m] * err.square()).sum(1)  # each output row's diagonal-Fisher form
+                if m in correlated and quant.get_format(s.format).error_feedback:
+                    rows *= _correlation(err, hessians[m])
+                pairs[m][s.key()] = 0.5 * float(rows.sum()), packed.nbytes
+    table = ProxyTable(units, settings)
+    for unit, members in units.items():
+        # A setting some member's rows do not fit (a llama.cpp type's block) has no pair for the unit.
+        keys = [s.key() for s in settings if all(s.key() in pairs[m] for m in members)]
+        table.kl[unit] = {k: sum(pairs[m][k][0] for m in members) for k in keys}
+        table.nbytes[unit] = {k: sum(pairs[m][k][1] for m in members) for k in keys}
     t2 = time.perf_counter()
     table.seconds, table.seconds_fisher, table.seconds_quantize = t2 - t0, t1 - t0, t2 - t1
     return table

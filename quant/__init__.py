@@ -11,7 +11,7 @@ Public API::
 """
 
 from quant.apply import apply_policy, quantize, restore_float
-from quant.calibration import collect_hessians, needs_hessians, quantize_calibrated
+from quant.calibration import collect_hessians, needs_hessians, quantize_calibrated, quantize_calibrated_many
 from quant.checkpoint import PackedCheckpoint, load_checkpoint, read_packed_tensors, save_checkpoint
 from quant.formats import Format, FormatOptions, RuntimeMapping, format_names, get_format, register_format
 from quant.kv import (AttentionInfo, KVSetting, PackedKV, kv_bytes, kv_settings, layer_kv_bytes, pack_kv, quantize_kv,
@@ -25,6 +25,7 @@ from quant.settings import QuantSetting
 __all__ = [
     "Format", "POLICY_VERSION", "PackedCheckpoint", "PackedTensor", "Policy", "PolicyError", "QuantEmbedding", "QuantLinear",
     "QuantSetting", "apply_policy", "collect_hessians", "load_checkpoint", "needs_hessians", "quantize_calibrated",
+    "quantize_calibrated_many",
     "read_packed_tensors", "save_checkpoint", "format_names", "get_format", "pack_bits", "packed_size", "quantize",
     "register_format", "unpack_bits", "weight_matrices",
     "PackedModule", "PackedWeight", "find_matrices", "float_weights", "restore_float",

@@ -13,7 +13,7 @@ from quant.modules import find_matrices
 from quant.packed import PackedTensor
 from quant.settings import QuantSetting
 
-__all__ = ["collect_hessians", "needs_hessians", "quantize_calibrated"]
+__all__ = ["collect_hessians", "needs_hessians", "quantize_calibrated", "quantize_calibrated_many"]
 
 
 @torch.inference_mode()
@@ -78,3 +78,30 @@ def quantize_calibrated(name: str, weight: torch.Tensor, setting: QuantSetting,
     """
     h = hessians.get(name) if _takes_hessian(setting) else None
     return quantize(weight, setting) if h is None else quantize(weight, setting, hessian=h)
+
+
+def quantize_calibrated_many(name: str, weight: torch.Tensor, settings: Iterable[QuantSetting],
+                             hessians: Mapping[str, torch.Tensor]) -> list[PackedTensor]:
+    """:func:`quantize_calibrated` of one matrix at each of ``settings``, in their order.
+
+    Settings of a format with ``quantize_many`` (gptq) that differ only in bits go through it together
+    (one error-feedback pass for all of them); the others one by one.
+    """
+    settings = list(settings)
+    out: list[PackedTensor | None] = [None] * len(settings)
+    together: dict[tuple, list[int]] = {}
+    for i, s in enumerate(settings):
+        fmt = get_format(s.format)
+        h = hessians.get(name) if _takes_hessian(s) else None
+        if h is None or not hasattr(fmt, "quantize_many"):
+            out[i] = quantize_calibrated(name, weight, s, hessians)
+        else:
+            together.setdefault((s.format, s.group_size, fmt.options_of(s)), []).append(i)
+    for (fmt_name, _, _), idx in together.items():
+        for i in idx:
+            settings[i].validate()
+        packed = get_format(fmt_name).quantize_many(weight.detach().contiguous(), [settings[i] for i in idx],
+                                                    hessian=hessians[name])
+        for i, p in zip(idx, packed):
+            out[i] = p
+    return out  # type: ignore[return-value]

@@ -209,6 +209,25 @@ def test_activation_weighted_lloyd_lowers_output_error(bits: int, group: int | N
     assert not quant.needs_hessians([QuantSetting.from_dict(setting)])  # plain lloyd collects nothing
 
 
+@pytest.mark.parametrize("options", [{}, {"act_order": True, "clip": True}, {"symmetric": True}])
+@pytest.mark.parametrize("group", [64, None])
+def test_gptq_at_several_bit_widths_at_once_is_each_alone(options: dict, group: int | None) -> None:
+    gen = torch.Generator().manual_seed(6)
+    w = gaussian(48, 256)
+    x = torch.randn(1024, 256, generator=gen) * (0.2 + 2 * torch.rand(256, generator=gen))
+    settings = [QuantSetting("gptq", b, group, options=options) for b in (2, 3, 4, 8)]
+    together = quant.quantize_calibrated_many("m", w, settings, {"m": x.T @ x})
+    for s, packed in zip(settings, together):
+        alone = quant.quantize(w, s, hessian=x.T @ x)
+        assert packed.setting == s and packed.nbytes == alone.nbytes
+        # Row by row the arithmetic is the same; a stacked block update may sum in another order, so
+        # allow a rare code one step away.
+        same = torch.isclose(packed.dequantize(), alone.dequantize(), rtol=0, atol=1e-6).float().mean()
+        assert same >= 0.999, (s.describe(), float(same))
+    with pytest.raises(ValueError, match="differ in bits only"):
+        quant.get_format("gptq").quantize_many(w, [QuantSetting("gptq", 2, 64), QuantSetting("gptq", 2, 128)])
+
+
 def test_gptq_rejects_a_hessian_of_the_wrong_shape() -> None:
     with pytest.raises(ValueError, match="hessian must be"):
         quant.quantize(gaussian(8, 64), {"format": "gptq", "bits": 4, "group_size": 32}, hessian=torch.eye(32))

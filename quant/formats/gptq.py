@@ -67,9 +67,23 @@ class GPTQ(AffineFormat):
 
     def quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
         with one_thread():  # the same codes whatever the caller's thread count (see one_thread)
-            return self._quantize(weight, setting, **calibration)
+            return self._quantize(weight, [setting], **calibration)[0]
 
-    def _quantize(self, weight: torch.Tensor, setting: QuantSetting, **calibration: Any) -> PackedTensor:
+    def quantize_many(self, weight: torch.Tensor, settings: list[QuantSetting],
+                      **calibration: Any) -> list[PackedTensor]:
+        """:meth:`quantize` at several bit-widths in one pass: the settings must differ in bits only.
+
+        The column loop is bound by Python's per-operation cost, not by arithmetic, so the settings'
+        rows are stacked and go through it together (the sensitivity proxy quantizes every matrix at
+        every setting of a space). Row by row the arithmetic is that of :meth:`quantize`.
+        """
+        if len({(s.group_size, self.options_of(s)) for s in settings}) > 1:
+            raise ValueError("quantize_many takes settings that differ in bits only; got "
+                             f"{sorted({s.describe() for s in settings})}")
+        with one_thread():
+            return self._quantize(weight, list(settings), **calibration)
+
+    def _quantize(self, weight: torch.Tensor, settings: list[QuantSetting], **calibration: Any) -> list[PackedTensor]:
         unknown = set(calibration) - set(self.calibration)
         if unknown:
             raise ValueError(f"gptq takes calibration 'hessian' ((in, in) sum of x x^T), got {sorted(unknown)}")
@@ -85,26 +99,44 @@ class GPTQ(AffineFormat):
         dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
+        setting = settings[0]  # the settings share everything but bits
         opts = self.options_of(setting)
         h += opts.damp * torch.diag(h).mean() * torch.eye(in_features, device=w.device)
 
         g = setting.group_size
         symmetric, clip, act_order = opts.symmetric, opts.clip, opts.act_order
-        levels = 2**setting.bits - 1
-        half = 2 ** (setting.bits - 1)
+        bits = [s.bits for s in settings]
+        n = len(settings)
+        # Per stacked row (setting k's rows are k * out ... (k + 1) * out - 1): its grid's top code and centre.
+        levels = torch.tensor([2**b - 1 for b in bits], dtype=torch.float32, device=w.device).repeat_interleave(
+            out_features)
+        half = torch.tensor([2 ** (b - 1) for b in bits], dtype=torch.float32, device=w.device).repeat_interleave(
+            out_features)
+        zero = torch.zeros_like(levels)
+
+        def grid(span: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Each setting's grids of ``span`` (``(S * out, groups, width)``, its own rows), stacked."""
+            parts = [self._group_grid(span[k * out_features:(k + 1) * out_features], b, symmetric, clip)
+                     for k, b in enumerate(bits)]
+            return torch.cat([p[0] for p in parts]), None if symmetric else torch.cat([p[1] for p in parts])
+
         # Activation order: the columns with the largest inputs (Hessian diagonal) first, while the
         # most error can still be pushed onto the rest. The stored groups stay in column order, so
         # their grids are fixed up front from the original weights ("static groups").
+        w = w.repeat(n, 1)  # (S * out, in): every setting's copy of the weights
         perm, static = None, None
         scales, offsets = [], []
         if act_order:
             perm = torch.argsort(torch.diag(h), descending=True, stable=True)
             width = g or in_features
-            for c0 in range(0, in_features, width):
-                scale, offset = self._group_grid(w[:, c0:c0 + width].unsqueeze(1), setting.bits, symmetric, clip)
-                scales.append(scale)
+            whole = in_features // width  # the whole groups' grids in one search, a last partial one alone
+            spans = [w[:, :whole * width].reshape(-1, whole, width)] + \
+                ([w[:, whole * width:].unsqueeze(1)] if whole * width < in_features else [])
+            for span in spans:
+                scale, offset = grid(span)  # (S * out * groups,), row-major
+                scales += list(scale.view(n * out_features, -1).unbind(1))
                 if offset is not None:
-                    offsets.append(offset)
+                    offsets += list(offset.view(n * out_features, -1).unbind(1))
             static = [(sc.float().masked_fill(sc == 0, 1.0), sc.float(), None if symmetric else offsets[i].float())
                       for i, sc in enumerate(scales)]
             group_of = (perm // width).tolist()  # the stored group of each column, in quantization order
@@ -115,30 +147,30 @@ class GPTQ(AffineFormat):
         diag = torch.diagonal(u).tolist()
         # Transposed, so column j of the weight is a contiguous row: the column loop below is
         # Python-bound (one short op after another), and contiguous rows keep each op cheap.
-        wt = w.T.contiguous()  # (in, out)
-        codes_t = torch.empty(in_features, out_features, dtype=torch.uint8, device=w.device)
+        wt = w.T.contiguous()  # (in, S * out)
+        codes_t = torch.empty(in_features, n * out_features, dtype=torch.uint8, device=w.device)
         for b0 in range(0, in_features, block):
             b1 = min(b0 + block, in_features)
             if static is None and (g is not None or b0 == 0):
                 # Blocks are whole groups, so a group's grid sees every error pushed onto it.
-                span = (wt[b0:b1] if g is not None else wt).T.unsqueeze(1)  # (out, 1, B or in)
-                scale, offset = self._group_grid(span, setting.bits, symmetric, clip)
+                span = (wt[b0:b1] if g is not None else wt).T.unsqueeze(1)  # (S * out, 1, B or in)
+                scale, offset = grid(span)
                 if offset is not None:
                     offsets.append(offset)
                 scales.append(scale)
-                s = scale.float().masked_fill(scale == 0, 1.0)
+                sc = scale.float().masked_fill(scale == 0, 1.0)
                 sf = scale.float()
                 of = None if offset is None else offset.float()
-            wb = wt[b0:b1].clone()  # (B, out), updated row by row; row j ends as column j's scaled error
+            wb = wt[b0:b1].clone()  # (B, S * out), updated row by row; row j ends as column j's scaled error
             for j in range(b1 - b0):
                 col = wb[j]
                 if static is not None:  # this column's own group's grid
-                    s, sf, of = static[group_of[b0 + j]]
+                    sc, sf, of = static[group_of[b0 + j]]
                 if of is None:
-                    q = torch.div(col, s).round_().add_(half).clamp_(0, levels)
+                    q = torch.div(col, sc).round_().add_(half).clamp_(min=zero, max=levels)
                     deq = (q - half).mul_(sf)
                 else:
-                    q = torch.sub(col, of).div_(s).round_().clamp_(0, levels)
+                    q = torch.sub(col, of).div_(sc).round_().clamp_(min=zero, max=levels)
                     deq = torch.addcmul(of, q, sf)
                 codes_t[b0 + j] = q
                 e = col.sub_(deq).div_(diag[b0 + j])  # in place: wb[j] is not needed any more
@@ -148,15 +180,18 @@ class GPTQ(AffineFormat):
                 wt[b1:].addmm_(u[b0:b1, b1:].T, wb, alpha=-1)
         if perm is not None:  # back to column order
             codes_t = codes_t[torch.argsort(perm)]
-        codes = codes_t.T  # (out, in)
-
         pad = padded_in_features(in_features, g) - in_features
-        # Pad like group_view (repeat the last column) so an identity Hessian gives rtn's bytes.
-        codes = torch.cat([codes, codes[:, -1:].expand(-1, pad)], dim=1)
-        buffers = {"scale": torch.stack(scales, dim=1), "codes": pack_bits(codes, setting.bits)}
-        if not symmetric:
-            buffers["offset"] = torch.stack(offsets, dim=1)
-        return PackedTensor(setting=setting, shape=tuple(weight.shape), buffers=buffers)
+        out = []
+        for k, s in enumerate(settings):
+            rows = slice(k * out_features, (k + 1) * out_features)
+            codes = codes_t[:, rows].T  # (out, in)
+            # Pad like group_view (repeat the last column) so an identity Hessian gives rtn's bytes.
+            codes = torch.cat([codes, codes[:, -1:].expand(-1, pad)], dim=1)
+            buffers = {"scale": torch.stack([sc[rows] for sc in scales], dim=1), "codes": pack_bits(codes, s.bits)}
+            if not symmetric:
+                buffers["offset"] = torch.stack([of[rows] for of in offsets], dim=1)
+            out.append(PackedTensor(setting=s, shape=tuple(weight.shape), buffers=buffers))
+        return out
 
     @staticmethod
     def _group_grid(span: torch.Tensor, bits: int, symmetric: bool, clip: bool
