@@ -142,7 +142,24 @@ def _print_front(storage: str, study: str, mode: str) -> int:
     if mode == "table":
         print(f"front of {study} (budget {row.budget_bytes:,} bytes = {row.budget_bpw:.2f} bpw, model {row.model})")
     _print_frame(store.front(row), mode)
+    if mode == "table":
+        line = _beside_uniform(store.trials_frame(row), row.budget_bytes)
+        if line:
+            print(line)
     return 0
+
+
+def _beside_uniform(frame: "pd.DataFrame", budget_bytes: int) -> str | None:
+    """The best point within the budget beside the best uniform setting (a ``uniform:`` seed) within it:
+    what mixing bought. ``None`` until both exist."""
+    done = frame[(frame["state"] == "complete") & (frame["bytes"] <= budget_bytes)]
+    uniform = done[done["seed"].fillna("").str.startswith("uniform:")]
+    if done.empty or uniform.empty:
+        return None
+    best, flat = done.loc[done["kl"].idxmin()], uniform.loc[uniform["kl"].idxmin()]
+    return (f"best within the budget: trial {int(best['trial'])}, {best['bpw']:.3f} bpw, KL {best['kl']:.4f}; "
+            f"best uniform setting: {flat['seed'][len('uniform:'):]} ({flat['bpw']:.3f} bpw), KL {flat['kl']:.4f}"
+            f" -> {best['kl'] / flat['kl']:.2f}x")
 
 
 def _plot_front(storage: str, study: str, path: str) -> None:

@@ -2,10 +2,10 @@
 and the table of subcommands (:func:`command`).
 
 A field ``seq_len: int = Field(256, description=...)`` becomes ``--seq-len N`` with that help; a
-``bool`` field a switch, a ``bool | None`` field a ``--x / --no-x`` pair, a list field one
-comma-separated value (``--bits 2,3,4``; ``ch`` for a ``None`` group), a ``Literal`` field a flag
-with those choices. Flags that are not given are left out, so the model's own defaults apply:
-they are stated once, on the model.
+``bool`` field a switch (``--x / --no-x`` when it defaults to on), a ``bool | None`` field a
+``--x / --no-x`` pair, a list field one comma-separated value (``--bits 2,3,4``; ``ch`` for a
+``None`` group), a ``Literal`` field a flag with those choices. Flags that are not given are left
+out, so the model's own defaults apply: they are stated once, on the model.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def add_request_args(parser: argparse.ArgumentParser, model: type[BaseModel], sk
             help_text += f" (default: {_shown(field.default)})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, "dest": name}
         if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction if optional else "store_true"
+            # A switch that is on by default needs its --no- form to be turned off.
+            kwargs["action"] = argparse.BooleanOptionalAction if optional or field.default is True else "store_true"
         elif typing.get_origin(kind) is list:
             kwargs["metavar"] = name.upper()  # comma-separated; split by request_from_args
         elif kind is int:

@@ -3,7 +3,8 @@
 transformers imports torchao (a dev dependency) whenever it is installed, when it loads a model.
 On a CPU machine torchao then logs that its CUDA libraries fail to load and that triton is missing,
 and torch logs a ``register_constant()`` deprecation for two of torchao's enums. None of it is
-actionable for a user of this tool, and it buries the progress bar and the front. All of it goes
+actionable for a user of this tool, and it buries the progress bar and the front (as does the
+"Loading weights" bar transformers draws for every model load). All of it goes
 through Python logging, so a filter on exactly the loggers that emit it drops exactly these
 messages; every other warning of those loggers, and every other logger, still shows.
 """
@@ -45,3 +46,10 @@ def quiet_dependencies() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise(pattern))
+    # transformers draws a "Loading weights" bar each time a process loads the model (the driver and
+    # every worker); downloads from a hub keep theirs.
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    enable_progress_bars()

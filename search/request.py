@@ -18,7 +18,7 @@ from evaluators.models import Dtype, resolve_dtype
 from search.budget import parse_budget
 from search.placement import Device
 from search.samplers import SAMPLERS
-from search.space import DEFAULT_BITS, DEFAULT_GROUPS, GRANULARITIES, SearchSpace, check_granularity
+from search.space import GRANULARITIES, SearchSpace, check_granularity
 
 __all__ = ["MeasureRequest", "SearchRequest", "SENSITIVITY_METHODS"]
 
@@ -50,14 +50,15 @@ class MeasureRequest(BaseModel):
     dtype: Dtype = Field("auto", description="what the float model is loaded in: auto = as saved on a GPU, float32 "
                                              "on the CPU (half precision is emulated on most CPUs); the reference's "
                                              "log-probs are float32 either way")
-    bits: list[int] = Field(list(DEFAULT_BITS), min_length=1, description="allowed bit-widths")
-    groups: list[int | None] = Field(list(DEFAULT_GROUPS), min_length=1,
+    # The defaults are the recipe the README's "Why the defaults" measures; every one can be overridden.
+    bits: list[int] = Field([2, 3, 4, 8], min_length=1, description="allowed bit-widths")
+    groups: list[int | None] = Field([64, 128], min_length=1,
                                      description="allowed group sizes; 'ch' (API: null) = per output channel")
-    formats: list[str] = Field(["rtn"], min_length=1,
+    formats: list[str] = Field(["rtn", "gptq+act_order+clip"], min_length=1,
                                description="allowed quantizers: rtn, gptq, turbo, lloyd, vq, ternary; boolean "
                                            "options with '+' (gptq+clip); or llama.cpp's block types (q4_k, "
                                            "q8_0, ...; 'gguf' for all of them)")
-    granularity: str = Field("matrix", description=f"what shares one setting: {', '.join(GRANULARITIES)} "
+    granularity: str = Field("block", description=f"what shares one setting: {', '.join(GRANULARITIES)} "
                                                    "(block: each layer's attention and MLP)")
     sensitivity_seqs: int | None = Field(None, ge=1, description="measure sensitivity on the first N evaluation "
                                                                  "windows only (default: all)")
@@ -116,7 +117,7 @@ class SearchRequest(MeasureRequest):
     budget: str = Field(description="e.g. 3.0bpw or 70MB")
     trials: int = Field(20, ge=1, le=1_000_000, description="finished trials the study should have, complete or "
                                                             "pruned by multi-fidelity (resume adds up to it)")
-    sampler: str = Field("nsga2", description="nsga2, tpe, gp, evo (budget-aware, ours) or random")
+    sampler: str = Field("evo", description="nsga2, tpe, gp, evo (budget-aware, ours) or random")
     workers: int | None = Field(None, ge=1, le=4096, description="Ray workers, each with its own copy of the model "
                                 "(default: chosen: on the CPU one per core, each on cores/workers torch threads; on "
                                 "a GPU 2 per GPU; fewer where host or GPU memory holds fewer, never more than the "
@@ -124,11 +125,12 @@ class SearchRequest(MeasureRequest):
     memory_limit: str | None = Field(None, description="memory the search may use, e.g. 8GB (default: available)")
     multi_fidelity: bool | None = Field(None, description="score children on the first batch of windows and stop "
                                                           "the hopeless ones there (default: on for the evo sampler)")
-    sensitivity: bool = Field(False, description="score every unit at every setting first and enqueue DP/greedy "
-                                                 "seeds (see --sensitivity-method)")
-    sensitivity_method: str = Field("measured", description="proxy: predicted from one backward pass per "
-                                    "calibration window (diagonal Fisher; seconds); measured: one forward per "
-                                    "unit and setting (stored, reused by later studies)")
+    sensitivity: bool = Field(True, description="score every unit at every setting first, enqueue DP/greedy "
+                                                "seeds solved from it and guide evo by it (see --sensitivity-method)")
+    sensitivity_method: str = Field("proxy", description="proxy: predicted from one backward pass per "
+                                    "calibration window (diagonal Fisher, gptq's corrected by its inputs' "
+                                    "correlations) and quantizing every setting once; measured: one forward per "
+                                    "unit and setting, on the workers; both stored, reused by later studies")
     reference_topk: int | None = Field(None, ge=1, description="compare with the float model's K most likely "
                                        "words per position and the rest of its mass as one bucket (8K+4 bytes a "
                                        "position instead of 4 x vocabulary); KL reads low by the tail's share "

@@ -210,11 +210,12 @@ def test_activation_weighted_lloyd_lowers_output_error(bits: int, group: int | N
 
 
 @pytest.mark.parametrize("options", [{}, {"act_order": True, "clip": True}, {"symmetric": True}])
-@pytest.mark.parametrize("group", [64, None])
-def test_gptq_at_several_bit_widths_at_once_is_each_alone(options: dict, group: int | None) -> None:
+@pytest.mark.parametrize("group, width", [(64, 256), (None, 256), (128, 320), (128, 96)])
+def test_gptq_at_several_bit_widths_at_once_is_each_alone(options: dict, group: int | None, width: int) -> None:
+    # Widths with a partial last group (320 = 2 x 128 + 64) and with no whole group (96 < 128).
     gen = torch.Generator().manual_seed(6)
-    w = gaussian(48, 256)
-    x = torch.randn(1024, 256, generator=gen) * (0.2 + 2 * torch.rand(256, generator=gen))
+    w = gaussian(48, width)
+    x = torch.randn(1024, width, generator=gen) * (0.2 + 2 * torch.rand(width, generator=gen))
     settings = [QuantSetting("gptq", b, group, options=options) for b in (2, 3, 4, 8)]
     together = quant.quantize_calibrated_many("m", w, settings, {"m": x.T @ x})
     for s, packed in zip(settings, together):

@@ -130,7 +130,7 @@ class GPTQ(AffineFormat):
             perm = torch.argsort(torch.diag(h), descending=True, stable=True)
             width = g or in_features
             whole = in_features // width  # the whole groups' grids in one search, a last partial one alone
-            spans = [w[:, :whole * width].reshape(-1, whole, width)] + \
+            spans = ([w[:, :whole * width].reshape(-1, whole, width)] if whole else []) + \
                 ([w[:, whole * width:].unsqueeze(1)] if whole * width < in_features else [])
             for span in spans:
                 scale, offset = grid(span)  # (S * out * groups,), row-major
