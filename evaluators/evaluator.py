@@ -13,7 +13,7 @@ from torch import nn
 
 import quant
 from evaluators.data import TokenSets
-from evaluators.kv_attention import attention_modules, install_kv
+from evaluators.kv_attention import install_kv, kv_figures
 from evaluators.metrics import MetricSums
 from evaluators.models import LoadedModel
 from evaluators.reference import Reference, TopKReference
@@ -172,19 +172,10 @@ class Evaluator:
 
     def _apply_kv(self, kv: Mapping[str, quant.kv.KVPair]) -> dict[str, Any]:
         """Installs the KV cache settings ``kv`` (none: float attention, exactly as without) and
-        returns what the result reports of them: nothing without settings, else ``kv_bytes`` (the
-        cache of one evaluation window over every attention module, those ``kv`` does not name in
-        fp16), ``kv_bytes_per_token`` and ``kv_bits`` (bits per cached element, scales and norms included).
-        """
+        returns what the result reports of them: nothing without settings, else
+        :func:`~evaluators.kv_attention.kv_figures` over one evaluation window."""
         install_kv(self.model, kv)
-        if not kv:
-            return {}
-        infos = attention_modules(self.model)
-        tokens = self.tokens.eval.shape[1]
-        nbytes = sum(quant.layer_kv_bytes(info, kv.get(name, (quant.kv.FLOAT_KV,) * 2), tokens)
-                     for name, info in infos.items())
-        elements = sum(2 * info.kv_heads * info.head_dim * info.cached_tokens(tokens) for info in infos.values())
-        return {"kv_bytes": nbytes, "kv_bytes_per_token": nbytes / tokens, "kv_bits": 8.0 * nbytes / elements}
+        return kv_figures(self.model, kv, self.tokens.eval.shape[1]) if kv else {}
 
     def calibrate(self, settings: Iterable[quant.QuantSetting]) -> None:
         """Collects the input Hessians once, on the float model, when ``settings`` first need them."""

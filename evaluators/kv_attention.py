@@ -30,9 +30,9 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from quant.kv import AttentionInfo, KVPair, check_pair, quantize_kv
+from quant.kv import FLOAT_KV, AttentionInfo, KVPair, check_pair, layer_kv_bytes, quantize_kv
 
-__all__ = ["attention_modules", "install_kv", "remove_kv", "kv_installed", "PREFIX"]
+__all__ = ["attention_modules", "install_kv", "remove_kv", "kv_installed", "kv_figures", "PREFIX"]
 
 PREFIX = "turboquant_kv_"
 _SETTING = "_turboquant_kv"  # attribute of an attention module: its (keys, values) settings
@@ -179,3 +179,13 @@ def kv_installed(model: nn.Module, settings: Mapping[str, KVPair]) -> Iterator[N
         yield
     finally:
         remove_kv(model)
+
+
+def kv_figures(model: nn.Module, settings: Mapping[str, KVPair], tokens: int) -> dict[str, float]:
+    """What an evaluation reports of KV settings over windows of ``tokens`` tokens: ``kv_bytes`` (the
+    cache of one window over every attention module, those ``settings`` does not name in fp16),
+    ``kv_bytes_per_token`` and ``kv_bits`` (bits per cached element, scales and norms included)."""
+    infos = attention_modules(model)
+    nbytes = sum(layer_kv_bytes(info, settings.get(name, (FLOAT_KV, FLOAT_KV)), tokens) for name, info in infos.items())
+    elements = sum(2 * info.kv_heads * info.head_dim * info.cached_tokens(tokens) for info in infos.values())
+    return {"kv_bytes": nbytes, "kv_bytes_per_token": nbytes / tokens, "kv_bits": 8.0 * nbytes / elements}

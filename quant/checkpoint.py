@@ -11,7 +11,9 @@ A checkpoint folder holds two files:
 
 Reloading rebuilds the architecture from the config and serves the same packed weights
 from its own modules (:func:`quant.modules.pack`) as the search measured, so a reloaded
-model computes exactly what was measured. The file is not named
+model computes exactly what was measured. The policy's ``kv`` section (KV cache settings) travels
+in ``turboquant.json``; generation reads it through :meth:`PackedCheckpoint.kv_cache`, evaluation
+(:func:`evaluators.checkpoint.evaluate_checkpoint`) installs it on the attention. The file is not named
 ``model.safetensors`` on purpose: transformers would try to read it as a float checkpoint.
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +31,9 @@ from quant.modules import PackedModule, PackedWeight, find_matrices, pack
 from quant.packed import PackedTensor
 from quant.policy import Policy, PolicyError
 from quant.settings import QuantSetting
+
+if TYPE_CHECKING:
+    from quant.kv_cache import PackedCache
 
 __all__ = ["CHECKPOINT_VERSION", "TENSORS_FILE", "META_FILE", "PackedCheckpoint", "save_checkpoint",
            "load_checkpoint", "read_packed_tensors"]
@@ -58,6 +63,13 @@ class PackedCheckpoint:
     def nbytes(self) -> int:
         """Bytes of the packed matrices (what the search counted)."""
         return sum(p.nbytes for p in self.packed.values())
+
+    def kv_cache(self) -> "PackedCache":
+        """A fresh generation cache storing keys and values packed as the policy's ``kv`` section says
+        (float where it names nothing): ``model.generate(ids, cache=ckpt.kv_cache())``."""
+        from quant.kv_cache import packed_cache  # transformers' cache classes: only when generating
+
+        return packed_cache(self.model, self.policy.kv)
 
 
 def save_checkpoint(model: nn.Module, policy: Policy, out_dir: str | Path) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 import quant
 from evaluators import UserError
 from quant.gguf_file import GGUFExportError, gguf_type, policy_metadata, write_gguf
+from studies.llamacpp_kv import llamacpp_cache_types
 
 __all__ = ["gguf_file_bytes", "nearest_gguf", "write_gguf_export"]
 
@@ -39,7 +40,7 @@ def nearest_gguf(policy: quant.Policy, shapes: dict[str, tuple[int, int]]) -> tu
         best = min(bpw, key=lambda t: (abs(bpw[t] - want), -bpw[t]))
         settings[name] = best
         changes.append(f"{name}: {s.describe()} ({want:.3f} bpw) -> {best.describe()} ({bpw[best]:.3f} bpw)")
-    return quant.Policy(settings, policy.meta), changes
+    return quant.Policy(settings, policy.meta, kv=policy.kv), changes
 
 
 def gguf_file_bytes(doc: dict[str, Any], *, nearest: bool = False) -> bytes:
@@ -93,4 +94,11 @@ def write_gguf_export(doc: dict[str, Any], out: str, *, nearest: bool = False) -
         print(f"  ~ {line}")
     if changes:
         print(f"  {len(changes)} matrices changed by --nearest: the file is not the policy that was measured")
+    # A GGUF holds no cache type: the policy's KV settings become llama.cpp's nearest global flags.
+    cache = llamacpp_cache_types(policy.to_dict())
+    if cache is not None:
+        print(f"run it with llama-cli / llama-server {' '.join(cache.flags)}"
+              + (f" ({len(cache.notes)} approximation(s) of the policy's KV cache):" if cache.notes else ""))
+        for line in cache.notes:
+            print(f"  ~ {line}")
     return 0

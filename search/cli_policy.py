@@ -82,6 +82,8 @@ def _write_runtime_export(doc: dict, fmt: str, out: str) -> int:
           f"in TurboQuant; {len(result.approximations)} approximation(s) for {fmt}:")
     for line in result.approximations:
         print(f"  ~ {line}")
+    if result.flags:  # the KV cache types: llama.cpp takes them on the command line, not in the file
+        print(f"run it with llama-cli / llama-server {' '.join(result.flags)}")
     return 0
 
 
@@ -116,7 +118,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(result: dict[str, Any], meta: dict, as_json: bool, dataset: str | None = None) -> None:
-    metrics = {k: result[k] for k in (*METRIC_NAMES, "bytes", "bpw")}
+    # A policy with a kv section also reports its cache over one window (kv_bytes) and bits per cached element.
+    metrics = {k: result[k] for k in (*METRIC_NAMES, "bytes", "bpw")} | \
+        {k: result[k] for k in ("kv_bytes", "kv_bits") if k in result}
     if as_json:
         print(json.dumps(metrics, indent=2))
         return
@@ -135,7 +139,7 @@ def _print_metrics(result: dict[str, Any], meta: dict, as_json: bool, dataset: s
     print(f"{'':>10} {here:>{width}}   {there}")
     for k, v in metrics.items():
         old = stored.get(k)
-        spec = "," if k == "bytes" else ".6g"  # bytes as the export prints them, not 6.72399e+07
+        spec = "," if k in ("bytes", "kv_bytes") else ".6g"  # bytes as the export prints them, not 6.72399e+07
         print(f"{k:>10} {v:>{width}{spec}}   " + (f"{old:{spec}}" if isinstance(old, (int, float)) else "-"))
 
 

@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from studies.llamacpp_kv import llamacpp_cache_types
+
 __all__ = ["RUNTIME_FORMATS", "RuntimeExport", "code_bits", "export_runtime", "llamacpp_name", "runtime"]
 
 
@@ -28,11 +30,14 @@ class RuntimeExport:
         text: the file contents to write.
         approximations: one human-readable line per setting that had to change.
         skipped: matrices the runtime keeps unquantized (or cannot name).
+        flags: command-line arguments to run the export with (llama.cpp: the KV cache types of a
+            policy with a ``kv`` section, see :mod:`studies.llamacpp_kv`); empty when none are needed.
     """
 
     text: str
     approximations: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
 
 
 def _matrices(doc: Mapping[str, Any], need_runtime: bool = True) -> dict[str, dict[str, Any]]:
@@ -204,7 +209,9 @@ def _to_llamacpp(doc: Mapping[str, Any]) -> RuntimeExport:
         notes.append(f"K-quant types need rows of a multiple of 256 weights and {unknown_rows} matrix shape(s) are "
                      "unknown (the policy has no 'shape' for them); llama-quantize falls back to another type "
                      "for tensors that are not")
-    return RuntimeExport("\n".join(lines) + "\n", notes, skipped)
+    cache = llamacpp_cache_types(doc)  # the kv section: one global cache type per role
+    return RuntimeExport("\n".join(lines) + "\n", notes + (cache.notes if cache else []), skipped,
+                         cache.flags if cache else [])
 
 
 # torchao -----------------------------------------------------------------------------------------
@@ -264,10 +271,14 @@ def export_runtime(doc: Mapping[str, Any], fmt: str) -> RuntimeExport:
 
     The entries' ``shape`` (written by ``quant.Policy`` when it knows the model's shapes)
     lets torchao's export pick group sizes that divide each row, which torchao requires
-    and TurboQuant (padding) does not.
+    and TurboQuant (padding) does not. A ``kv`` section becomes llama.cpp's cache-type flags
+    (:attr:`RuntimeExport.flags`); the other runtimes have no form for it, which a note says.
     """
     try:
         exporter = RUNTIME_FORMATS[fmt]
     except KeyError:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(RUNTIME_FORMATS)}") from None
-    return exporter(doc)
+    result = exporter(doc)
+    if doc.get("kv") and fmt in ("gptqmodel", "torchao"):
+        result.approximations.append(f"the policy's KV cache settings have no {fmt} form: its cache stays 16-bit")
+    return result

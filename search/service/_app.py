@@ -130,7 +130,8 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
         # Through quant: a trial stored before policy entries carried their runtime mapping gets it now.
         result = export_runtime(quant.Policy.from_dict(doc).to_dict(), req.format)
         return {"format": req.format, "text": result.text, "approximations": result.approximations,
-                "skipped": result.skipped, "trial": doc["provenance"]["trial"], "metrics": doc["metrics"]}
+                "skipped": result.skipped, "flags": result.flags, "trial": doc["provenance"]["trial"],
+                "metrics": doc["metrics"]}
 
     @app.get("/static/plotly.min.js", include_in_schema=False)
     def plotly_js() -> FileResponse:
