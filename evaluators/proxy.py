@@ -165,7 +165,7 @@ def proxy_sensitivity(model: nn.Module, tokens: np.ndarray | torch.Tensor, setti
     unknown = sorted({m for ms in units.values() for m in ms} - set(matrices))
     if unknown:
         raise ValueError(f"units name matrices the model lacks: {unknown[:3]}; use names from quant.weight_matrices")
-    if quant.needs_hessians(settings) and not hessians:
+    if quant.needs_hessians(settings) and hessians is None:  # {}: no calibration data, gptq runs as rtn
         raise ValueError("some settings quantize with input Hessians (gptq); pass "
                          "hessians=evaluators.calibration_hessians(model, tokens, names)")
     names = [m for ms in units.values() for m in ms]

@@ -124,6 +124,11 @@ def test_refuses_a_quantized_model_and_gptq_without_hessians(float_evaluator) ->
     ev = float_evaluator
     with pytest.raises(ValueError, match="Hessians"):
         proxy_sensitivity(ev.model, ev.tokens.calib, [quant.QuantSetting("gptq", 4, 32)])
+    # No calibration data (--calib-seqs 0): gptq runs as rtn, and so does its prediction.
+    units = {"mlp0": [m for m in ev.matrices if "layers.0.mlp" in m]}
+    free = proxy_sensitivity(ev.model, ev.tokens.eval, [quant.QuantSetting("gptq", 2, 32)], units=units, hessians={})
+    rtn = proxy_sensitivity(ev.model, ev.tokens.eval, [quant.QuantSetting("rtn", 2, 32)], units=units)
+    assert list(free.kl["mlp0"].values()) == list(rtn.kl["mlp0"].values())
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         proxy_sensitivity(ev.model, ev.tokens.calib[:0], SETTINGS)
     ev.evaluate_partial({"model.layers.0.mlp.up_proj": SETTINGS[0]})
