@@ -41,8 +41,10 @@ def test_gate_bar_is_the_kth_best_near_the_budget() -> None:
 
 def test_evo_search_prunes_children_and_keeps_its_complete_trials(data_config, tmp_path, local_ray) -> None:
     storage = f"sqlite:///{tmp_path}/f.db"
+    # Without the solved seeds (the default's 16 would fill these 14 trials, and seeds are never pruned).
     request = SearchRequest.from_data(data_config, study="mf", budget="3.5bpw", trials=14, sampler="evo", workers=2,
-                                      bits=[2, 3, 4, 8], groups=[32, 64], granularity="block")
+                                      bits=[2, 3, 4, 8], groups=[32, 64], granularity="block", formats=["rtn"],
+                                      sensitivity=False)
     cfg = SearchConfig(request, storage=storage, progress=False, fidelity_keep=2)
     summary = run_search(cfg)
     # --trials counts finished trials: measured fully or stopped after the first batch.

@@ -64,6 +64,7 @@ def test_topk_kl_never_exceeds_full_kl_and_grows_with_k() -> None:
 
 def test_reference_keeps_full_logprobs_when_k_covers_the_vocabulary(evaluator) -> None:
     # The tiny model's 256 words: top-512 is the full reference (the same figures, the same cost).
+    evaluator.restore_float()  # the shared model may be left quantized by the test before
     ref = reference_logprobs(evaluator.model, evaluator.tokens, topk=512)
     assert isinstance(ref, np.ndarray) and np.array_equal(ref, evaluator.reference)
 
