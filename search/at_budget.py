@@ -58,26 +58,38 @@ def _best_within(store: Store, row: Any, budget_bytes: int) -> Any | None:
     return None if front.empty else front.iloc[-1]  # the front is sorted by bytes: the last has the least KL
 
 
+def _searchable(store: Store, name: str) -> bool:
+    """Whether the study has Optuna's side too (a study only recorded in the store cannot be run on),
+    asked without creating Optuna's tables."""
+    from sqlalchemy import inspect, text
+
+    if not inspect(store.engine).has_table("studies"):
+        return False
+    with store.engine.connect() as conn:
+        return conn.execute(text("SELECT 1 FROM studies WHERE study_name = :n"), {"n": name}).first() is not None
+
+
 def point_at_budget(storage: str, name: str, budget_bytes: int, *, trials: int = REFINE_TRIALS,
-                    workers: int | None = None, ray_address: str | None = None, progress: bool = True) -> int:
+                    workers: int | None = None, ray_address: str | None = None, progress: bool = True) -> int | None:
     """The trial number of the best point of study ``name`` within ``budget_bytes``.
 
     If the best stored point uses less than :data:`FILL` of the budget (and the budget is within the
     study's), ``trials`` more trials are run at the budget first (see the module's docstring), after
-    any seeds the study had enqueued and not run yet.
+    any seeds the study had enqueued and not run yet. ``None`` when nothing can be run: the stored
+    points are all there is (the budget is above the study's, or the study has no Optuna side).
 
     Raises:
-        UserError: no point fits and none can be made (the budget is below the smallest policy).
+        UserError: the budget is below the smallest policy of the study's space.
     """
     from search.driver import SearchConfig, run_search
 
     store = Store(storage)
     row = store.get_study(name)
     best = _best_within(store, row, budget_bytes)
-    if best is not None and (best["bytes"] >= FILL * budget_bytes or budget_bytes > row.budget_bytes):
+    if best is not None and best["bytes"] >= FILL * budget_bytes:
         return int(best["trial"])
-    if budget_bytes > row.budget_bytes:
-        raise UserError(f"study {name!r} has no finished trial within {budget_bytes:,} bytes")
+    if budget_bytes > row.budget_bytes or not _searchable(store, name):
+        return None if best is None else int(best["trial"])
     if best is not None:
         log.warning("study %s: the best point within %s bytes uses %.1f %% of it; running %d trials at that budget",
                     name, f"{budget_bytes:,}", 100.0 * best["bytes"] / budget_bytes, trials)

@@ -50,8 +50,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if args.refine_trials < 0:
             raise UserError(f"--refine-trials must be 0 or more, got {args.refine_trials}")
         if args.refine_trials:
-            trial, budget = point_at_budget(storage, args.study, budget, trials=args.refine_trials,
-                                            workers=args.workers, ray_address=args.ray_address), None
+            trial = point_at_budget(storage, args.study, budget, trials=args.refine_trials, workers=args.workers,
+                                    ray_address=args.ray_address)
+            budget = budget if trial is None else None
     doc = studies.export_policy(store, args.study, trial=trial, budget_bytes=budget)
     if args.format == "gguf":
         from search.cli_gguf import write_gguf_export

@@ -114,8 +114,9 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
         if budget is not None and req.refine_trials:  # a budget the study has no point at: trials run at it now
             from search.at_budget import point_at_budget
 
-            trial, budget = point_at_budget(storage, study, budget, trials=req.refine_trials, ray_address=ray_address,
-                                            progress=False), None
+            trial = point_at_budget(storage, study, budget, trials=req.refine_trials, ray_address=ray_address,
+                                    progress=False)
+            budget = budget if trial is None else None
         doc = export_policy(store, study, trial=trial, budget_bytes=budget)  # NotFoundError: 404
         if req.format == "json":
             return doc
