@@ -69,12 +69,12 @@ def _proxy(cfg: SearchConfig, store: Store, loaded: Any, tokens: Any, space: Sea
     return table, evaluator.reference
 
 
-def _measured(cfg: SearchConfig, store: Store, workers: Dispatcher, shapes: dict[str, tuple[int, int]],
-              n_eval: int, fingerprints: tuple[str, str], space: SearchSpace) -> Any:
+def _measured(cfg: SearchConfig, store: Store, workers: Dispatcher, n_eval: int, fingerprints: tuple[str, str],
+              space: SearchSpace) -> Any:
     """The measured table: the pairs the store lacks, spread over the workers and stored as they finish."""
     from search.sensitivity import measure_on_workers
 
-    table = measure_on_workers(workers, shapes, n_eval, space.settings(), units=space.units, store=store,
+    table = measure_on_workers(workers, space.matrices, n_eval, space.settings(), units=space.units, store=store,
                                model_fingerprint=fingerprints[0], data_fingerprint=fingerprints[1],
                                windows=cfg.request.sensitivity_seqs, progress=cfg.progress)
     log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
@@ -159,7 +159,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     progress = None
     try:
         if measured:  # one forward per pair, on every worker
-            table = _measured(cfg, store, workers, space.matrices, len(tokens.eval), fingerprints, space)
+            table = _measured(cfg, store, workers, len(tokens.eval), fingerprints, space)
         if table is not None:
             _seed(cfg, study, table, space, budget_bytes, created)
         if created:

@@ -24,8 +24,8 @@ from studies import Store
 if TYPE_CHECKING:
     from search.request import MeasureRequest
 
-__all__ = ["PROXY_VERSION", "SensitivityTable", "measure_on_workers", "measure_sensitivity", "proxy_table",
-           "run_sensitivity"]
+__all__ = ["PROXY_VERSION", "SensitivityTable", "measure_on_workers", "measure_pair", "measure_sensitivity",
+           "proxy_table", "run_sensitivity"]
 
 log = logging.getLogger(__name__)
 UNFIT_BYTES = 1 << 62  # the bytes of a (unit, setting) pair that cannot exist
@@ -93,6 +93,15 @@ def _add(table: SensitivityTable, rows: list[dict[str, Any]]) -> None:
         table.kl[r["matrix"]][r["setting"]], table.nbytes[r["matrix"]][r["setting"]] = r["kl"], int(r["bytes"])
 
 
+def measure_pair(evaluator: Evaluator, unit: str, matrices: list[str], setting: quant.QuantSetting,
+                 windows: int | None) -> dict[str, Any]:
+    """The store's row for one pair: the metrics with only ``matrices`` quantized at ``setting``."""
+    t = time.perf_counter()
+    r = evaluator.evaluate_partial(dict.fromkeys(matrices, setting), windows=windows)
+    return {"matrix": unit, "setting": setting.key(), "kl": r["kl"], "ppl": r["ppl"], "bytes": int(r["bytes"]),
+            "seconds": time.perf_counter() - t}
+
+
 def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSetting], *,
                         units: dict[str, list[str]] | None = None, store: Store | None = None,
                         model_fingerprint: str = "", data_fingerprint: str = "", windows: int | None = None,
@@ -110,10 +119,7 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
     pending: list[dict[str, Any]] = []
     for name, s in tqdm(todo, desc="sensitivity", unit="pair", disable=not progress or not todo,
                         dynamic_ncols=True):
-        t = time.perf_counter()
-        r = evaluator.evaluate_partial(dict.fromkeys(table.units[name], s), windows=windows)
-        pending.append({"matrix": name, "setting": s.key(), "kl": r["kl"], "ppl": r["ppl"],
-                        "bytes": int(r["bytes"]), "seconds": time.perf_counter() - t})
+        pending.append(measure_pair(evaluator, name, table.units[name], s, windows))
         _add(table, pending[-1:])
         if store is not None and len(pending) >= _FLUSH_EVERY:
             store.record_sensitivity(model_fingerprint, data_fingerprint, pending)
@@ -188,19 +194,10 @@ def proxy_table(evaluator: Evaluator, space: Any, *, store: Store | None = None,
     from evaluators.proxy import proxy_sensitivity
 
     settings = space.settings()
-    key = f"{data_fingerprint}/{PROXY_VERSION}"
-    known = store.sensitivity(model_fingerprint, key) if store is not None else {}
-    shapes = evaluator.matrices
-    pairs = [(u, s) for u, ms in space.units.items() for s in settings if all(s.fits(shapes[m]) for m in ms)]
-    if pairs and all((u, s.key()) in known for u, s in pairs):
-        table = SensitivityTable(dict(space.units), settings)
-        for u in space.units:
-            table.kl[u], table.nbytes[u] = {}, {}
-        for u, s in pairs:
-            row = known[(u, s.key())]
-            table.kl[u][s.key()], table.nbytes[u][s.key()] = row["kl"], int(row["bytes"])
-        table.reused = len(pairs)
-        return table
+    stored, todo, key, _ = _plan(evaluator.matrices, len(evaluator.tokens.eval), settings, dict(space.units), store,
+                                 model_fingerprint, f"{data_fingerprint}/{PROXY_VERSION}", None)
+    if store is not None and not todo:
+        return stored
     evaluator.restore_float()
     hessians = None
     if quant.needs_hessians(settings):

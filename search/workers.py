@@ -79,18 +79,11 @@ class TrialWorker:
                       windows: int | None = None) -> list[dict[str, Any]]:
         """Single-unit sensitivity: for each ``(unit, its matrices, setting)``, the metrics with only those
         matrices quantized (over the first ``windows`` evaluation windows), as rows for the store."""
-        import time
-
         import quant
+        from search.sensitivity import measure_pair
 
-        rows = []
-        for unit, matrices, setting in pairs:
-            s = quant.QuantSetting.from_dict(setting)
-            t = time.perf_counter()
-            r = self.evaluator.evaluate_partial(dict.fromkeys(matrices, s), windows=windows)
-            rows.append({"matrix": unit, "setting": s.key(), "kl": r["kl"], "ppl": r["ppl"], "bytes": int(r["bytes"]),
-                         "seconds": time.perf_counter() - t})
-        return rows
+        return [measure_pair(self.evaluator, unit, matrices, quant.QuantSetting.from_dict(setting), windows)
+                for unit, matrices, setting in pairs]
 
     def pid(self) -> int:
         return os.getpid()

@@ -45,6 +45,20 @@ def evaluator(data_config):
 
 
 @pytest.fixture(scope="session")
+def gptq_study(tmp_path_factory, data_config, local_ray) -> tuple[str, str]:
+    """(storage, name) of a finished 8-trial search of the tiny model with gptq in its space, for the tests
+    that export, apply and re-measure its points (none of them adds trials)."""
+    from search.driver import SearchConfig, run_search
+    from search.request import SearchRequest
+
+    storage = f"sqlite:///{tmp_path_factory.mktemp('gptqdb') / 'g.db'}"
+    request = SearchRequest.from_data(data_config, study="gq", budget="5bpw", trials=8, workers=1, bits=[2, 3, 4, 8],
+                                      groups=[32, None], formats=["rtn", "gptq+clip"])
+    run_search(SearchConfig(request, storage=storage, progress=False))
+    return storage, "gq"
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     import ray
 

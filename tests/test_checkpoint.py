@@ -9,19 +9,13 @@ from safetensors import safe_open
 
 import quant
 from search.cli import main
-from search.driver import SearchConfig, run_search
-from search.request import SearchRequest
 from studies import Store, export_policy
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, data_config, local_ray) -> tuple[str, str]:
-    storage = f"sqlite:///{tmp_path_factory.mktemp('ckdb') / 'c.db'}"
+def study(gptq_study) -> tuple[str, str]:
     # gptq in the space: apply must quantize it with the search's calibration Hessians to reproduce the KL.
-    request = SearchRequest.from_data(data_config, study="ck", budget="5bpw", trials=6, workers=1, bits=[2, 3, 4, 8],
-                                      groups=[32, None], formats=["rtn", "gptq+clip"])
-    run_search(SearchConfig(request, storage=storage, progress=False))
-    return storage, "ck"
+    return gptq_study
 
 
 @pytest.fixture(scope="module")

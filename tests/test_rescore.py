@@ -12,8 +12,6 @@ import pytest
 import search.rescore
 from evaluators.context import DataConfig, OtherText
 from search.cli import main
-from search.driver import SearchConfig, run_search
-from search.request import SearchRequest
 from search.rescore import order_agreement
 from studies import Store, export_policy
 
@@ -31,13 +29,9 @@ def other_text(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, data_config, local_ray) -> tuple[str, str]:
-    storage = f"sqlite:///{tmp_path_factory.mktemp('rsdb') / 'r.db'}"
+def study(gptq_study) -> tuple[str, str]:
     # gptq in the space: on other text it must still be quantized with the study's calibration windows.
-    request = SearchRequest.from_data(data_config, study="rs", budget="5bpw", trials=8, workers=1, bits=[2, 3, 4, 8],
-                                      groups=[32, None], formats=["rtn", "gptq+clip"])
-    run_search(SearchConfig(request, storage=storage, progress=False))
-    return storage, "rs"
+    return gptq_study
 
 
 @pytest.fixture(scope="module")
