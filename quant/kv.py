@@ -39,7 +39,7 @@ from quant.settings import QuantSetting
 
 __all__ = ["KVSetting", "KVPair", "PackedKV", "AttentionInfo", "KV_FORMATS", "KV_BITS", "CHANNEL_GROUPS",
            "pack_kv", "unpack_kv", "quantize_kv", "kv_bytes", "layer_kv_bytes", "kv_settings",
-           "FLOAT_KV", "check_pair", "kv_to_dict", "kv_from_dict"]
+           "FLOAT_KV", "check_pair", "kv_to_dict", "kv_from_dict", "KV_ROLES", "kv_unit", "split_kv_unit"]
 
 KV_FORMATS = ("turbo", "rtn_token", "rtn_channel", "float")
 KV_BITS = (2, 3, 4, 8, 16)
@@ -123,6 +123,21 @@ class KVSetting:
 
 FLOAT_KV = KVSetting()
 KVPair = tuple[KVSetting, KVSetting]  # (keys, values) of one attention module
+KV_ROLES = ("k", "v")
+
+
+def kv_unit(module: str, role: str) -> str:
+    """The search's unit name of one attention module's keys (``role="k"``) or values: ``"<module>:kv_k"``.
+    The colon keeps it apart from every module path (the units of weights)."""
+    if role not in KV_ROLES:
+        raise ValueError(f"role must be 'k' (keys) or 'v' (values), got {role!r}")
+    return f"{module}:kv_{role}"
+
+
+def split_kv_unit(unit: str) -> tuple[str, str] | None:
+    """``(module, role)`` of a :func:`kv_unit` name; ``None`` for any other unit (a weight unit)."""
+    module, sep, role = unit.rpartition(":kv_")
+    return (module, role) if sep and module and role in KV_ROLES else None
 
 
 def check_pair(k: KVSetting, v: KVSetting) -> None:
