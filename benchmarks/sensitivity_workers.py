@@ -42,7 +42,7 @@ def main() -> None:
                         tuple(int(g) for g in args.groups.split(",")), tuple(args.formats.split(",")),
                         granularity=args.granularity)
     reference = reference_logprobs(loaded.model, tokens)
-    shapes, n_eval = space.matrices, len(tokens.eval)
+    n_eval = len(tokens.eval)
     del loaded
     print(f"{args.model}: {len(space.units)} units ({args.granularity}) x {len(space.settings())} settings, "
           f"{args.sensitivity_seqs} window(s) of {tokens.seq_len} tokens per pair")
@@ -52,8 +52,7 @@ def main() -> None:
         workers = Dispatcher(data.to_dict(), reference, n)
         try:
             t = time.perf_counter()
-            table = measure_on_workers(workers, shapes, n_eval, space.settings(), units=space.units,
-                                       windows=args.sensitivity_seqs, progress=False)
+            table = measure_on_workers(workers, space, n_eval, windows=args.sensitivity_seqs, progress=False)
             seconds = time.perf_counter() - t
         finally:
             workers.close()

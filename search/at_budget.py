@@ -39,6 +39,9 @@ def request_of(row: Any, **changes: Any) -> SearchRequest:
         "reference_topk": provenance.get("reference_topk"), "sensitivity": provenance.get("sensitivity", True),
         "sensitivity_method": provenance.get("sensitivity_method") or "proxy",
         "sensitivity_seqs": provenance.get("sensitivity_seqs")}
+    kv = space.get("kv")
+    if kv is not None:  # a search of weights and KV cache at a context
+        options.update(context=kv["context"], batch=kv["batch"], kv_formats=kv["formats"], kv_bits=kv["bits"])
     return SearchRequest.from_data(DataConfig.from_dict(provenance), **{**options, **changes})
 
 

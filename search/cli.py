@@ -139,9 +139,15 @@ def _print_front(storage: str, study: str, mode: str) -> int:
 
     store = Store(storage)
     row = store.get_study(study)
+    kv = row.space.get("kv")
+    front = store.front(row)
     if mode == "table":
-        print(f"front of {study} (budget {row.budget_bytes:,} bytes = {row.budget_bpw:.2f} bpw, model {row.model})")
-    _print_frame(store.front(row), mode)
+        size = (f"{row.budget_bpw:.2f} bpw" if kv is None else
+                f"weights + KV cache of {kv['context']} tokens x {kv['batch']}; bpw: the weights'")
+        print(f"front of {study} (budget {row.budget_bytes:,} bytes = {size}, model {row.model})")
+        if kv is None:
+            front = front.drop(columns="kv_bytes")  # a weight-only study counts no cache
+    _print_frame(front, mode)
     if mode == "table":
         line = _beside_uniform(store.trials_frame(row), row.budget_bytes)
         if line:

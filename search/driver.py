@@ -8,6 +8,7 @@ through four steps: open the study, new or resumed (:mod:`search.resume`); enque
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from optuna.trial import TrialState
 
 import quant
 from evaluators import UserError, reference_logprobs, reference_nbytes
+from evaluators.kv_attention import attention_modules
 from search.budget import parse_budget
 from search.dispatch import Dispatcher
 from search.placement import CPU_BATCH, WorkerSize, fit_in_host, resolve_device
@@ -74,7 +76,7 @@ def _measured(cfg: SearchConfig, store: Store, workers: Dispatcher, n_eval: int,
     """The measured table: the pairs the store lacks, spread over the workers and stored as they finish."""
     from search.sensitivity import measure_on_workers
 
-    table = measure_on_workers(workers, space.matrices, n_eval, space.settings(), units=space.units, store=store,
+    table = measure_on_workers(workers, space, n_eval, store=store,
                                model_fingerprint=fingerprints[0], data_fingerprint=fingerprints[1],
                                windows=cfg.request.sensitivity_seqs, progress=cfg.progress)
     log.info("sensitivity: %d pairs measured in %.1f s, %d reused", table.computed, table.seconds, table.reused)
@@ -103,9 +105,11 @@ def _budget(text: str, space: SearchSpace) -> int:
     budget_bytes = parse_budget(text, space.numel)
     min_bytes = space.min_bytes()
     if budget_bytes < min_bytes:
+        size = (f"{8 * min_bytes / space.numel:.3f} bpw" if space.kv is None else
+                f"{min_bytes / 1e6:.2f} MB with the cache of {space.kv.context} tokens x {space.kv.batch}")
         raise UserError(f"budget {text} ({budget_bytes:,} bytes) is below the smallest allowed policy: "
-                        f"{min_bytes:,} bytes = {8 * min_bytes / space.numel:.3f} bpw")
-    full = space.numel * FULL_PRECISION_BITS // 8
+                        f"{min_bytes:,} bytes = {size}")
+    full = space.numel * FULL_PRECISION_BITS // 8 + (space.kv.float_bytes() if space.kv else 0)
     if budget_bytes >= full:
         log.warning("budget %s is at or above the %d-bit model size (%s bytes); searching anyway",
                     text, FULL_PRECISION_BITS, f"{full:,}")
@@ -121,7 +125,8 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     device = _device(request, cfg.ray_address)
     data = request.data_config(device)  # --dtype auto is resolved for the workers' device
     loaded, tokens = data.load()
-    space = request.space(quant.weight_matrices(loaded.model))
+    space = request.space(quant.weight_matrices(loaded.model),
+                          attention_modules(loaded.model) if request.context is not None else None)
     budget_bytes = _budget(request.budget, space)
     if cfg.target_bytes is not None:
         _budget(str(cfg.target_bytes), space)
@@ -195,6 +200,9 @@ def _trials(study: optuna.Study, store: Store, row: Any, space: SearchSpace, gat
             record_failure(study, store, row, job, outcome)
             progress.failed_one()
             continue
+        if space.kv is not None:  # the budget's bytes: the packed weights' and the cache's at the context
+            kv_bytes = space.kv.nbytes(quant.Policy.from_dict(job.policy).kv)
+            outcome = dataclasses.replace(outcome, bytes=outcome.bytes + kv_bytes, kv_bytes=kv_bytes)
         record_result(study, store, row, job, outcome)
         if gate is not None and not outcome.pruned:
             gate.add(outcome.kl_low, outcome.bytes)

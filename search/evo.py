@@ -54,7 +54,8 @@ class EvoSampler(optuna.samplers.BaseSampler):
         self.loss: np.ndarray | None = None  # predicted KL per (unit, bits, group, format), from guide()
         self._rng = np.random.default_rng(seed)
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
-        self.names = list(space.units)  # a genome row per unit (a matrix, block or layer)
+        self.names = space.unit_names  # a genome row per unit (a matrix, block or layer; then the KV cache's)
+        self.n_weights = len(space.units)  # rows below it have group and format columns; KV rows are rungs
         # With ladders a unit's whole setting is its rung: the group and format columns stay 0.
         self.labels = space.group_labels[:1] if space.ladders else space.group_labels
         self.formats = list(space.formats)[:1] if space.ladders else list(space.formats)
@@ -68,9 +69,9 @@ class EvoSampler(optuna.samplers.BaseSampler):
         for i, name in enumerate(self.names):
             for b, g, f in np.ndindex(int(self.top[i]) + 1, n_g, n_f):
                 self.cost[i, b, g, f] = space.unit_nbytes(name, space.setting_at((b, g, f), name))
-        numel = np.array([sum(h * w for h, w in (space.matrices[m] for m in space.units[u])) for u in self.names],
-                         dtype=np.float64)
-        # Partners for a move: units within a factor 2 in size, so one step up and one down cancel.
+        numel = np.array([space.unit_size(u) for u in self.names], dtype=np.float64)
+        # Partners for a move: units within a factor 2 in size, so one step up and one down cancel
+        # (a layer's cached keys trade bits with weight units of their size, so cache and weights share).
         ratio = numel[:, None] / numel[None, :]
         self.partners = [np.flatnonzero((ratio[i] <= 2.0) & (ratio[i] >= 0.5) & (np.arange(len(numel)) != i))
                          for i in range(len(numel))]
@@ -132,6 +133,7 @@ class EvoSampler(optuna.samplers.BaseSampler):
             child = np.stack([rng.integers(0, self.top + 1),
                               rng.integers(0, len(self.labels), len(self.names)),
                               rng.integers(0, len(self.formats), len(self.names))], axis=1)
+            child[self.n_weights:, 1:] = 0  # a KV unit's row is its rung alone
             return self.repair(child)
         # Binary tournament on rank (parents are sorted best first).
         pick = lambda: parents[min(rng.integers(0, len(parents), 2))]  # noqa: E731
@@ -143,10 +145,10 @@ class EvoSampler(optuna.samplers.BaseSampler):
         for _ in range(int(rng.integers(1, 4))):
             self._move(child)
         if rng.random() < 0.2 and len(self.labels) > 1:
-            i = int(rng.integers(len(self.names)))
+            i = int(rng.integers(self.n_weights))
             child[i, 1] = int(np.clip(child[i, 1] + rng.choice([-1, 1]), 0, len(self.labels) - 1))
         if rng.random() < 0.1 and len(self.formats) > 1:
-            i = int(rng.integers(len(self.names)))
+            i = int(rng.integers(self.n_weights))
             child[i, 2] = int(rng.integers(len(self.formats)))
         return self.repair(child)
 

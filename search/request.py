@@ -16,6 +16,7 @@ from evaluators.context import DataConfig
 from evaluators.errors import UserError
 from evaluators.models import Dtype, resolve_dtype
 from search.budget import parse_budget
+from search.kv_space import DEFAULT_KV_BITS, DEFAULT_KV_FORMATS, KVSpace, kv_candidates
 from search.placement import Device
 from search.samplers import SAMPLERS
 from search.space import GRANULARITIES, SearchSpace, check_granularity
@@ -137,6 +138,16 @@ class SearchRequest(MeasureRequest):
                                        "(SmolLM2: 0.91x full at K=512, 0.994x at K=8192; default: the full log-probs)")
     device: Device = Field("auto", description="where workers run: cuda (each asks Ray for a share of a GPU), "
                                                "cpu, or auto (cuda when there is a GPU)")
+    context: int | None = Field(None, ge=1, le=1 << 24, description="tokens of KV cache the deployment holds: the "
+                                "budget (a size, e.g. 150MB) then counts weights + cache at this context, and each "
+                                "attention module's key and value precision is searched with the weights "
+                                "(default: weights only, the cache not counted)")
+    batch: int = Field(1, ge=1, le=1 << 16, description="sequences cached at once (with --context)")
+    kv_formats: list[str] = Field(list(DEFAULT_KV_FORMATS), min_length=1,
+                                  description="KV cache formats (with --context): turbo (rotation + Lloyd-Max), "
+                                              "turbo+qjl (keys: 1 bit on the QJL residual), rtn_token, rtn_channel "
+                                              "(keys, KIVI), float (16-bit)")
+    kv_bits: list[int] = Field(list(DEFAULT_KV_BITS), min_length=1, description="KV cache bit-widths (with --context)")
 
     @field_validator("budget", "memory_limit")
     @classmethod
@@ -152,6 +163,25 @@ class SearchRequest(MeasureRequest):
         if v not in known:
             raise ValueError(f"unknown {what} {v!r}; choose one of {', '.join(known)}")
         return v
+
+    @model_validator(mode="after")
+    def _cache(self) -> "SearchRequest":
+        _refuse(lambda r: kv_candidates(tuple(r.kv_formats), tuple(r.kv_bits)), self)
+        if self.context is not None and self.budget.strip().lower().endswith("bpw"):
+            raise ValueError(f"with --context the budget covers the weights and the KV cache: give it as a size "
+                             f"(e.g. 150MB), not {self.budget!r} bits per weight")
+        return self
+
+    def space(self, matrices: dict[str, tuple[int, int]], attention: dict[str, Any] | None = None) -> SearchSpace:
+        """The search space over ``matrices``; with ``--context``, also over the KV cache of the
+        ``attention`` modules (``evaluators.kv_attention.attention_modules``)."""
+        kv = None
+        if self.context is not None:
+            if attention is None:
+                raise ValueError("a search with --context needs the model's attention modules")
+            kv = KVSpace(attention, tuple(self.kv_formats), tuple(self.kv_bits), self.context, self.batch)
+        return SearchSpace(matrices, tuple(self.bits), tuple(self.groups), tuple(self.formats),
+                           granularity=self.granularity, kv=kv)
 
     @property
     def study_name(self) -> str:

@@ -18,7 +18,7 @@ __all__ = ["optuna_storage", "open_study"]
 
 # What a resumed study must share with the one stored (a different value is another search).
 _SAME_DATA = ("model", "dataset", "seq_len", "n_eval", "n_calib", "seed", "reference_topk", "dtype")
-_SAME_SPACE = ("bits", "groups", "formats", "granularity")
+_SAME_SPACE = ("bits", "groups", "formats", "granularity", "kv")
 
 
 def optuna_storage(url: str) -> optuna.storages.RDBStorage:
@@ -49,9 +49,10 @@ def open_study(request: SearchRequest, storage: str, store: Store, space: Search
                     != provenance.get(k)]
         wanted = space.to_dict()  # a resumed study must propose from the same space
         mismatch += [k for k in _SAME_SPACE
-                     if existing.space.get(k, "matrix" if k == "granularity" else None) != wanted[k]]
+                     if existing.space.get(k, "matrix" if k == "granularity" else None) != wanted.get(k)]
         if mismatch or existing.budget_bytes != budget_bytes:
-            what = ", ".join(mismatch) or "budget"
+            what = ", ".join("KV cache (--context, --batch, --kv-formats, --kv-bits)" if k == "kv" else k
+                             for k in mismatch) or "budget"
             raise UserError(f"study {name!r} already exists with a different {what}; "
                             "resume it with the same options or choose another --study name")
     optuna.logging.set_verbosity(optuna.logging.WARNING)

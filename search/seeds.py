@@ -109,7 +109,8 @@ def solved_policies(table: SensitivityTable, space: SearchSpace, budget_bytes: i
                 continue
             seen.add(tuple(cols))
             policy = space.expand({n: settings[j] for n, j in zip(names, cols)})
-            out.append((f"{method}:{8.0 * b / space.numel:.2f}bpw", policy,
+            size = f"{8.0 * b / space.numel:.2f}bpw" if space.kv is None else f"{b / 1e6:.2f}MB"  # + the cache
+            out.append((f"{method}:{size}", policy,
                         int(nb[np.arange(len(names)), cols].sum())))
     return out
 
@@ -127,9 +128,15 @@ def enqueue_solved_seeds(study: optuna.Study, table: SensitivityTable, space: Se
 
 def enqueue_uniform_seeds(study: optuna.Study, space: SearchSpace, budget_bytes: int) -> int:
     """Uniform settings that fit the budget, largest first, as the study's first trials (user attr
-    ``seed`` = ``uniform:<setting>``); returns how many."""
+    ``seed`` = ``uniform:<setting>``); returns how many. With KV units, each uniform weight setting
+    once, with the largest uniform cache setting that fits beside it."""
     seeds = [(space.nbytes(p), label, p) for label, p in space.uniform_policies()]
     seeds = sorted((s for s in seeds if s[0] <= budget_bytes), key=lambda s: -s[0])
+    weights_seen: set[str] = set()
     for _, label, policy in seeds:
+        weights = label.split("+kv-")[0]
+        if weights in weights_seen:
+            continue
+        weights_seen.add(weights)
         study.enqueue_trial(space.params(policy), user_attrs={"seed": f"uniform:{label}"})
-    return len(seeds)
+    return len(weights_seen)

@@ -5,6 +5,10 @@ different units add up, it predicts any policy's KL without a forward pass. It c
 forward per (unit, setting) pair, so it is stored in the database, keyed by model and data
 fingerprints, and later studies on the same model and data reuse every pair already measured.
 A unit is stored under its own name (a block's is its module path), so granularities never mix.
+
+A KV cache unit (an attention module's keys or values, :func:`quant.kv.kv_unit`) is a unit too: its
+pair is the KL with only that tensor quantized. Its bytes depend on the context the search budgets
+for, so they come from the space, never from the store.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from tqdm.auto import tqdm
 
 import quant
 from evaluators import Evaluator
+from quant.kv import FLOAT_KV, KVSetting, split_kv_unit
 from studies import Store
 
 if TYPE_CHECKING:
     from search.request import MeasureRequest
 
-__all__ = ["PROXY_VERSION", "SensitivityTable", "measure_on_workers", "measure_pair", "measure_sensitivity",
-           "proxy_table", "run_sensitivity"]
+__all__ = ["KV_PROXY_VERSION", "PROXY_VERSION", "SensitivityTable", "measure_on_workers", "measure_pair",
+           "measure_sensitivity", "proxy_table", "run_sensitivity"]
 
 log = logging.getLogger(__name__)
 UNFIT_BYTES = 1 << 62  # the bytes of a (unit, setting) pair that cannot exist
@@ -36,8 +41,8 @@ _FLUSH_EVERY = 32  # rows per database write: an interrupted run keeps most of i
 class SensitivityTable:
     """KL and packed bytes of every (unit, setting); ``computed`` pairs were measured now."""
 
-    units: dict[str, list[str]]  # unit name -> its matrices
-    settings: list[quant.QuantSetting]
+    units: dict[str, list[str]]  # unit name -> its matrices (none for a KV unit)
+    settings: list[Any]  # QuantSettings, then the KV units' KVSettings
     kl: dict[str, dict[str, float]] = field(default_factory=dict)  # unit -> setting key -> KL
     nbytes: dict[str, dict[str, int]] = field(default_factory=dict)  # unit -> setting key -> bytes
     computed: int = 0
@@ -54,6 +59,14 @@ class SensitivityTable:
         nb = np.array([[self.nbytes[n].get(k, UNFIT_BYTES) for k in keys] for n in names], dtype=np.int64)
         return names, kl, nb
 
+    def merged(self, other: "SensitivityTable") -> "SensitivityTable":
+        """This table and ``other`` (other units, e.g. the KV cache's) as one."""
+        return SensitivityTable({**self.units, **other.units},
+                                self.settings + [s for s in other.settings if s not in self.settings],
+                                {**self.kl, **other.kl}, {**self.nbytes, **other.nbytes},
+                                self.computed + other.computed, self.reused + other.reused,
+                                self.seconds + other.seconds)
+
     def most_sensitive(self, k: int = 10) -> list[tuple[str, float]]:
         """The ``k`` units with the largest KL at their cheapest setting."""
         names, kl, nb = self.arrays()
@@ -62,30 +75,53 @@ class SensitivityTable:
         return sorted(worst, key=lambda t: -t[1])[:k]
 
 
-def _plan(shapes: dict[str, tuple[int, int]], n_eval: int, settings: list[quant.QuantSetting],
-          units: dict[str, list[str]] | None, store: Store | None, model_fingerprint: str, data_fingerprint: str,
-          windows: int | None) -> tuple[SensitivityTable, list[tuple[str, quant.QuantSetting]], str, int | None]:
+def _per_unit(shapes: dict[str, tuple[int, int]], settings: list[quant.QuantSetting],
+              units: dict[str, list[str]] | None) -> dict[str, list[quant.QuantSetting]]:
+    """Each unit's settings: those all of its matrices' rows fit (a llama.cpp type's block may not)."""
+    units = units or {m: [m] for m in shapes}
+    return {u: [s for s in settings if all(s.fits(shapes[m]) for m in ms)] for u, ms in units.items()}
+
+
+def _kv_per_unit(space: Any) -> dict[str, list[KVSetting]]:
+    """A KV space's units and their settings (float, which costs no KL, left out)."""
+    return {u: [s for s in space.kv.ladders[u] if not s.is_float] for u in space.kv.units}
+
+
+def _plan(per_unit: dict[str, list[Any]], n_eval: int, units: dict[str, list[str]], store: Store | None,
+          model_fingerprint: str, data_fingerprint: str, windows: int | None,
+          nbytes: Any = None) -> tuple[SensitivityTable, list[tuple[str, Any]], str, int | None]:
     """The table with every pair the store holds, the pairs still to measure, and the data key and
-    window count they are measured under."""
+    window count they are measured under. ``nbytes(unit, setting)``: the bytes of a KV unit's pair (they
+    depend on the context the search budgets for, so the stored ones are not used)."""
     if windows is not None and windows < n_eval:
         data_fingerprint = f"{data_fingerprint}/first{windows}"  # fewer tokens are other data
     else:
         windows = None
-    table = SensitivityTable(units or {m: [m] for m in shapes}, settings)
+    settings = list(dict.fromkeys(s for ss in per_unit.values() for s in ss))
+    table = SensitivityTable(dict(units), settings)
     known = store.sensitivity(model_fingerprint, data_fingerprint) if store is not None else {}
-    todo: list[tuple[str, quant.QuantSetting]] = []
-    for name in table.units:
+    todo: list[tuple[str, Any]] = []
+    for name, unit_settings in per_unit.items():
         table.kl[name], table.nbytes[name] = {}, {}
-        for s in settings:
-            if not all(s.fits(shapes[m]) for m in table.units[name]):
-                continue
+        for s in unit_settings:
             hit = known.get((name, s.key()))
             if hit is None:
                 todo.append((name, s))
             else:
-                table.kl[name][s.key()], table.nbytes[name][s.key()] = hit["kl"], hit["bytes"]
+                table.kl[name][s.key()] = hit["kl"]
+                table.nbytes[name][s.key()] = nbytes(name, s) if split_kv_unit(name) else hit["bytes"]
     table.reused = sum(len(v) for v in table.kl.values())
     return table, todo, data_fingerprint, windows
+
+
+def _with_float(table: SensitivityTable, space: Any) -> SensitivityTable:
+    """A KV table with each unit's float setting (KL 0: nothing quantized) at its bytes."""
+    if FLOAT_KV not in table.settings:
+        table.settings.append(FLOAT_KV)
+    for u in space.kv.units:
+        if FLOAT_KV in space.kv.ladders[u]:
+            table.kl[u][FLOAT_KV.key()], table.nbytes[u][FLOAT_KV.key()] = 0.0, space.kv.unit_nbytes(u, FLOAT_KV)
+    return table
 
 
 def _add(table: SensitivityTable, rows: list[dict[str, Any]]) -> None:
@@ -93,11 +129,19 @@ def _add(table: SensitivityTable, rows: list[dict[str, Any]]) -> None:
         table.kl[r["matrix"]][r["setting"]], table.nbytes[r["matrix"]][r["setting"]] = r["kl"], int(r["bytes"])
 
 
-def measure_pair(evaluator: Evaluator, unit: str, matrices: list[str], setting: quant.QuantSetting,
+def measure_pair(evaluator: Evaluator, unit: str, matrices: list[str], setting: Any,
                  windows: int | None) -> dict[str, Any]:
-    """The store's row for one pair: the metrics with only ``matrices`` quantized at ``setting``."""
+    """The store's row for one pair: the metrics with only ``matrices`` quantized at ``setting``, or
+    for a KV unit only its module's keys or values cached at that :class:`~quant.kv.KVSetting`."""
     t = time.perf_counter()
-    r = evaluator.evaluate_partial(dict.fromkeys(matrices, setting), windows=windows)
+    kv = split_kv_unit(unit)
+    if kv is None:
+        r = evaluator.evaluate_partial(dict.fromkeys(matrices, setting), windows=windows)
+    else:
+        module, role = kv
+        pair = (setting, FLOAT_KV) if role == "k" else (FLOAT_KV, setting)
+        r = evaluator.evaluate_partial({}, windows=windows, kv={module: pair})
+        r["bytes"] = r["kv_bytes"]  # over one window; the search counts them at its context (from the space)
     return {"matrix": unit, "setting": setting.key(), "kl": r["kl"], "ppl": r["ppl"], "bytes": int(r["bytes"]),
             "seconds": time.perf_counter() - t}
 
@@ -113,8 +157,10 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
         windows: measure on the first ``windows`` evaluation windows only (default all): the ranking of
             units needs far fewer tokens than a trial's KL, and the table costs one forward per pair.
     """
-    table, todo, data_fingerprint, windows = _plan(evaluator.matrices, len(evaluator.tokens.eval), list(settings),
-                                                   units, store, model_fingerprint, data_fingerprint, windows)
+    per_unit = _per_unit(evaluator.matrices, list(settings), units)
+    table, todo, data_fingerprint, windows = _plan(per_unit, len(evaluator.tokens.eval),
+                                                   units or {m: [m] for m in evaluator.matrices}, store,
+                                                   model_fingerprint, data_fingerprint, windows)
     t0 = time.perf_counter()
     pending: list[dict[str, Any]] = []
     for name, s in tqdm(todo, desc="sensitivity", unit="pair", disable=not progress or not todo,
@@ -132,19 +178,24 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
     return table
 
 
-def measure_on_workers(workers: Any, shapes: dict[str, tuple[int, int]], n_eval: int,
-                       settings: Iterable[quant.QuantSetting], *, units: dict[str, list[str]] | None = None,
-                       store: Store | None = None, model_fingerprint: str = "", data_fingerprint: str = "",
-                       windows: int | None = None, progress: bool = True, chunk: int = 4) -> SensitivityTable:
-    """:func:`measure_sensitivity` on a :class:`~search.dispatch.Dispatcher`'s workers: the pairs the store
-    lacks go out ``chunk`` at a time to whichever worker is idle, and each chunk is stored as it comes
-    back, so an interrupted table resumes where it stopped. A worker that dies is replaced and its chunk
-    run again (the dispatcher's retries); a chunk that fails stops the table with the reason.
+def measure_on_workers(workers: Any, space: Any, n_eval: int, *, store: Store | None = None,
+                       model_fingerprint: str = "", data_fingerprint: str = "", windows: int | None = None,
+                       progress: bool = True, chunk: int = 4) -> SensitivityTable:
+    """:func:`measure_sensitivity` of a search space's units (its KV units too) on a
+    :class:`~search.dispatch.Dispatcher`'s workers: the pairs the store lacks go out ``chunk`` at a
+    time to whichever worker is idle, and each chunk is stored as it comes back, so an interrupted
+    table resumes where it stopped. A worker that dies is replaced and its chunk run again (the
+    dispatcher's retries); a chunk that fails stops the table with the reason.
     """
     from search.dispatch import Task
 
-    table, todo, data_fingerprint, windows = _plan(shapes, n_eval, list(settings), units, store,
-                                                   model_fingerprint, data_fingerprint, windows)
+    per_unit: dict[str, list[Any]] = _per_unit(space.matrices, space.settings(), space.units)
+    units = dict(space.units)
+    if space.kv:
+        per_unit.update(_kv_per_unit(space))
+        units.update(dict.fromkeys(space.kv.units, []))
+    table, todo, data_fingerprint, windows = _plan(per_unit, n_eval, units, store, model_fingerprint,
+                                                   data_fingerprint, windows, nbytes=space.unit_nbytes)
     t0 = time.perf_counter()
     chunks = [[(u, table.units[u], s.to_dict()) for u, s in todo[i:i + chunk]] for i in range(0, len(todo), chunk)]
     bar = tqdm(total=len(todo), desc="sensitivity", unit="pair", disable=not progress or not todo, dynamic_ncols=True)
@@ -155,15 +206,20 @@ def measure_on_workers(workers: Any, shapes: dict[str, tuple[int, int]], n_eval:
             task, rows = workers.next()
             if isinstance(rows, str):
                 raise RuntimeError(f"sensitivity: a worker failed measuring {task.args[0][0][0]}: {rows}")
-            _add(table, rows)
             if store is not None:
                 store.record_sensitivity(model_fingerprint, data_fingerprint, rows)
+            _add(table, [{**r, "bytes": space.unit_nbytes(r["matrix"], _setting_of(table, r["setting"]))}
+                         if space.is_kv(r["matrix"]) else r for r in rows])
             bar.update(len(rows))
     finally:
         bar.close()
     table.computed = len(todo)
     table.seconds = time.perf_counter() - t0
-    return table
+    return _with_float(table, space) if space.kv else table
+
+
+def _setting_of(table: SensitivityTable, key: str) -> Any:
+    return next(s for s in table.settings if s.key() == key)
 
 
 def run_sensitivity(request: MeasureRequest, storage: str, *, progress: bool = True) -> SensitivityTable:
@@ -180,12 +236,15 @@ def run_sensitivity(request: MeasureRequest, storage: str, *, progress: bool = T
 
 
 PROXY_VERSION = "proxy-v1"  # part of the stored rows' data key: a new formula never reuses old predictions
+KV_PROXY_VERSION = "kv-proxy-v1"
 
 
 def proxy_table(evaluator: Evaluator, space: Any, *, store: Store | None = None, model_fingerprint: str = "",
                 data_fingerprint: str = "") -> SensitivityTable:
     """The table predicted by the one-pass proxy (:func:`evaluators.proxy.proxy_sensitivity`: diagonal
-    Fisher of the model's own predictions on the calibration windows), for the space's units and settings.
+    Fisher of the model's own predictions on the calibration windows), for the space's units and settings;
+    a space's KV units by :func:`evaluators.kv_proxy.kv_proxy_sensitivity` (the same Fisher, of the cached
+    keys and values).
 
     Seconds instead of one forward per pair. With a ``store`` the predictions are kept beside the measured
     tables (under ``data_fingerprint/proxy-vN``), so a resumed study and ``export --budget`` solve from the
@@ -194,22 +253,54 @@ def proxy_table(evaluator: Evaluator, space: Any, *, store: Store | None = None,
     from evaluators.proxy import proxy_sensitivity
 
     settings = space.settings()
-    stored, todo, key, _ = _plan(evaluator.matrices, len(evaluator.tokens.eval), settings, dict(space.units), store,
-                                 model_fingerprint, f"{data_fingerprint}/{PROXY_VERSION}", None)
-    if store is not None and not todo:
-        return stored
-    evaluator.restore_float()
+    table = _proxied(evaluator, _per_unit(evaluator.matrices, settings, space.units), dict(space.units), store,
+                     model_fingerprint, f"{data_fingerprint}/{PROXY_VERSION}", None, lambda calib: _weights_proxy(
+                         evaluator, calib, settings, space.units, proxy_sensitivity))
+    if not space.kv:
+        return table
+    kv = _proxied(evaluator, _kv_per_unit(space), dict.fromkeys(space.kv.units, []), store, model_fingerprint,
+                  f"{data_fingerprint}/{KV_PROXY_VERSION}", space.unit_nbytes,
+                  lambda calib: _kv_proxy(evaluator, calib, space))
+    return table.merged(_with_float(kv, space))
+
+
+def _weights_proxy(evaluator: Evaluator, calib: Any, settings: list[quant.QuantSetting], units: Any,
+                   proxy_sensitivity: Any) -> tuple[dict, dict, float]:
     hessians = None
     if quant.needs_hessians(settings):
         evaluator.calibrate(settings)
         hessians = evaluator.hessians
+    pt = proxy_sensitivity(evaluator.model, calib, settings, units=units, hessians=hessians)
+    return pt.kl, pt.nbytes, pt.seconds
+
+
+def _kv_proxy(evaluator: Evaluator, calib: Any, space: Any) -> tuple[dict, dict, float]:
+    from evaluators.kv_proxy import kv_proxy_sensitivity
+
+    roles = {role: list(dict.fromkeys(s for u, (_, r) in space.kv.units.items() if r == role
+                                      for s in space.kv.ladders[u] if not s.is_float)) for role in ("k", "v")}
+    pt = kv_proxy_sensitivity(evaluator.model, calib, roles)
+    keys = {s.key(): s for ss in roles.values() for s in ss}
+    nbytes = {u: {k: space.unit_nbytes(u, keys[k]) for k in row} for u, row in pt.kl.items()}
+    return pt.kl, nbytes, pt.seconds
+
+
+def _proxied(evaluator: Evaluator, per_unit: dict[str, list[Any]], units: dict[str, list[str]], store: Store | None,
+             model_fingerprint: str, key: str, nbytes: Any, predict: Any) -> SensitivityTable:
+    """The stored predictions of ``per_unit``'s pairs under ``key`` if the store holds them all, else
+    ``predict(calibration windows)`` -> (kl, bytes, seconds), stored."""
+    stored, todo, key, _ = _plan(per_unit, len(evaluator.tokens.eval), units, store, model_fingerprint, key, None,
+                                 nbytes=nbytes)
+    if store is not None and not todo:
+        return stored
+    evaluator.restore_float()
     calib = evaluator.tokens.calib if len(evaluator.tokens.calib) else evaluator.tokens.eval
-    pt = proxy_sensitivity(evaluator.model, calib, settings, units=space.units, hessians=hessians)
-    table = SensitivityTable(pt.units, pt.settings, kl=pt.kl, nbytes=pt.nbytes)
-    table.computed, table.seconds = sum(len(v) for v in pt.kl.values()), pt.seconds
+    kl, nb, seconds = predict(calib)
+    table = SensitivityTable(units, stored.settings, kl=kl, nbytes=nb)
+    table.computed, table.seconds = sum(len(v) for v in kl.values()), seconds
     if store is not None:
-        share = pt.seconds / max(1, table.computed)  # what a pair cost, for the record
+        share = seconds / max(1, table.computed)  # what a pair cost, for the record
         store.record_sensitivity(model_fingerprint, key, [
-            {"matrix": u, "setting": k, "kl": kl, "ppl": None, "bytes": table.nbytes[u][k], "seconds": share}
-            for u, row in table.kl.items() for k, kl in row.items()])
+            {"matrix": u, "setting": k, "kl": v, "ppl": None, "bytes": nb[u][k], "seconds": share}
+            for u, row in kl.items() for k, v in row.items()])
     return table

@@ -17,6 +17,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, IntD
 
 import quant
 from evaluators.errors import UserError
+from search.kv_space import KVSpace
 
 __all__ = ["SearchSpace", "DEFAULT_BITS", "DEFAULT_GROUPS", "GRANULARITIES", "check_granularity", "format_label",
            "format_setting", "param_names", "units_of"]
@@ -81,10 +82,15 @@ class SearchSpace:
     row takes no 256-weight super-block), ordered by bytes, and its bits index is a rung of its own
     ladder. ``--bits`` and ``--groups`` do not apply there.
 
+    With a :class:`~search.kv_space.KVSpace` (``--context``), each attention module's keys and values are
+    two more units (their rung of a ladder of cache settings), after the weight units in
+    :attr:`unit_names`; a policy's bytes are then its weights' and its cache's at that context.
+
     Attributes:
         matrices: name -> (out, in) of every weight matrix the policy covers.
         bits, groups, formats: the allowed values.
         granularity: what shares one setting (see :func:`units_of`).
+        kv: the KV cache's units, or ``None``: a weight-only search (the cache is not counted).
         units: unit name -> its matrices (derived).
         ladders: unit name -> its settings by increasing bytes, for fixed-geometry formats (else empty).
     """
@@ -94,6 +100,7 @@ class SearchSpace:
     groups: tuple[int | None, ...] = DEFAULT_GROUPS
     formats: tuple[str, ...] = ("rtn",)
     granularity: str = "matrix"
+    kv: KVSpace | None = None
     units: dict[str, list[str]] = field(init=False)
     ladders: dict[str, list[quant.QuantSetting]] = field(init=False)
 
@@ -131,24 +138,44 @@ class SearchSpace:
                                 "with blocks of 32 (q4_0, q8_0...) or use --granularity matrix")
             self.ladders[unit] = sorted(fits, key=lambda s: (self.unit_nbytes(unit, s), s.describe()))
 
+    @property
+    def unit_names(self) -> list[str]:
+        """Every unit: the weight units, then the KV cache's (if any)."""
+        return list(self.units) + (list(self.kv.units) if self.kv else [])
+
+    def is_kv(self, unit: str) -> bool:
+        return self.kv is not None and unit in self.kv.units
+
     def levels(self, unit: str) -> int:
         """How many rungs the unit's bits index has (its ladder, or the allowed bits)."""
+        if self.is_kv(unit):
+            return len(self.kv.ladders[unit])
         return len(self.ladders[unit]) if self.ladders else len(self.bits)
 
-    def unit_settings(self, unit: str) -> list[quant.QuantSetting]:
-        """Every setting this unit may take."""
+    def unit_settings(self, unit: str) -> list[Any]:
+        """Every setting this unit may take (a KV unit's: :class:`~quant.kv.KVSetting`)."""
+        if self.is_kv(unit):
+            return list(self.kv.ladders[unit])
         return list(self.ladders[unit]) if self.ladders else self.settings()
 
+    def unit_size(self, unit: str) -> int:
+        """Weights of a unit's matrices, or elements a KV unit caches."""
+        if self.is_kv(unit):
+            return self.kv.unit_elements(unit)
+        return sum(h * w for h, w in (self.matrices[m] for m in self.units[unit]))
+
     def to_dict(self) -> dict[str, Any]:
+        kv = {"kv": self.kv.to_dict()} if self.kv else {}
         return {"bits": list(self.bits), "groups": list(self.groups), "formats": list(self.formats),
-                "granularity": self.granularity}
+                "granularity": self.granularity, **kv}
 
     @property
     def n_params(self) -> int:
         """Parameters a sampler really searches (a choice of one value is fixed, not searched)."""
+        kv = sum(self.levels(u) > 1 for u in self.kv.units) if self.kv else 0
         if self.ladders:
-            return sum(self.levels(u) > 1 for u in self.units)
-        return len(self.units) * (int(len(self.bits) > 1) + int(len(self.groups) > 1) + int(len(self.formats) > 1))
+            return kv + sum(self.levels(u) > 1 for u in self.units)
+        return kv + len(self.units) * (int(len(self.bits) > 1) + int(len(self.groups) > 1) + int(len(self.formats) > 1))
 
     @property
     def numel(self) -> int:
@@ -178,6 +205,8 @@ class SearchSpace:
             out[group] = CategoricalDistribution(self.group_labels)
             if len(self.formats) > 1:
                 out[fmt] = CategoricalDistribution(list(self.formats))
+        for unit in self.kv.units if self.kv else ():
+            out[param_names(unit)[0]] = IntDistribution(0, self.levels(unit) - 1)
         return out
 
     def suggest(self, trial: optuna.Trial) -> quant.Policy:
@@ -192,11 +221,17 @@ class SearchSpace:
                    self.formats.index(trial.suggest_categorical(fmt, list(self.formats))) if len(self.formats) > 1
                    else 0)
             settings.update(dict.fromkeys(members, self.setting_at(row)))
-        return quant.Policy(settings, shapes={m: self.matrices[m] for m in settings})  # shapes: for exports
+        kv = {}
+        if self.kv:
+            kv = self.kv.expand({u: self.kv.ladders[u][trial.suggest_int(param_names(u)[0], 0, self.levels(u) - 1)]
+                                 for u in self.kv.units})
+        return quant.Policy(settings, shapes={m: self.matrices[m] for m in settings}, kv=kv)  # shapes: for exports
 
     def setting_at(self, row: Any, unit: str | None = None) -> quant.QuantSetting:
         """The setting of one index row: (bits index, group index, format index); with ladders the bits
-        index is a rung of ``unit``'s ladder."""
+        index is a rung of ``unit``'s ladder (a KV unit's too: its row is ``(rung, 0, 0)``)."""
+        if self.is_kv(unit):
+            return self.kv.ladders[unit][int(row[0])]
         if self.ladders:
             return self.ladders[unit][int(row[0])]
         return format_setting(self.formats[int(row[2])], self.bits[int(row[0])], self.groups[int(row[1])])
@@ -204,14 +239,17 @@ class SearchSpace:
     def covers(self, params: dict[str, Any]) -> bool:
         """Whether ``params`` set every unit of this space (a trial of another space does not)."""
         per_unit = 1 if self.ladders else 3 if len(self.formats) > 1 else 2
-        return len(params) == per_unit * len(self.units) and all(param_names(u)[0] in params for u in self.units)
+        kv = len(self.kv.units) if self.kv else 0
+        return (len(params) == per_unit * len(self.units) + kv
+                and all(param_names(u)[0] in params for u in self.unit_names))
 
     def indices(self, params: dict[str, Any]) -> np.ndarray:
-        """``(n_units, 3)`` rows of (bits index, group index, format index), units in order."""
-        out = np.zeros((len(self.units), 3), dtype=np.int64)
-        for i, unit in enumerate(self.units):
+        """``(n_units, 3)`` rows of (bits index, group index, format index), units in the order of
+        :attr:`unit_names` (a KV unit's row: its rung, 0, 0)."""
+        out = np.zeros((len(self.unit_names), 3), dtype=np.int64)
+        for i, unit in enumerate(self.unit_names):
             bits, group, fmt = param_names(unit)
-            if self.ladders:
+            if self.ladders or self.is_kv(unit):
                 out[i, 0] = int(params[bits])
                 continue
             out[i] = (int(params[bits]), self.group_labels.index(params[group]),
@@ -221,9 +259,9 @@ class SearchSpace:
     def from_indices(self, rows: np.ndarray) -> dict[str, Any]:
         """The inverse of :meth:`indices`: the Optuna params of one index row per unit."""
         out: dict[str, Any] = {}
-        for unit, row in zip(self.units, rows):
+        for unit, row in zip(self.unit_names, rows):
             bits, group, fmt = param_names(unit)
-            if self.ladders:
+            if self.ladders or self.is_kv(unit):
                 out[bits] = int(row[0])
                 continue
             out[bits], out[group] = int(row[0]), self.group_labels[int(row[1])]
@@ -231,37 +269,49 @@ class SearchSpace:
                 out[fmt] = self.formats[int(row[2])]
         return out
 
-    def expand(self, per_unit: dict[str, quant.QuantSetting]) -> quant.Policy:
-        """The policy giving every matrix its unit's setting."""
-        settings = {m: s for unit, s in per_unit.items() for m in self.units[unit]}
-        return quant.Policy(settings, shapes={m: self.matrices[m] for m in settings})
+    def expand(self, per_unit: dict[str, Any]) -> quant.Policy:
+        """The policy giving every matrix its unit's setting (and every KV unit its cache setting)."""
+        settings = {m: s for unit, s in per_unit.items() if not self.is_kv(unit) for m in self.units[unit]}
+        kv = self.kv.expand({u: s for u, s in per_unit.items() if self.is_kv(u)}) if self.kv else {}
+        return quant.Policy(settings, shapes={m: self.matrices[m] for m in settings}, kv=kv)
 
     def params(self, policy: quant.Policy) -> dict[str, Any]:
         """The Optuna params that :meth:`suggest` maps to ``policy`` (for enqueueing seeds).
         A unit takes the setting of its first matrix."""
         first = [policy.settings[members[0]] for members in self.units.values()]
         if self.ladders:
-            return self.from_indices(np.array([(self.ladders[u].index(s), 0, 0) for u, s in zip(self.units, first)],
-                                              dtype=np.int64))
-        return self.from_indices(np.array([(self.bits.index(s.bits), self.groups.index(s.group_size),
-                                            self.formats.index(format_label(s)) if len(self.formats) > 1 else 0) for s in first], dtype=np.int64))
+            rows = [(self.ladders[u].index(s), 0, 0) for u, s in zip(self.units, first)]
+        else:
+            rows = [(self.bits.index(s.bits), self.groups.index(s.group_size),
+                     self.formats.index(format_label(s)) if len(self.formats) > 1 else 0) for s in first]
+        if self.kv:
+            rows += [(self.kv.ladders[u].index(s), 0, 0) for u, s in self.kv.per_unit(policy.kv).items()]
+        return self.from_indices(np.array(rows, dtype=np.int64))
 
     def nbytes(self, policy: quant.Policy) -> int:
-        return policy.expected_nbytes(self.matrices)
+        """Bytes of the packed weights, plus the cache's at the space's context when it has KV units."""
+        return policy.expected_nbytes(self.matrices) + (self.kv.nbytes(policy.kv) if self.kv else 0)
 
-    def unit_nbytes(self, unit: str, setting: quant.QuantSetting) -> int:
-        """Exact packed bytes of a unit's matrices at ``setting``."""
+    def unit_nbytes(self, unit: str, setting: Any) -> int:
+        """Exact packed bytes of a unit's matrices at ``setting`` (a KV unit's cache at the context)."""
+        if self.is_kv(unit):
+            return self.kv.unit_nbytes(unit, setting)
         fmt = quant.get_format(setting.format)
         return sum(fmt.expected_nbytes(self.matrices[m], setting) for m in self.units[unit])
 
     def min_bytes(self) -> int:
         """Bytes of the smallest policy in the space (each unit at its smallest setting)."""
-        return sum(min(self.unit_nbytes(u, s) for s in self.unit_settings(u)) for u in self.units)
+        return sum(min(self.unit_nbytes(u, s) for s in self.unit_settings(u)) for u in self.unit_names)
 
     def uniform_policies(self) -> list[tuple[str, quant.Policy]]:
-        """One policy per setting that every unit may take."""
-        return [(s.describe(), quant.Policy.uniform(list(self.matrices), s, self.matrices)) for s in self.settings()
-                if all(s in self.unit_settings(u) for u in self.units)]
+        """One policy per setting that every unit may take; with KV units, each of those with each
+        setting that every module's keys and values may take (labels ``<weights>+kv-<cache>``)."""
+        weights = [(s.describe(), quant.Policy.uniform(list(self.matrices), s, self.matrices))
+                   for s in self.settings() if all(s in self.unit_settings(u) for u in self.units)]
+        if not self.kv:
+            return weights
+        return [(f"{label}+{kv_label}", quant.Policy(p.settings, p.meta, p.shapes, kv))
+                for label, p in weights for kv_label, kv in self.kv.uniform()]
 
 
 def _geometry(label: str) -> tuple[int, int | None]:

@@ -78,11 +78,13 @@ class TrialWorker:
     def measure_pairs(self, pairs: list[tuple[str, list[str], dict[str, Any]]],
                       windows: int | None = None) -> list[dict[str, Any]]:
         """Single-unit sensitivity: for each ``(unit, its matrices, setting)``, the metrics with only those
-        matrices quantized (over the first ``windows`` evaluation windows), as rows for the store."""
+        matrices (or a KV unit's cache) quantized (over the first ``windows`` evaluation windows), as rows for the store."""
         import quant
+        from quant.kv import KVSetting, split_kv_unit
         from search.sensitivity import measure_pair
 
-        return [measure_pair(self.evaluator, unit, matrices, quant.QuantSetting.from_dict(setting), windows)
+        parse = lambda unit, s: (KVSetting if split_kv_unit(unit) else quant.QuantSetting).from_dict(s)  # noqa: E731
+        return [measure_pair(self.evaluator, unit, matrices, parse(unit, setting), windows)
                 for unit, matrices, setting in pairs]
 
     def pid(self) -> int:

@@ -9,7 +9,8 @@ from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, 
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "StudyRow", "TrialRow", "SensitivityRow", "RescoreRow", "FRONT_INDEX", "WIDE_COLUMNS"]
+__all__ = ["Base", "StudyRow", "TrialRow", "SensitivityRow", "RescoreRow", "FRONT_INDEX", "WIDE_COLUMNS",
+           "ADDED_COLUMNS"]
 
 
 def _now() -> datetime:
@@ -54,12 +55,13 @@ class TrialRow(Base):
     number: Mapped[int] = mapped_column(Integer)  # Optuna's trial number
     state: Mapped[str] = mapped_column(String(16))  # complete | failed
     policy: Mapped[dict[str, Any]] = mapped_column(JSON)
-    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    bpw: Mapped[float | None] = mapped_column(Float, nullable=True)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # weights (+ KV cache, with kv_bytes)
+    bpw: Mapped[float | None] = mapped_column(Float, nullable=True)  # the weights' bits per weight
     kl: Mapped[float | None] = mapped_column(Float, nullable=True)
     ppl: Mapped[float | None] = mapped_column(Float, nullable=True)
     top1: Mapped[float | None] = mapped_column(Float, nullable=True)
     logit_err: Mapped[float | None] = mapped_column(Float, nullable=True)
+    kv_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the cache at --context (in bytes)
     feasible: Mapped[bool] = mapped_column(Boolean, default=False)
     seed: Mapped[str | None] = mapped_column(String(64), nullable=True)  # how a seeded trial was made
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -126,3 +128,5 @@ class RescoreRow(Base):
 # when opened (studies.migrate).
 WIDE_COLUMNS = ((StudyRow.__table__, ("budget_bytes", "numel")), (TrialRow.__table__, ("bytes",)),
                 (SensitivityRow.__table__, ("bytes",)))
+# Columns added since the tables were first made (nullable): an older database gets them when opened.
+ADDED_COLUMNS = ((TrialRow.__table__, ("kv_bytes",)),)

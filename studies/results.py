@@ -13,7 +13,9 @@ class TrialResult:
     has its bytes, first-batch KL and timings, and no full metrics (``kl`` ... ``logit_err`` None).
 
     Attributes:
-        bytes: exact packed bytes of the policy; ``bpw`` the same per weight.
+        bytes: exact packed bytes of the policy: its weights', plus with ``kv_bytes`` its KV cache's at the
+            search's context. ``bpw``: the weights' bytes per weight, in bits.
+        kv_bytes: the KV cache's bytes at the search's context (``--context``); ``None`` in a weight-only search.
         kl_low: KL over the first batch of evaluation windows (what multi-fidelity compares).
         windows: evaluation windows measured (all of them unless pruned).
         seconds_quantize, seconds_forward: the worker's time quantizing and running forwards.
@@ -32,6 +34,7 @@ class TrialResult:
     ppl: float | None = None
     top1: float | None = None
     logit_err: float | None = None
+    kv_bytes: int | None = None
 
     @property
     def pruned(self) -> bool:

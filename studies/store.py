@@ -23,7 +23,7 @@ from studies.retry import SCHEMA_RACE_SECONDS, with_db_retry
 __all__ = ["Store", "StoreError", "NotFoundError", "DEFAULT_STORAGE", "FRONT_COLUMNS"]
 
 DEFAULT_STORAGE = "sqlite:///turboquant.db"
-FRONT_COLUMNS = ["trial", "bytes", "bpw", "kl", "ppl", "top1", "logit_err", "seed"]
+FRONT_COLUMNS = ["trial", "bytes", "kv_bytes", "bpw", "kl", "ppl", "top1", "logit_err", "seed"]
 
 
 # What a front depends on, summarised in one aggregate over the study's complete trials (answered
@@ -38,7 +38,8 @@ _FRONT_HEAD = (select(StudyRow.id, StudyRow.budget_bytes, *_VERSION_COLUMNS).sel
                .group_by(StudyRow.id, StudyRow.budget_bytes))
 _FRONT_VERSION = select(*_VERSION_COLUMNS).where(TrialRow.study_id == bindparam("study_id"),
                                                  TrialRow.state == "complete")
-_FRONT_ROWS = (select(TrialRow.number, TrialRow.bytes, TrialRow.bpw, TrialRow.kl, TrialRow.ppl, TrialRow.top1,
+_FRONT_ROWS = (select(TrialRow.number, TrialRow.bytes, TrialRow.kv_bytes, TrialRow.bpw, TrialRow.kl, TrialRow.ppl,
+                      TrialRow.top1,
                       TrialRow.logit_err, TrialRow.seed)
                .where(TrialRow.study_id == bindparam("study_id"), TrialRow.state == "complete",
                       TrialRow.bytes <= bindparam("limit")))
@@ -171,7 +172,7 @@ class Store:
                       seed: str | None, timings: dict[str, Any]) -> None:
         """Writes a measured trial: ``complete`` with its metrics, or ``pruned`` with bytes and timings."""
         self.record_trial(study, number, state=result.state, policy=policy, bytes=result.bytes, bpw=result.bpw,
-                          kl=result.kl, ppl=result.ppl, top1=result.top1, logit_err=result.logit_err, seed=seed,
+                          kv_bytes=result.kv_bytes, kl=result.kl, ppl=result.ppl, top1=result.top1, logit_err=result.logit_err, seed=seed,
                           timings=timings, worker=result.worker)
 
     def trial(self, study: StudyRow, number: int) -> TrialRow | None:
@@ -181,16 +182,16 @@ class Store:
     def trials_frame(self, study: StudyRow) -> pd.DataFrame:
         # Not the policies: on a real model each is tens of kB of JSON, and progress reads this often.
         with self.session() as s:
-            rows = s.execute(select(TrialRow.number, TrialRow.state, TrialRow.bytes, TrialRow.bpw, TrialRow.kl,
-                                    TrialRow.ppl, TrialRow.top1, TrialRow.logit_err, TrialRow.feasible,
+            rows = s.execute(select(TrialRow.number, TrialRow.state, TrialRow.bytes, TrialRow.kv_bytes, TrialRow.bpw,
+                                    TrialRow.kl, TrialRow.ppl, TrialRow.top1, TrialRow.logit_err, TrialRow.feasible,
                                     TrialRow.seed, TrialRow.timings, TrialRow.worker, TrialRow.error)
                              .where(TrialRow.study_id == study.id).order_by(TrialRow.number))
-            data = [{"trial": r.number, "state": r.state, "bytes": r.bytes, "bpw": r.bpw, "kl": r.kl,
-                     "ppl": r.ppl, "top1": r.top1, "logit_err": r.logit_err, "feasible": r.feasible,
+            data = [{"trial": r.number, "state": r.state, "bytes": r.bytes, "kv_bytes": r.kv_bytes, "bpw": r.bpw,
+                     "kl": r.kl, "ppl": r.ppl, "top1": r.top1, "logit_err": r.logit_err, "feasible": r.feasible,
                      "seed": r.seed, "seconds": (r.timings or {}).get("seconds"), "worker": r.worker,
                      "error": r.error} for r in rows]
-        return pd.DataFrame(data, columns=["trial", "state", "bytes", "bpw", "kl", "ppl", "top1", "logit_err",
-                                           "feasible", "seed", "seconds", "worker", "error"])
+        return pd.DataFrame(data, columns=["trial", "state", "bytes", "kv_bytes", "bpw", "kl", "ppl", "top1",
+                                           "logit_err", "feasible", "seed", "seconds", "worker", "error"])
 
     def front(self, study: StudyRow, budget_bytes: int | None = None) -> pd.DataFrame:
         """The feasible non-dominated points in (bytes, KL), sorted by bytes.

@@ -105,27 +105,27 @@ def test_measured_table_on_workers_matches_the_driver_and_resumes(evaluator, dat
     from search.sensitivity import measure_on_workers
 
     store = Store(f"sqlite:///{tmp_path}/w.db")
-    settings = [quant.QuantSetting("rtn", 2, 32), quant.QuantSetting("rtn", 3, 64)]
-    units = {"attn0": [m for m in evaluator.matrices if "layers.0.self_attn" in m],
-             **{m: [m] for m in evaluator.matrices if "mlp" in m}}
-    here = measure_sensitivity(evaluator, settings, units=units, progress=False)
+    space = SearchSpace(evaluator.matrices, bits=(2, 3), groups=(32,), granularity="block")
+    units = space.units
+    here = measure_sensitivity(evaluator, space.settings(), units=units, progress=False)
     workers = Dispatcher(data_config.to_dict(), evaluator.reference, 2)
     try:
         # Half the pairs are stored already, as an interrupted table leaves them.
-        first = measure_on_workers(workers, evaluator.matrices, len(evaluator.tokens.eval), settings[:1],
-                                   units=units, store=store, model_fingerprint="m", data_fingerprint="d",
-                                   progress=False, chunk=3)
-        table = measure_on_workers(workers, evaluator.matrices, len(evaluator.tokens.eval), settings, units=units,
-                                   store=store, model_fingerprint="m", data_fingerprint="d", progress=False,
-                                   chunk=3)
+        first = measure_on_workers(workers, SearchSpace(evaluator.matrices, bits=(2,), groups=(32,),
+                                                        granularity="block"), len(evaluator.tokens.eval),
+                                   store=store, model_fingerprint="m", data_fingerprint="d", progress=False, chunk=3)
+        table = measure_on_workers(workers, space, len(evaluator.tokens.eval), store=store, model_fingerprint="m",
+                                   data_fingerprint="d", progress=False, chunk=3)
     finally:
         workers.close()
     assert first.computed == len(units) and table.reused == len(units) and table.computed == len(units)
     assert table.nbytes == here.nbytes
+    settings = space.settings()
     for unit in units:
         for s in settings:
             # The workers run one torch thread each: sums in another order than the driver's.
             assert table.kl[unit][s.key()] == pytest.approx(here.kl[unit][s.key()], rel=1e-4, abs=1e-7)
     stored = store.sensitivity("m", "d")
-    assert len(stored) == 2 * len(units) and stored[("attn0", settings[1].key())]["kl"] == table.kl["attn0"][
+    attn0 = next(u for u in units if u.endswith("layers.0.self_attn"))
+    assert len(stored) == 2 * len(units) and stored[(attn0, settings[1].key())]["kl"] == table.kl[attn0][
         settings[1].key()]
