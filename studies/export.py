@@ -19,7 +19,9 @@ def export_policy(store: Store, study_name: str, *, trial: int | None = None,
     """The policy of trial ``trial``, or of the best (lowest KL) front point within ``budget_bytes``.
 
     The document is the stored policy plus its measured metrics and the study's
-    provenance, so ``turboquant eval`` can re-measure it on the same data.
+    provenance, so ``turboquant eval`` can re-measure it on the same data. A point of a KV study
+    (``--context``) has its cache settings in the policy's ``kv`` section, and its metrics say the
+    cache's bytes (``kv_bytes``, included in ``bytes``) at ``kv_context`` tokens x ``kv_batch``.
     """
     study = store.get_study(study_name)
     if (trial is None) == (budget_bytes is None):
@@ -35,5 +37,13 @@ def export_policy(store: Store, study_name: str, *, trial: int | None = None,
     return {**row.policy,
             "model": study.model,
             "metrics": {"kl": row.kl, "ppl": row.ppl, "top1": row.top1, "logit_err": row.logit_err,
-                        "bytes": row.bytes, "bpw": row.bpw},
+                        "bytes": row.bytes, "bpw": row.bpw, **_cache(study, row)},
             "provenance": {**study.provenance, "study": study.name, "trial": row.number, "dataset": study.dataset}}
+
+
+def _cache(study: Any, row: Any) -> dict[str, Any]:
+    """A KV study's point: ``bytes`` are weights + cache; say the cache's share and what it was counted at."""
+    kv = study.space.get("kv")
+    if kv is None:
+        return {}
+    return {"kv_bytes": row.kv_bytes, "kv_context": kv["context"], "kv_batch": kv["batch"]}

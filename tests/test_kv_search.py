@@ -151,3 +151,17 @@ def test_a_resumed_kv_study_keeps_its_space_and_trials(kv_study) -> None:
     other = [a if a != str(CONTEXT) else "1024" for a in args]
     assert main(other + ["--trials", "13"]) == 2  # another context is another search: refused
     assert (store.trials_frame(store.get_study("kv"))["state"] == "complete").sum() == 12
+
+
+def test_an_exported_kv_point_carries_its_cache_and_reproduces_its_kl(kv_study, tmp_path, capsys) -> None:
+    storage, _ = kv_study
+    out = tmp_path / "kv.json"
+    assert main(["export", "kv", "--storage", storage, "--budget", "250KB", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["kv"] and doc["metrics"]["kv_context"] == CONTEXT and doc["metrics"]["kv_batch"] == 2
+    weights = doc["metrics"]["bytes"] - doc["metrics"]["kv_bytes"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["bytes"] == weights  # eval counts the packed weights, and the cache over one window
+    assert abs(measured["kl"] - doc["metrics"]["kl"]) < 1e-4
