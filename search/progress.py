@@ -58,7 +58,8 @@ class Progress:
             log.warning("the %s sampler takes %.0f%% of the search's time (%.2f s per proposal); "
                         "a coarser --granularity or another --sampler would cut it",
                         self.sampler, 100 * share, self.ask_seconds / (self.ran + self.pruned + self.failed))
-        self._bar.set_postfix_str(f"best KL {self.best:.4f} | last {result.bpw:.2f} bpw KL {result.kl:.4f} | "
+        size = f"{result.bpw:.2f} bpw" if result.kv_bytes is None else f"{result.bytes / 1e6:.2f} MB with the cache"
+        self._bar.set_postfix_str(f"best KL {self.best:.4f} | last {size} KL {result.kl:.4f} | "
                                   f"{result.seconds:.1f}s | sampler {100 * share:.0f}%"
                                   + (f" | pruned {self.pruned}" if self.pruned else "")
                                   + (f" | failed {self.failed}" if self.failed else ""))
