@@ -16,12 +16,17 @@ Usage::
     install_kv(model, {name: (KVSetting("turbo", 4), KVSetting("turbo", 4)) for name in infos})
     ...                                    # forwards read quantized keys and values
     remove_kv(model)                       # back to the original attention, bit for bit
+
+    with captured_kv(model, grad=True) as seen:  # what attention receives, for the one-pass proxy
+        loss = f(model(input_ids=ids, use_cache=False))
+    torch.autograd.grad(loss, [seen[name].key_probe])  # d loss / d keys of that module
 """
 
 from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -32,13 +37,44 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from quant.kv import FLOAT_KV, AttentionInfo, KVPair, check_pair, layer_kv_bytes, quantize_kv
 
-__all__ = ["attention_modules", "install_kv", "remove_kv", "kv_installed", "kv_figures", "PREFIX"]
+__all__ = ["attention_modules", "install_kv", "remove_kv", "kv_installed", "kv_figures", "captured_kv", "KVCapture",
+           "PREFIX"]
 
 PREFIX = "turboquant_kv_"
 _SETTING = "_turboquant_kv"  # attribute of an attention module: its (keys, values) settings
 _ORIGINAL = "_turboquant_kv_original"  # attribute of a model: [(config, its original implementation)]
 _INFOS = "_turboquant_kv_infos"  # attribute of a model: what attention_modules found (the architecture is fixed)
 _trace: dict[int, AttentionInfo] | None = None  # set while attention_modules() records what calls attention
+
+
+@dataclass
+class KVCapture:
+    """The key and value (``(B, kv_heads, T, head_dim)``, after rotary, before grouped-query repeat,
+    detached) one attention module passed to attention in the last forward. With ``grad``, the probes
+    are zero tensors of their shapes, requiring grad, added to what attention read: a loss's gradient
+    with respect to a probe is its total gradient with respect to that key or value; else ``None``."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    key_probe: torch.Tensor | None = None
+    value_probe: torch.Tensor | None = None
+
+
+_capture: tuple[dict[int, str], dict[str, KVCapture], bool] | None = None  # set inside captured_kv()
+
+
+def _record(module: nn.Module, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Records what ``module`` passes to attention; with gradients, returns key and value plus their probes."""
+    names, seen, grad = _capture
+    entry = KVCapture(key.detach(), value.detach())
+    if grad:
+        # A zero leaf added (exact: x + 0 == x) rather than a detached copy of the key: the graph through
+        # the key to earlier layers stays whole, so the probe's gradient is the key's total gradient.
+        entry.key_probe = torch.zeros_like(key, requires_grad=True)
+        entry.value_probe = torch.zeros_like(value, requires_grad=True)
+        key, value = key + entry.key_probe, value + entry.value_probe
+    seen[names[id(module)]] = entry
+    return key, value
 
 
 def _original_function(impl: str, module: nn.Module) -> Callable[..., Any]:
@@ -59,6 +95,8 @@ def _kv_attention(impl: str) -> Callable[..., Any]:
         # key, value: (B, kv_heads, T, head_dim)
         if _trace is not None:
             _trace[id(module)] = AttentionInfo(key.shape[1], key.shape[3], kwargs.get("sliding_window"))
+        if _capture is not None:
+            key, value = _record(module, key, value)
         pair: KVPair | None = getattr(module, _SETTING, None)
         if pair is not None:
             key, value = quantize_kv(key, pair[0]), quantize_kv(value, pair[1])
@@ -189,3 +227,32 @@ def kv_figures(model: nn.Module, settings: Mapping[str, KVPair], tokens: int) ->
     nbytes = sum(layer_kv_bytes(info, settings.get(name, (FLOAT_KV, FLOAT_KV)), tokens) for name, info in infos.items())
     elements = sum(2 * info.kv_heads * info.head_dim * info.cached_tokens(tokens) for info in infos.values())
     return {"kv_bytes": nbytes, "kv_bytes_per_token": nbytes / tokens, "kv_bits": 8.0 * nbytes / elements}
+
+
+@contextmanager
+def captured_kv(model: nn.Module, *, grad: bool = False) -> Iterator[dict[str, KVCapture]]:
+    """Records, per attention module name, the key and value tensors each forward in the block passes
+    to attention (the last forward's, if several): a dict filled as the forwards run.
+
+    Without ``grad`` outputs are exactly the same; with it, each key and value gets a zero probe
+    (:class:`KVCapture`) to take gradients against (call the model under ``torch.enable_grad()``),
+    and outputs keep their values. Outside the block the attention path costs one ``None`` test.
+
+    Raises:
+        RuntimeError: a capture is already active, or KV settings are installed (it records the float cache).
+    """
+    global _capture
+    if _capture is not None:
+        raise RuntimeError("captured_kv is already active (captures do not nest)")
+    if any(_SETTING in m.__dict__ for m in model.modules()):
+        raise RuntimeError("captured_kv records the float cache's tensors; call remove_kv(model) first")
+    had = hasattr(model, _ORIGINAL)
+    _wrap(model)
+    seen: dict[str, KVCapture] = {}
+    _capture = ({id(m): name for name, m in model.named_modules()}, seen, grad)
+    try:
+        yield seen
+    finally:
+        _capture = None
+        if not had:
+            remove_kv(model)
