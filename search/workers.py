@@ -78,7 +78,8 @@ class TrialWorker:
     def measure_pairs(self, pairs: list[tuple[str, list[str], dict[str, Any]]],
                       windows: int | None = None) -> list[dict[str, Any]]:
         """Single-unit sensitivity: for each ``(unit, its matrices, setting)``, the metrics with only those
-        matrices (or a KV unit's cache) quantized (over the first ``windows`` evaluation windows), as rows for the store."""
+        matrices (or a KV unit's cache) quantized (over the first ``windows`` evaluation windows), as rows
+        for the store."""
         import quant
         from quant.kv import KVSetting, split_kv_unit
         from search.sensitivity import measure_pair

@@ -172,7 +172,8 @@ class Store:
                       seed: str | None, timings: dict[str, Any]) -> None:
         """Writes a measured trial: ``complete`` with its metrics, or ``pruned`` with bytes and timings."""
         self.record_trial(study, number, state=result.state, policy=policy, bytes=result.bytes, bpw=result.bpw,
-                          kv_bytes=result.kv_bytes, kl=result.kl, ppl=result.ppl, top1=result.top1, logit_err=result.logit_err, seed=seed,
+                          kv_bytes=result.kv_bytes, kl=result.kl, ppl=result.ppl, top1=result.top1,
+                          logit_err=result.logit_err, seed=seed,
                           timings=timings, worker=result.worker)
 
     def trial(self, study: StudyRow, number: int) -> TrialRow | None:

@@ -165,3 +165,22 @@ def test_an_exported_kv_point_carries_its_cache_and_reproduces_its_kl(kv_study, 
     measured = json.loads(capsys.readouterr().out)
     assert measured["bytes"] == weights  # eval counts the packed weights, and the cache over one window
     assert abs(measured["kl"] - doc["metrics"]["kl"]) < 1e-4
+
+
+def test_the_default_proxy_covers_the_kv_units_and_is_stored(tmp_path, corpus, local_ray, data_config) -> None:
+    from search.driver import SearchConfig, run_search
+    from search.sensitivity import KV_PROXY_VERSION
+
+    storage = f"sqlite:///{tmp_path / 'p.db'}"
+    request = SearchRequest.from_data(data_config, study="p", budget="200KB", trials=4, workers=1, bits=[2, 4],
+                                      groups=[32], formats=["rtn"], context=256, kv_bits=[2, 4])
+    run_search(SearchConfig(request, storage=storage, progress=False))
+    store = Store(storage)
+    row = store.get_study("p")
+    stored = store.sensitivity(row.provenance["model_fingerprint"],
+                               f"{row.provenance['data_fingerprint']}/{KV_PROXY_VERSION}")
+    kv = KVSpace(attention_modules(data_config.load()[0].model), bits=(2, 4), context=256)
+    # Every KV unit at every quantized setting of its ladder: keys take rtn_channel too, values do not.
+    assert {(u, s.key()) for u, ladder in kv.ladders.items() for s in ladder if not s.is_float} == set(stored)
+    seeds = [t.seed for t in store.trials_frame(row).itertuples() if t.seed]
+    assert any(s.startswith("dp:") and s.endswith("MB") for s in seeds)

@@ -157,6 +157,9 @@ def test_auth_is_required_when_a_token_is_set(server) -> None:
     ("post", "/studies", {"study": "x", "budget": "3bpw", "granularity": "row"}, 422, "unknown granularity"),
     ("post", "/studies", {"study": "../x", "budget": "3bpw"}, 422, "study names"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "trials": 0}, 422, "trials"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "context": 512}, 422, "give it as a size"),
+    ("post", "/studies", {"study": "x", "budget": "1MB", "context": 512, "kv_formats": ["zip"]}, 422,
+     "unknown KV cache format"),
     ("post", "/studies/api/export", {"trial": 1, "budget": "3bpw"}, 422, "exactly one"),
     ("post", "/studies/api/export", {"trial": 9999}, 404, "no complete trial 9999"),
     ("post", "/studies/api/export", {"budget": "0.1bpw"}, 422, "below the smallest allowed policy"),
@@ -167,6 +170,22 @@ def test_bad_requests_get_4xx_with_a_reason(searched, method, path, body, status
     r = getattr(client, method)(path, **({"json": body} if body is not None else {}))
     assert r.status_code == status, r.text
     assert reason in r.text
+
+
+def test_a_kv_study_through_the_api_carries_its_cache_bytes(searched, corpus) -> None:
+    client, storage = searched
+    body = {"study": "api-kv", "model": "tiny-random-llama", "budget": "200KB", "context": 256, "trials": 4,
+            "workers": 1, "dataset": corpus, "seq_len": 64, "eval_seqs": 4, "calib_seqs": 4, "bits": [2, 4],
+            "groups": [32], "formats": ["rtn"], "kv_bits": [2, 4]}
+    assert client.post("/studies", json=body).status_code == 202
+    assert _wait(client, "api-kv")["status"] == "done"
+    points = client.get("/studies/api-kv/front").json()
+    store = Store(storage)
+    expected = store.front(store.get_study("api-kv"))
+    assert points and [p["kv_bytes"] for p in points] == list(expected["kv_bytes"])
+    assert all(0 < p["kv_bytes"] < p["bytes"] <= 200_000 for p in points)
+    doc = client.post("/studies/api-kv/export", json={"trial": points[-1]["trial"]}).json()
+    assert doc["kv"] and doc["metrics"]["kv_bytes"] == points[-1]["kv_bytes"]
 
 
 def test_cli_front_plot_writes_png_and_html_of_the_same_points(searched, tmp_path, capsys) -> None:
