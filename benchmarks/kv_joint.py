@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pydoc_data  # noqa: E402
 
 import quant  # noqa: E402
-from evaluators import Evaluator  # noqa: E402
+from evaluators import Evaluator, UserError  # noqa: E402
 from evaluators.context import DataConfig  # noqa: E402
 from evaluators.kv_attention import attention_modules  # noqa: E402
 from search.at_budget import REFINE_TRIALS, point_at_budget  # noqa: E402
@@ -101,7 +101,11 @@ def main() -> None:
         run_search(SearchConfig(_request(args, name, budgets[0], **options), storage=storage, progress=False,
                                 seed_budgets=1, extra_seed_budgets=tuple(budgets[1:])))
         for b in budgets:
-            trial = point_at_budget(storage, name, b, trials=args.refine_trials, progress=False)
+            try:
+                trial = point_at_budget(storage, name, b, trials=args.refine_trials, progress=False)
+            except UserError as exc:  # e.g. an 8-bit cache and the smallest weights are over the budget
+                print(f"  {name} at {b / 1e6:.1f} MB: {exc}")
+                continue
             chosen[name, b] = _point(store, name, trial)
         print(f"  {name}: {time.perf_counter() - t:.0f} s", flush=True)
     # The cache alone: fixed weights (rtn 8-bit g128: one setting per unit), the cache at 3.5 bits on average.
@@ -130,7 +134,7 @@ def main() -> None:
           "KL with fp16 cache |")
     print("|---|---|---|---|---|---|---|---|---|")
     for b in budgets:
-        for name in CACHES:
+        for name in (n for n in CACHES if (n, b) in chosen):
             c = chosen[name, b]
             exact = args.model == "smollm2-135m" and c["bpw"] >= Q4_1_BPW
             flag = " (weights at or above Q4_1's size: not counted)" if exact else ""
@@ -139,8 +143,9 @@ def main() -> None:
     print()
     for b in budgets:
         j = chosen["joint", b]
-        best = min(("cache8", "cache4"), key=lambda n: chosen[n, b]["kl"])
-        other_best = min(chosen["cache8", b]["kl_other"], chosen["cache4", b]["kl_other"])
+        fits = [n for n in ("cache8", "cache4") if (n, b) in chosen]
+        best = min(fits, key=lambda n: chosen[n, b]["kl"])
+        other_best = min(chosen[n, b]["kl_other"] for n in fits)
         print(f"{b / 1e6:.1f} MB: joint / best weight-only ({best}) = {j['kl'] / chosen[best, b]['kl']:.2f}x "
               f"(goal <= 0.5x); on the other text {j['kl_other'] / other_best:.2f}x")
     if args.kv_trials:

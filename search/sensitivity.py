@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 import quant
 from evaluators import Evaluator
-from quant.kv import FLOAT_KV, KVSetting, split_kv_unit
+from evaluators.kv_attention import attention_modules
+from quant.kv import FLOAT_KV, KVSetting, kv_bytes, split_kv_unit
 from studies import Store
 
 if TYPE_CHECKING:
@@ -141,7 +142,9 @@ def measure_pair(evaluator: Evaluator, unit: str, matrices: list[str], setting: 
         module, role = kv
         pair = (setting, FLOAT_KV) if role == "k" else (FLOAT_KV, setting)
         r = evaluator.evaluate_partial({}, windows=windows, kv={module: pair})
-        r["bytes"] = r["kv_bytes"]  # over one window; the search counts them at its context (from the space)
+        # For the record, this tensor's bytes over one window; a search counts them at its context (the space's).
+        info = attention_modules(evaluator.model)[module]
+        r["bytes"] = kv_bytes(setting, info.kv_heads, info.head_dim, info.cached_tokens(evaluator.tokens.seq_len))
     return {"matrix": unit, "setting": setting.key(), "kl": r["kl"], "ppl": r["ppl"], "bytes": int(r["bytes"]),
             "seconds": time.perf_counter() - t}
 
@@ -275,7 +278,10 @@ def _weights_proxy(evaluator: Evaluator, calib: Any, settings: list[quant.QuantS
 
 
 def _kv_proxy(evaluator: Evaluator, calib: Any, space: Any) -> tuple[dict, dict, float]:
+    from evaluators.kv_attention import remove_kv
     from evaluators.kv_proxy import kv_proxy_sensitivity
+
+    remove_kv(evaluator.model)  # the float cache: an evaluation before may have left its settings installed
 
     roles = {role: list(dict.fromkeys(s for u, (_, r) in space.kv.units.items() if r == role
                                       for s in space.kv.ladders[u] if not s.is_float)) for role in ("k", "v")}
