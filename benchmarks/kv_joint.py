@@ -14,8 +14,8 @@ and the cache. For each budget at which the fp16 cache would be ``share`` of the
   4-bit key format of ``benchmarks/results/kv_cache.txt``).
 
 Each study runs ``--trials`` at the largest budget, its DP and greedy seeds solved at every budget compared;
-a smaller budget's point is ``export --budget``'s (``--refine-trials`` more trials there when the study has
-no point that fills it). Then the KV cache alone: the weights fixed at rtn 8-bit g128 and
+at a smaller budget it runs ``--refine-trials`` more trials kept there (as ``export --budget`` does), and its
+point is the best within that budget. Then the KV cache alone: the weights fixed at rtn 8-bit g128 and
 the cache searched at 3.5 bits per element on average, against the same weights with the fp16 cache.
 Every chosen point is re-measured on another text (Python's ``pydoc_data/topics.py``) the search never saw.
 """
@@ -36,7 +36,7 @@ import quant  # noqa: E402
 from evaluators import Evaluator, UserError  # noqa: E402
 from evaluators.context import DataConfig  # noqa: E402
 from evaluators.kv_attention import attention_modules  # noqa: E402
-from search.at_budget import REFINE_TRIALS, point_at_budget  # noqa: E402
+from search.at_budget import REFINE_TRIALS, request_of  # noqa: E402
 from search.driver import SearchConfig, run_search  # noqa: E402
 from search.kv_space import KVSpace  # noqa: E402
 from search.request import SearchRequest  # noqa: E402
@@ -53,6 +53,18 @@ def _request(args: argparse.Namespace, name: str, budget: int, **options) -> Sea
     return SearchRequest(model=args.model, seq_len=args.context, eval_seqs=args.eval_seqs,
                          calib_seqs=args.calib_seqs, budget=str(budget), study=name, workers=args.workers,
                          context=args.context, batch=args.batch, **options)
+
+
+def _at_budget(storage: str, store: Store, name: str, budget: int, refine: int) -> int:
+    """The study's best trial within ``budget``, after ``refine`` evo trials kept at it (below the study's
+    own budget), as ``export --budget`` runs them, but always: every study gets the same trials there."""
+    row = store.get_study(name)
+    if budget < row.budget_bytes and refine:
+        frame = store.trials_frame(row)
+        done = int(frame["state"].isin(["complete", "pruned"]).sum())
+        run_search(SearchConfig(request_of(row, trials=done + refine, sampler="evo"), storage=storage,
+                                progress=False, target_bytes=budget))
+    return int(store.front(row, budget).iloc[-1]["trial"])
 
 
 def _point(store: Store, name: str, trial: int) -> dict:
@@ -102,7 +114,7 @@ def main() -> None:
                                 seed_budgets=1, extra_seed_budgets=tuple(budgets[1:])))
         for b in budgets:
             try:
-                trial = point_at_budget(storage, name, b, trials=args.refine_trials, progress=False)
+                trial = _at_budget(storage, store, name, b, args.refine_trials)
             except UserError as exc:  # e.g. an 8-bit cache and the smallest weights are over the budget
                 print(f"  {name} at {b / 1e6:.1f} MB: {exc}")
                 continue
@@ -127,8 +139,9 @@ def main() -> None:
     base_loaded, base_tokens = data.load()
     base = Evaluator(base_loaded, base_tokens)
     for point in chosen.values():
-        point["kl_other"] = other.evaluate(point["policy"])["kl"]
         point["kl_fp16_cache"] = base.evaluate(quant.Policy(point["policy"].settings))["kl"]
+        other.hessians = base.hessians  # gptq is calibrated on the study's windows, then measured elsewhere
+        point["kl_other"] = other.evaluate(point["policy"])["kl"]
     print()
     print("| budget MB | fp16 cache share | study | KL | KL other text | bytes | weights bpw | cache bits/elt | "
           "KL with fp16 cache |")
