@@ -55,6 +55,9 @@ class SearchConfig:
     # study's own budget is unchanged): how ``export --budget`` fills a budget the study has no point at.
     target_bytes: int | None = None
     fidelity_keep: int = 12  # a child must be among this many best first-batch KLs to be measured fully
+    # Where the sensitivity proxy runs: None = on a worker unless the workers run on the CPU here (on GPUs:
+    # the driver needs none, and a CPU would take hours on a large model's backward passes).
+    proxy_on_worker: bool | None = None
 
 
 def _proxy(cfg: SearchConfig, store: Store, loaded: Any, tokens: Any, space: SearchSpace) -> tuple[Any, Any]:
@@ -69,6 +72,26 @@ def _proxy(cfg: SearchConfig, store: Store, loaded: Any, tokens: Any, space: Sea
     log.info("sensitivity proxy: %d pairs predicted in %.1f s, %d reused", table.computed, table.seconds,
              table.reused)
     return table, evaluator.reference
+
+
+def _proxy_on_worker(cfg: SearchConfig, store: Store, workers: Dispatcher, fingerprints: tuple[str, str],
+                     space: SearchSpace) -> Any:
+    """The proxy's table, read from the store or predicted by one worker on its device."""
+    from search.dispatch import Task
+    from search.sensitivity import proxy_table
+
+    def predict(kinds: list[str]) -> dict[str, Any]:
+        workers.submit(Task(workers.idle.pop(), "proxy", (cfg.request.model_dump(), kinds)))
+        _, out = workers.next()
+        if isinstance(out, str):
+            raise RuntimeError(f"sensitivity proxy: the worker failed: {out}")
+        return out
+
+    table = proxy_table(None, space, store=store, model_fingerprint=fingerprints[0],
+                        data_fingerprint=fingerprints[1], predict=predict)
+    log.info("sensitivity proxy on a worker: %d pairs predicted in %.1f s, %d reused", table.computed,
+             table.seconds, table.reused)
+    return table
 
 
 def _measured(cfg: SearchConfig, store: Store, workers: Dispatcher, n_eval: int, fingerprints: tuple[str, str],
@@ -151,7 +174,10 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         return Progress.nothing_to_do(done, complete)  # before minutes of sensitivity it would not use
     table = reference = None
     measured = request.sensitivity and request.sensitivity_method == "measured"
-    if request.sensitivity and not measured:
+    proxied = request.sensitivity and not measured
+    # "auto" here is a cluster's device, resolved by the dispatcher: a worker there is as near as the driver.
+    on_worker = proxied and (cfg.proxy_on_worker if cfg.proxy_on_worker is not None else device != "cpu")
+    if proxied and not on_worker:
         table, reference = _proxy(cfg, store, loaded, tokens, space)
     size, host_workers = _check_memory(request, loaded.model, tokens, device)
     if reference is None:
@@ -165,6 +191,8 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     try:
         if measured:  # one forward per pair, on every worker
             table = _measured(cfg, store, workers, len(tokens.eval), fingerprints, space)
+        elif on_worker:
+            table = _proxy_on_worker(cfg, store, workers, fingerprints, space)
         if table is not None:
             _seed(cfg, study, table, space, budget_bytes, created)
         if created:

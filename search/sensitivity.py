@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from search.request import MeasureRequest
 
 __all__ = ["KV_PROXY_VERSION", "PROXY_VERSION", "SensitivityTable", "measure_on_workers", "measure_pair",
-           "measure_sensitivity", "proxy_table", "run_sensitivity"]
+           "measure_sensitivity", "predict_proxy", "proxy_table", "run_sensitivity"]
 
 log = logging.getLogger(__name__)
 UNFIT_BYTES = 1 << 62  # the bytes of a (unit, setting) pair that cannot exist
@@ -242,39 +242,75 @@ PROXY_VERSION = "proxy-v1"  # part of the stored rows' data key: a new formula n
 KV_PROXY_VERSION = "kv-proxy-v1"
 
 
-def proxy_table(evaluator: Evaluator, space: Any, *, store: Store | None = None, model_fingerprint: str = "",
-                data_fingerprint: str = "") -> SensitivityTable:
+def proxy_table(evaluator: Evaluator | None, space: Any, *, store: Store | None = None,
+                model_fingerprint: str = "", data_fingerprint: str = "", predict: Any = None) -> SensitivityTable:
     """The table predicted by the one-pass proxy (:func:`evaluators.proxy.proxy_sensitivity`: diagonal
     Fisher of the model's own predictions on the calibration windows), for the space's units and settings;
     a space's KV units by :func:`evaluators.kv_proxy.kv_proxy_sensitivity` (the same Fisher, of the cached
     keys and values).
 
     Seconds instead of one forward per pair. With a ``store`` the predictions are kept beside the measured
-    tables (under ``data_fingerprint/proxy-vN``), so a resumed study and ``export --budget`` solve from the
-    same numbers without the Fisher pass; a table the store holds whole is read, not recomputed.
+    tables (under ``data_fingerprint/proxy-vN``, the cache's under ``.../kv-proxy-vN``), so a resumed study
+    and ``export --budget`` solve from the same numbers without the Fisher pass; a part (weights, cache) the
+    store holds whole is read, not recomputed.
+
+    Args:
+        predict: ``predict(kinds)`` -> ``{kind: (kl, bytes, seconds)}`` for the missing kinds (``"weights"``,
+            ``"kv"``), computed elsewhere (a GPU worker: :meth:`search.workers.TrialWorker.proxy`); default
+            :func:`predict_proxy` on ``evaluator``.
     """
+    tables: dict[str, SensitivityTable] = {}
+    missing = []
+    for kind, (per_unit, units, version, nbytes) in _parts(space).items():
+        tables[kind], todo, _, _ = _plan(per_unit, 0, units, store, model_fingerprint,
+                                         f"{data_fingerprint}/{version}", None, nbytes=nbytes)
+        if store is None or todo:
+            missing.append(kind)
+    if missing:
+        predicted = (predict or (lambda kinds: predict_proxy(evaluator, space, kinds)))(missing)
+        for kind in missing:
+            kl, nb, seconds = predicted[kind]
+            table = SensitivityTable(tables[kind].units, tables[kind].settings, kl=kl, nbytes=nb)
+            table.computed, table.seconds = sum(len(v) for v in kl.values()), seconds
+            if store is not None:
+                share = seconds / max(1, table.computed)  # what a pair cost, for the record
+                store.record_sensitivity(model_fingerprint, f"{data_fingerprint}/{_parts(space)[kind][2]}", [
+                    {"matrix": u, "setting": k, "kl": v, "ppl": None, "bytes": nb[u][k], "seconds": share}
+                    for u, row in kl.items() for k, v in row.items()])
+            tables[kind] = table
+    return tables["weights"].merged(_with_float(tables["kv"], space)) if space.kv else tables["weights"]
+
+
+def _parts(space: Any) -> dict[str, tuple[dict[str, list[Any]], dict[str, list[str]], str, Any]]:
+    """The proxy's two kinds of units: per kind, each unit's settings, the units, the stored version and
+    the bytes of a pair where the store's are not used (the cache's, see :func:`_plan`)."""
+    parts = {"weights": (_per_unit(space.matrices, space.settings(), space.units), dict(space.units),
+                         PROXY_VERSION, None)}
+    if space.kv:
+        parts["kv"] = (_kv_per_unit(space), dict.fromkeys(space.kv.units, []), KV_PROXY_VERSION, space.unit_nbytes)
+    return parts
+
+
+def predict_proxy(evaluator: Evaluator, space: Any, kinds: Iterable[str] = ("weights", "kv")) -> dict[str, tuple]:
+    """The proxy's predictions of ``kinds`` on ``evaluator``'s model and calibration windows (the
+    evaluation windows when there are none): ``{kind: (kl, bytes, seconds)}``, tables keyed by unit and
+    setting key."""
     from evaluators.proxy import proxy_sensitivity
 
-    settings = space.settings()
-    table = _proxied(evaluator, _per_unit(evaluator.matrices, settings, space.units), dict(space.units), store,
-                     model_fingerprint, f"{data_fingerprint}/{PROXY_VERSION}", None, lambda calib: _weights_proxy(
-                         evaluator, calib, settings, space.units, proxy_sensitivity))
-    if not space.kv:
-        return table
-    kv = _proxied(evaluator, _kv_per_unit(space), dict.fromkeys(space.kv.units, []), store, model_fingerprint,
-                  f"{data_fingerprint}/{KV_PROXY_VERSION}", space.unit_nbytes,
-                  lambda calib: _kv_proxy(evaluator, calib, space))
-    return table.merged(_with_float(kv, space))
-
-
-def _weights_proxy(evaluator: Evaluator, calib: Any, settings: list[quant.QuantSetting], units: Any,
-                   proxy_sensitivity: Any) -> tuple[dict, dict, float]:
-    hessians = None
-    if quant.needs_hessians(settings):
-        evaluator.calibrate(settings)
-        hessians = evaluator.hessians
-    pt = proxy_sensitivity(evaluator.model, calib, settings, units=units, hessians=hessians)
-    return pt.kl, pt.nbytes, pt.seconds
+    evaluator.restore_float()
+    calib = evaluator.tokens.calib if len(evaluator.tokens.calib) else evaluator.tokens.eval
+    out = {}
+    if "weights" in kinds:
+        settings = space.settings()
+        hessians = None
+        if quant.needs_hessians(settings):
+            evaluator.calibrate(settings)
+            hessians = evaluator.hessians
+        pt = proxy_sensitivity(evaluator.model, calib, settings, units=space.units, hessians=hessians)
+        out["weights"] = pt.kl, pt.nbytes, pt.seconds
+    if "kv" in kinds and space.kv:
+        out["kv"] = _kv_proxy(evaluator, calib, space)
+    return out
 
 
 def _kv_proxy(evaluator: Evaluator, calib: Any, space: Any) -> tuple[dict, dict, float]:
@@ -282,31 +318,9 @@ def _kv_proxy(evaluator: Evaluator, calib: Any, space: Any) -> tuple[dict, dict,
     from evaluators.kv_proxy import kv_proxy_sensitivity
 
     remove_kv(evaluator.model)  # the float cache: an evaluation before may have left its settings installed
-
     roles = {role: list(dict.fromkeys(s for u, (_, r) in space.kv.units.items() if r == role
                                       for s in space.kv.ladders[u] if not s.is_float)) for role in ("k", "v")}
     pt = kv_proxy_sensitivity(evaluator.model, calib, roles)
     keys = {s.key(): s for ss in roles.values() for s in ss}
     nbytes = {u: {k: space.unit_nbytes(u, keys[k]) for k in row} for u, row in pt.kl.items()}
     return pt.kl, nbytes, pt.seconds
-
-
-def _proxied(evaluator: Evaluator, per_unit: dict[str, list[Any]], units: dict[str, list[str]], store: Store | None,
-             model_fingerprint: str, key: str, nbytes: Any, predict: Any) -> SensitivityTable:
-    """The stored predictions of ``per_unit``'s pairs under ``key`` if the store holds them all, else
-    ``predict(calibration windows)`` -> (kl, bytes, seconds), stored."""
-    stored, todo, key, _ = _plan(per_unit, len(evaluator.tokens.eval), units, store, model_fingerprint, key, None,
-                                 nbytes=nbytes)
-    if store is not None and not todo:
-        return stored
-    evaluator.restore_float()
-    calib = evaluator.tokens.calib if len(evaluator.tokens.calib) else evaluator.tokens.eval
-    kl, nb, seconds = predict(calib)
-    table = SensitivityTable(units, stored.settings, kl=kl, nbytes=nb)
-    table.computed, table.seconds = sum(len(v) for v in kl.values()), seconds
-    if store is not None:
-        share = seconds / max(1, table.computed)  # what a pair cost, for the record
-        store.record_sensitivity(model_fingerprint, key, [
-            {"matrix": u, "setting": k, "kl": v, "ppl": None, "bytes": nb[u][k], "seconds": share}
-            for u, row in kl.items() for k, v in row.items()])
-    return table

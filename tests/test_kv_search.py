@@ -184,3 +184,26 @@ def test_the_default_proxy_covers_the_kv_units_and_is_stored(tmp_path, corpus, l
     assert {(u, s.key()) for u, ladder in kv.ladders.items() for s in ladder if not s.is_float} == set(stored)
     seeds = [t.seed for t in store.trials_frame(row).itertuples() if t.seed]
     assert any(s.startswith("dp:") and s.endswith("MB") for s in seeds)
+
+
+def test_the_proxy_on_a_worker_gives_the_drivers_table(tmp_path, data_config, local_ray) -> None:
+    """Where the workers run on GPUs the proxy runs on one of them (forced here on the CPU): same predictions."""
+    from search.driver import SearchConfig, run_search
+    from search.sensitivity import KV_PROXY_VERSION, PROXY_VERSION
+
+    tables = []
+    for on_worker in (False, True):
+        storage = f"sqlite:///{tmp_path / f'w{on_worker}.db'}"
+        request = SearchRequest.from_data(data_config, study="w", budget="200KB", trials=2, workers=1, bits=[2, 4],
+                                          groups=[32], formats=["rtn", "gptq"], context=256, kv_bits=[2, 4])
+        run_search(SearchConfig(request, storage=storage, progress=False, proxy_on_worker=on_worker))
+        store = Store(storage)
+        row = store.get_study("w")
+        fp, dfp = row.provenance["model_fingerprint"], row.provenance["data_fingerprint"]
+        tables.append({**store.sensitivity(fp, f"{dfp}/{PROXY_VERSION}"),
+                       **store.sensitivity(fp, f"{dfp}/{KV_PROXY_VERSION}")})
+    here, there = tables
+    assert set(here) == set(there) and any(":kv_" in unit for unit, _ in here)
+    for pair, row in here.items():  # the worker runs on fewer torch threads: sums in another order
+        assert there[pair]["kl"] == pytest.approx(row["kl"], rel=1e-3, abs=1e-9), pair
+        assert there[pair]["bytes"] == row["bytes"]
