@@ -146,7 +146,8 @@ class Store:
             best = dict(s.execute(select(TrialRow.study_id, func.min(TrialRow.kl))
                                   .where(TrialRow.feasible).group_by(TrialRow.study_id)).all())
             rows = [{"study": r.name, "model": r.model, "budget_bytes": r.budget_bytes,
-                     "budget_bpw": round(r.budget_bpw, 3), "sampler": r.sampler,
+                     # A budget with a KV cache is no number of bits per weight.
+                     "budget_bpw": None if "kv" in (r.space or {}) else round(r.budget_bpw, 3), "sampler": r.sampler,
                      "complete": counts.get(r.id, 0), "failed": failed.get(r.id, 0),
                      "best_kl": best.get(r.id), "created": r.created_at}
                     for r in s.scalars(select(StudyRow).order_by(StudyRow.id))]
