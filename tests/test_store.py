@@ -120,10 +120,14 @@ def test_old_sqlite_database_opens_keeps_its_trials_and_holds_64_bit_counts(tmp_
     shutil.copy(V1 / "studies_v1.db", path)
     with sqlite3.connect(path) as con:  # the file really has the old 32-bit-era column types
         ddl = con.execute("SELECT sql FROM sqlite_master WHERE name = 'tq_trials'").fetchone()[0]
-    assert "bytes INTEGER" in ddl
+    assert "bytes INTEGER" in ddl and "kv_bytes" not in ddl
     store = Store(f"sqlite:///{path}")
+    from studies.migrate import missing_columns
+
+    assert missing_columns(store.engine) == []  # the KV cache's column, added to the old table
     old = store.get_study("old")
     frame = store.trials_frame(old)
+    assert frame["kv_bytes"].isna().all()  # trials of a weight-only search count no cache
     assert list(frame["trial"]) == [0, 1, 2, 3] and list(frame["bytes"].iloc[:3]) == [40_000, 45_000, 50_000]
     assert list(store.front(old)["trial"]) == [0, 1, 2]  # budget 60 000: every complete trial fits
     assert store.sensitivity("m", "d")[("a", "rtn:4:32")]["bytes"] == 1234
@@ -166,7 +170,9 @@ def test_old_postgres_database_is_widened_and_keeps_its_rows(postgres) -> None:
         with engine.begin() as conn:
             conn.execute(text(f"UPDATE tq_trials SET bytes = {BIG}"))
     store = Store(url)
-    assert narrow_columns(engine) == []
+    from studies.migrate import missing_columns
+
+    assert narrow_columns(engine) == [] and missing_columns(engine) == []
     old = store.get_study("old")
     assert list(store.front(old)["trial"]) == [0] and store.trial(old, 0).bytes == 50_000
     store.record_trial(old, 1, state="complete", policy={}, bytes=BIG, bpw=8.0, kl=0.1)
