@@ -151,6 +151,10 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     space = request.space(quant.weight_matrices(loaded.model),
                           attention_modules(loaded.model) if request.context is not None else None)
     budget_bytes = _budget(request.budget, space)
+    if request.context is not None and request.context > request.seq_len:
+        log.warning("the cache is counted at %d tokens but scored on windows of %d (--seq-len): the KL says what "
+                    "a cache of %d tokens costs, which grows with the tokens read", request.context, request.seq_len,
+                    request.seq_len)
     if cfg.target_bytes is not None:
         _budget(str(cfg.target_bytes), space)
     store = Store(cfg.storage)  # only now: bad input above leaves the storage untouched

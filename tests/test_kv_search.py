@@ -167,14 +167,17 @@ def test_an_exported_kv_point_carries_its_cache_and_reproduces_its_kl(kv_study, 
     assert abs(measured["kl"] - doc["metrics"]["kl"]) < 1e-4
 
 
-def test_the_default_proxy_covers_the_kv_units_and_is_stored(tmp_path, corpus, local_ray, data_config) -> None:
+def test_the_default_proxy_covers_the_kv_units_and_is_stored(tmp_path, corpus, local_ray, data_config,
+                                                              caplog) -> None:
     from search.driver import SearchConfig, run_search
     from search.sensitivity import KV_PROXY_VERSION
 
     storage = f"sqlite:///{tmp_path / 'p.db'}"
     request = SearchRequest.from_data(data_config, study="p", budget="200KB", trials=4, workers=1, bits=[2, 4],
                                       groups=[32], formats=["rtn"], context=256, kv_bits=[2, 4])
-    run_search(SearchConfig(request, storage=storage, progress=False))
+    with caplog.at_level("WARNING", logger="search.driver"):
+        run_search(SearchConfig(request, storage=storage, progress=False))
+    assert "counted at 256 tokens but scored on windows of 64" in caplog.text  # --seq-len shorter than --context
     store = Store(storage)
     row = store.get_study("p")
     stored = store.sensitivity(row.provenance["model_fingerprint"],
