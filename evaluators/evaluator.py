@@ -13,7 +13,7 @@ from torch import nn
 
 import quant
 from evaluators.data import TokenSets
-from evaluators.kv_attention import install_kv, kv_figures
+from evaluators.kv_attention import install_kv, kv_figures, remove_kv
 from evaluators.metrics import MetricSums
 from evaluators.models import LoadedModel
 from evaluators.reference import Reference, TopKReference
@@ -187,8 +187,10 @@ class Evaluator:
         return self.cache.get(name, weight, setting, self.hessians or {})
 
     def restore_float(self) -> None:
-        """Puts every quantized matrix back to float (the kept float weights; nothing is copied)."""
+        """Puts every quantized matrix back to float (the kept float weights; nothing is copied) and the KV
+        cache too (an evaluation leaves its policy's cache settings installed until the next one)."""
         quant.restore_float(self.model, self.weights)
+        remove_kv(self.model)
 
     @torch.inference_mode()
     def evaluate_partial(self, settings: Mapping[str, quant.QuantSetting], windows: int | None = None,

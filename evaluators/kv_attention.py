@@ -37,7 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from quant.kv import FLOAT_KV, AttentionInfo, KVPair, check_pair, layer_kv_bytes, quantize_kv
 
-__all__ = ["attention_modules", "install_kv", "remove_kv", "kv_installed", "kv_figures", "captured_kv", "KVCapture",
+__all__ = ["attention_modules", "has_kv", "install_kv", "remove_kv", "kv_installed", "kv_figures", "captured_kv", "KVCapture",
            "PREFIX"]
 
 PREFIX = "turboquant_kv_"
@@ -142,6 +142,11 @@ def _wrap(model: nn.Module) -> None:
     model.__dict__[_ORIGINAL] = original  # not an nn.Module attribute: nothing registered, nothing saved
 
 
+def has_kv(model: nn.Module) -> bool:
+    """Whether KV cache settings are installed on some module of ``model``."""
+    return any(_SETTING in m.__dict__ for m in model.modules())
+
+
 def remove_kv(model: nn.Module) -> None:
     """Undoes :func:`install_kv`: original attention implementation, no settings (no-op if none)."""
     for module in model.modules():
@@ -244,7 +249,7 @@ def captured_kv(model: nn.Module, *, grad: bool = False) -> Iterator[dict[str, K
     global _capture
     if _capture is not None:
         raise RuntimeError("captured_kv is already active (captures do not nest)")
-    if any(_SETTING in m.__dict__ for m in model.modules()):
+    if has_kv(model):
         raise RuntimeError("captured_kv records the float cache's tensors; call remove_kv(model) first")
     had = hasattr(model, _ORIGINAL)
     _wrap(model)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import quant
+from evaluators.kv_attention import has_kv
 from quant.modules import as_matrix
 
 __all__ = ["ProxyTable", "fisher_diagonal", "proxy_sensitivity"]
@@ -55,6 +56,9 @@ def _check_float(model: nn.Module) -> None:
     if quantized:
         raise ValueError(f"the proxy needs the float model, but {len(quantized)} modules are quantized "
                          f"(e.g. {quantized[0]}); call Evaluator.restore_float() first")
+    if has_kv(model):  # a quantized cache cuts the gradient to the key and value projections
+        raise ValueError("the proxy needs the float model, but KV cache settings are installed; call "
+                         "Evaluator.restore_float() (or evaluators.kv_attention.remove_kv) first")
 
 
 def fisher_diagonal(model: nn.Module, tokens: np.ndarray | torch.Tensor, names: Iterable[str] | None = None,

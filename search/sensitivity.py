@@ -314,10 +314,8 @@ def predict_proxy(evaluator: Evaluator, space: Any, kinds: Iterable[str] = ("wei
 
 
 def _kv_proxy(evaluator: Evaluator, calib: Any, space: Any) -> tuple[dict, dict, float]:
-    from evaluators.kv_attention import remove_kv
     from evaluators.kv_proxy import kv_proxy_sensitivity
 
-    remove_kv(evaluator.model)  # the float cache: an evaluation before may have left its settings installed
     roles = {role: list(dict.fromkeys(s for u, (_, r) in space.kv.units.items() if r == role
                                       for s in space.kv.ladders[u] if not s.is_float)) for role in ("k", "v")}
     pt = kv_proxy_sensitivity(evaluator.model, calib, roles)

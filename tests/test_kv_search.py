@@ -137,6 +137,7 @@ def test_a_float_cache_reproduces_the_weight_only_kl_exactly(kv_study, evaluator
     without = evaluator.evaluate(quant.Policy(policy.settings))
     assert with_float["kl"] == without["kl"] and with_float["ppl"] == without["ppl"]
     assert evaluator.evaluate(policy)["kl"] == pytest.approx(trial.kl, rel=1e-4, abs=1e-7)
+    evaluator.restore_float()  # the shared model: its weights and its cache back to float
 
 
 def test_a_resumed_kv_study_keeps_its_space_and_trials(kv_study) -> None:

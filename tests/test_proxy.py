@@ -9,7 +9,9 @@ import torch
 from scipy.stats import spearmanr
 
 import quant
+from evaluators.kv_attention import attention_modules
 from evaluators.proxy import fisher_diagonal, proxy_sensitivity
+from quant.kv import KVSetting
 
 SETTINGS = [quant.QuantSetting("rtn", b, g) for b in (2, 3, 4) for g in (32, 64)]
 
@@ -134,6 +136,14 @@ def test_refuses_a_quantized_model_and_gptq_without_hessians(float_evaluator) ->
     ev.evaluate_partial({"model.layers.0.mlp.up_proj": SETTINGS[0]})
     with pytest.raises(ValueError, match="restore_float"):
         proxy_sensitivity(ev.model, ev.tokens.calib, SETTINGS)
+    # A quantized KV cache (left by an evaluation) cuts the gradient to the key and value projections.
+    kv = {m: (KVSetting("turbo", 2), KVSetting("turbo", 2)) for m in attention_modules(ev.model)}
+    ev.restore_float()
+    ev.evaluate_partial({}, kv=kv)
+    with pytest.raises(ValueError, match="KV cache settings are installed"):
+        proxy_sensitivity(ev.model, ev.tokens.calib, SETTINGS)
+    ev.restore_float()  # the weights and the cache back to float
+    assert proxy_sensitivity(ev.model, ev.tokens.calib, SETTINGS[:1]).kl
 
 
 def _gpt2_pair():
