@@ -254,10 +254,10 @@ def unpack_kv(p: PackedKV) -> torch.Tensor:
     b, h, _, d = p.shape
     t = _quantized_tokens(p.setting, p.shape[2])
     m = p.packed.dequantize().to(p.dtype)  # (rows, cols) of _matrix
-    # rtn_channel's rows are channels: back to (tokens, dims) in memory too, as attention kernels read it
-    # (SDPA on the CPU runs 4x slower on the transposed view).
-    x = m.view(b, h, d, t).transpose(-1, -2).contiguous() if p.setting.format == "rtn_channel" else m.view(b, h, t, d)
-    return x if p.residual is None else torch.cat([x, p.residual], dim=2)
+    x = m.view(b, h, d, t).transpose(-1, -2) if p.setting.format == "rtn_channel" else m.view(b, h, t, d)
+    # (tokens, dims) rows in memory, as attention kernels read them: SDPA on the CPU runs 4x slower on a
+    # transposed view (rtn_channel's rows are channels) or a padded head's slice.
+    return x.contiguous() if p.residual is None else torch.cat([x, p.residual], dim=2)
 
 
 def quantize_kv(x: torch.Tensor, setting: KVSetting) -> torch.Tensor:
