@@ -18,9 +18,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-import quant
 from evaluators import UserError, reference_logprobs, reference_nbytes
-from evaluators.kv_attention import attention_modules
+from quant.kv import kv_from_dict
 from search.budget import parse_budget
 from search.dispatch import Dispatcher
 from search.placement import CPU_BATCH, WorkerSize, fit_in_host, resolve_device
@@ -148,8 +147,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     device = _device(request, cfg.ray_address)
     data = request.data_config(device)  # --dtype auto is resolved for the workers' device
     loaded, tokens = data.load()
-    space = request.space(quant.weight_matrices(loaded.model),
-                          attention_modules(loaded.model) if request.context is not None else None)
+    space = request.space_of(loaded.model)
     budget_bytes = _budget(request.budget, space)
     if request.context is not None and request.context > request.seq_len:
         log.warning("the cache is counted at %d tokens but scored on windows of %d (--seq-len): the KL says what "
@@ -233,7 +231,7 @@ def _trials(study: optuna.Study, store: Store, row: Any, space: SearchSpace, gat
             progress.failed_one()
             continue
         if space.kv is not None:  # the budget's bytes: the packed weights' and the cache's at the context
-            kv_bytes = space.kv.nbytes(quant.Policy.from_dict(job.policy).kv)
+            kv_bytes = space.kv.nbytes(kv_from_dict(job.policy.get("kv", {})))
             outcome = dataclasses.replace(outcome, bytes=outcome.bytes + kv_bytes, kv_bytes=kv_bytes)
         record_result(study, store, row, job, outcome)
         if gate is not None and not outcome.pruned:

@@ -183,6 +183,14 @@ class SearchRequest(MeasureRequest):
         return SearchSpace(matrices, tuple(self.bits), tuple(self.groups), tuple(self.formats),
                            granularity=self.granularity, kv=kv)
 
+    def space_of(self, model: Any) -> SearchSpace:
+        """:meth:`space` over a loaded float model's weight matrices (and, with ``--context``, its attention
+        modules): what the driver searches and what a worker predicts the proxy over."""
+        import quant
+        from evaluators.kv_attention import attention_modules
+
+        return self.space(quant.weight_matrices(model), attention_modules(model) if self.context is not None else None)
+
     @property
     def study_name(self) -> str:
         """The study's name: as given, else ``MODEL-BUDGET`` (a model path's slashes as underscores)."""

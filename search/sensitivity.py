@@ -192,13 +192,14 @@ def measure_on_workers(workers: Any, space: Any, n_eval: int, *, store: Store | 
     """
     from search.dispatch import Task
 
-    per_unit: dict[str, list[Any]] = _per_unit(space.matrices, space.settings(), space.units)
-    units = dict(space.units)
-    if space.kv:
-        per_unit.update(_kv_per_unit(space))
-        units.update(dict.fromkeys(space.kv.units, []))
+    per_unit: dict[str, list[Any]] = {}
+    units: dict[str, list[str]] = {}
+    for part_settings, part_units, _, _ in _parts(space).values():  # the weights' units, then the cache's
+        per_unit.update(part_settings)
+        units.update(part_units)
     table, todo, data_fingerprint, windows = _plan(per_unit, n_eval, units, store, model_fingerprint,
                                                    data_fingerprint, windows, nbytes=space.unit_nbytes)
+    by_key = {s.key(): s for s in table.settings}
     t0 = time.perf_counter()
     chunks = [[(u, table.units[u], s.to_dict()) for u, s in todo[i:i + chunk]] for i in range(0, len(todo), chunk)]
     bar = tqdm(total=len(todo), desc="sensitivity", unit="pair", disable=not progress or not todo, dynamic_ncols=True)
@@ -211,7 +212,7 @@ def measure_on_workers(workers: Any, space: Any, n_eval: int, *, store: Store | 
                 raise RuntimeError(f"sensitivity: a worker failed measuring {task.args[0][0][0]}: {rows}")
             if store is not None:
                 store.record_sensitivity(model_fingerprint, data_fingerprint, rows)
-            _add(table, [{**r, "bytes": space.unit_nbytes(r["matrix"], _setting_of(table, r["setting"]))}
+            _add(table, [{**r, "bytes": space.unit_nbytes(r["matrix"], by_key[r["setting"]])}
                          if space.is_kv(r["matrix"]) else r for r in rows])
             bar.update(len(rows))
     finally:
@@ -219,10 +220,6 @@ def measure_on_workers(workers: Any, space: Any, n_eval: int, *, store: Store | 
     table.computed = len(todo)
     table.seconds = time.perf_counter() - t0
     return _with_float(table, space) if space.kv else table
-
-
-def _setting_of(table: SensitivityTable, key: str) -> Any:
-    return next(s for s in table.settings if s.key() == key)
 
 
 def run_sensitivity(request: MeasureRequest, storage: str, *, progress: bool = True) -> SensitivityTable:
@@ -259,9 +256,10 @@ def proxy_table(evaluator: Evaluator | None, space: Any, *, store: Store | None 
             ``"kv"``), computed elsewhere (a GPU worker: :meth:`search.workers.TrialWorker.proxy`); default
             :func:`predict_proxy` on ``evaluator``.
     """
+    parts = _parts(space)
     tables: dict[str, SensitivityTable] = {}
     missing = []
-    for kind, (per_unit, units, version, nbytes) in _parts(space).items():
+    for kind, (per_unit, units, version, nbytes) in parts.items():
         tables[kind], todo, _, _ = _plan(per_unit, 0, units, store, model_fingerprint,
                                          f"{data_fingerprint}/{version}", None, nbytes=nbytes)
         if store is None or todo:
@@ -274,7 +272,7 @@ def proxy_table(evaluator: Evaluator | None, space: Any, *, store: Store | None 
             table.computed, table.seconds = sum(len(v) for v in kl.values()), seconds
             if store is not None:
                 share = seconds / max(1, table.computed)  # what a pair cost, for the record
-                store.record_sensitivity(model_fingerprint, f"{data_fingerprint}/{_parts(space)[kind][2]}", [
+                store.record_sensitivity(model_fingerprint, f"{data_fingerprint}/{parts[kind][2]}", [
                     {"matrix": u, "setting": k, "kl": v, "ppl": None, "bytes": nb[u][k], "seconds": share}
                     for u, row in kl.items() for k, v in row.items()])
             tables[kind] = table

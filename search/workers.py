@@ -92,15 +92,11 @@ class TrialWorker:
         """The sensitivity proxy's predictions (:func:`search.sensitivity.predict_proxy`) of ``kinds`` over the
         space of ``request`` (a ``SearchRequest``'s fields), on this worker's device: where a search on GPUs
         runs it, the driver having none."""
-        import quant
-        from evaluators.kv_attention import attention_modules
         from search.request import SearchRequest
         from search.sensitivity import predict_proxy
 
-        req = SearchRequest.model_validate(request)
-        self.evaluator.restore_float()
-        model = self.evaluator.model
-        space = req.space(quant.weight_matrices(model), attention_modules(model) if req.context is not None else None)
+        self.evaluator.restore_float()  # the space's shapes and attention modules are the float model's
+        space = SearchRequest.model_validate(request).space_of(self.evaluator.model)
         return predict_proxy(self.evaluator, space, kinds)
 
     def pid(self) -> int:

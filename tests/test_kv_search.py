@@ -16,6 +16,7 @@ from search.kv_space import KVSpace, kv_candidates
 from search.request import SearchRequest
 from search.space import SearchSpace
 from studies import Store
+from tests.test_search import resume_keeps_every_trial
 
 CONTEXT = 512
 
@@ -142,13 +143,8 @@ def test_a_float_cache_reproduces_the_weight_only_kl_exactly(kv_study, evaluator
 
 def test_a_resumed_kv_study_keeps_its_space_and_trials(kv_study) -> None:
     storage, args = kv_study
+    resume_keeps_every_trial(storage, "kv", args, 12, columns=("kl", "bytes", "kv_bytes"))
     store = Store(storage)
-    before = store.trials_frame(store.get_study("kv"))
-    assert main(args + ["--trials", "12"]) == 0
-    after = store.trials_frame(store.get_study("kv"))
-    assert (after["state"] == "complete").sum() == 12
-    kept = after.set_index("trial").loc[before["trial"]]
-    assert list(kept["kl"]) == list(before["kl"]) and list(kept["kv_bytes"]) == list(before["kv_bytes"])
     other = [a if a != str(CONTEXT) else "1024" for a in args]
     assert main(other + ["--trials", "13"]) == 2  # another context is another search: refused
     assert (store.trials_frame(store.get_study("kv"))["state"] == "complete").sum() == 12

@@ -33,15 +33,23 @@ def test_front_points_fit_the_budget_and_do_not_dominate_each_other(searched, ca
     assert (frame["state"] == "complete").sum() == 12
 
 
+def resume_keeps_every_trial(storage: str, study: str, args: list[str], trials: int,
+                             columns: tuple[str, ...] = ("kl", "bytes")) -> None:
+    """Resumes ``study`` (its search command ``args``) up to ``trials``: it gets there, and every trial it
+    had keeps its ``columns``."""
+    store = Store(storage)
+    before = store.trials_frame(store.get_study(study))
+    assert main(args + ["--trials", str(trials)]) == 0
+    after = store.trials_frame(store.get_study(study))
+    assert (after["state"] == "complete").sum() == trials
+    kept = after.set_index("trial").loc[before["trial"]]
+    for column in columns:
+        assert list(kept[column]) == list(before[column]), column
+
+
 def test_resume_keeps_every_finished_trial(searched) -> None:
     storage, args = searched
-    store = Store(storage)
-    before = store.trials_frame(store.get_study("t"))
-    assert main(args + ["--trials", "15"]) == 0
-    after = store.trials_frame(store.get_study("t"))
-    assert (after["state"] == "complete").sum() == 15
-    kept = after.set_index("trial").loc[before["trial"]]
-    assert list(kept["kl"]) == list(before["kl"]) and list(kept["bytes"]) == list(before["bytes"])
+    resume_keeps_every_trial(storage, "t", args, 15)
 
 
 def test_exported_policy_reproduces_its_kl(searched, tmp_path, capsys) -> None:
