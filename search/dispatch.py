@@ -33,6 +33,11 @@ class Task:
     attempts: int = 1
 
 
+def _node_gpus() -> tuple[int, ...]:
+    """The GPUs of each live node of the cluster."""
+    return tuple(int(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node.get("Alive"))
+
+
 class Dispatcher:
     """:class:`~search.workers.TrialWorker` actors over one model, data and reference: ``n_workers``, or
     with ``None`` as many as :func:`~search.placement.plan_workers` chooses from the cores, the GPUs'
@@ -43,14 +48,17 @@ class Dispatcher:
     :meth:`close` kills the workers.
 
     The reference is put in Ray's object store once: its numpy arrays reach every worker on the
-    same node without a copy. ``device`` (``auto``, ``cpu``, ``cuda``) is resolved against the GPUs
+    same node without a copy. Given as ``None``, the first worker computes it (with ``reference_topk``)
+    on its device, where the float model's forwards are fast, and the others share it. ``device`` (``auto``, ``cpu``, ``cuda``) is resolved against the GPUs
     the cluster reports; on ``cuda`` each worker asks Ray for its share of a GPU, sized from ``size``
-    (see :func:`~search.placement.actor_options`). :attr:`plan` says what was chosen.
+    (see :func:`~search.placement.actor_options`), or with ``split`` as many whole GPUs as its share of a
+    model too large for one takes (:func:`~search.placement.split_memory`). :attr:`plan` says what was chosen.
     """
 
     def __init__(self, data: dict[str, Any], reference: Any, n_workers: int | None, *,
                  ray_address: str | None = None, max_retries: int = 2, device: str = "cpu",
-                 size: WorkerSize | None = None, host_workers: int | None = None, max_workers: int | None = None):
+                 size: WorkerSize | None = None, host_workers: int | None = None, max_workers: int | None = None,
+                 split: bool = False, reference_topk: int | None = None):
         # A local Ray gets this machine's cores (each worker then runs cores / workers torch threads),
         # and never fewer CPUs than workers asked for, each of which takes one.
         init_ray(ray_address, max(os.cpu_count() or 1, n_workers or 1))
@@ -62,18 +70,23 @@ class Dispatcher:
         cpus = int(ray.available_resources().get("CPU", n_workers or 1))
         self.plan = plan_workers(self.device, size or WorkerSize(0, 0, 0), requested=n_workers, cpus=cpus,
                                  host_workers=host_workers or cpus, max_workers=max_workers, gpu_memory=memory,
-                                 n_gpus=n_gpus)
+                                 n_gpus=n_gpus, split=split, node_gpus=_node_gpus())
         log.info("workers: %s", self.plan.why)
-        self._options = actor_options(self.device, self.plan.workers, self.plan.size, memory, n_gpus)
-        self._reference = ray.put(reference)
+        self._options = ({"num_cpus": 1, "num_gpus": self.plan.gpus} if self.plan.max_memory else
+                         actor_options(self.device, self.plan.workers, self.plan.size, memory, n_gpus))
         self._threads = self.plan.threads
-        self._workers = [self._start() for _ in range(self.plan.workers)]
+        self._topk = reference_topk
+        self._reference = None if reference is None else ray.put(reference)
+        self._workers = [self._start()]
+        if reference is None:  # the first worker computed it on its device: the others share its copy
+            self._reference = ray.put(ray.get(self._workers[0].reference.remote()))
+        self._workers += [self._start() for _ in range(self.plan.workers - 1)]
         self.idle = list(range(self.plan.workers))
         self._pending: dict[Any, Job] = {}
 
     def _start(self) -> Any:
         return TrialWorker.options(**self._options).remote(self._data, self._reference, self._threads, self.device,
-                                                           self.plan.batch_size)
+                                                           self.plan.batch_size, self.plan.max_memory, self._topk)
 
     @property
     def busy(self) -> int:

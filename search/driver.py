@@ -19,6 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evaluators import UserError, reference_logprobs, reference_nbytes
+from evaluators.device_map import block_bytes
 from quant.kv import kv_from_dict
 from search.budget import parse_budget
 from search.dispatch import Dispatcher
@@ -54,9 +55,10 @@ class SearchConfig:
     # study's own budget is unchanged): how ``export --budget`` fills a budget the study has no point at.
     target_bytes: int | None = None
     fidelity_keep: int = 12  # a child must be among this many best first-batch KLs to be measured fully
-    # Where the sensitivity proxy runs: None = on a worker unless the workers run on the CPU here (on GPUs:
-    # the driver needs none, and a CPU would take hours on a large model's backward passes).
-    proxy_on_worker: bool | None = None
+    # Where the float model's own passes run (the reference's forwards, the sensitivity proxy's backwards):
+    # None = on a worker unless the workers run on the CPU here (on GPUs: the driver needs none, and a CPU
+    # would take hours on a large model).
+    on_workers: bool | None = None
 
 
 def _proxy(cfg: SearchConfig, store: Store, loaded: Any, tokens: Any, space: SearchSpace) -> tuple[Any, Any]:
@@ -178,22 +180,23 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     measured = request.sensitivity and request.sensitivity_method == "measured"
     proxied = request.sensitivity and not measured
     # "auto" here is a cluster's device, resolved by the dispatcher: a worker there is as near as the driver.
-    on_worker = proxied and (cfg.proxy_on_worker if cfg.proxy_on_worker is not None else device != "cpu")
-    if proxied and not on_worker:
+    on_workers = cfg.on_workers if cfg.on_workers is not None else device != "cpu"
+    if proxied and not on_workers:
         table, reference = _proxy(cfg, store, loaded, tokens, space)
     size, host_workers = _check_memory(request, loaded.model, tokens, device)
-    if reference is None:
+    if reference is None and not on_workers:  # else the first worker computes it (see Dispatcher)
         reference = reference_logprobs(loaded.model, tokens, topk=request.reference_topk)
     fingerprints = (loaded.fingerprint, tokens.fingerprint)
     del loaded  # the workers load their own copies
     workers = Dispatcher(data.to_dict(), reference, request.workers, ray_address=cfg.ray_address,
                          max_retries=cfg.max_retries, device=device, size=size, host_workers=host_workers,
-                         max_workers=None if measured else max(request.trials - done, 1))
+                         max_workers=None if measured else max(request.trials - done, 1), split=request.split_model,
+                         reference_topk=request.reference_topk)
     progress = None
     try:
         if measured:  # one forward per pair, on every worker
             table = _measured(cfg, store, workers, len(tokens.eval), fingerprints, space)
-        elif on_worker:
+        elif proxied and on_workers:
             table = _proxy_on_worker(cfg, store, workers, fingerprints, space)
         if table is not None:
             _seed(cfg, study, table, space, budget_bytes, created)
@@ -267,7 +270,8 @@ def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str) 
     vocab = int(model.config.vocab_size)
     reference = reference_nbytes(tokens.eval.shape[0], tokens.seq_len - 1, vocab, request.reference_topk)
     window_logits = tokens.seq_len * vocab * 4 * 3  # logits, log-probs, reference slice
-    size = WorkerSize(params, reference, CPU_BATCH * window_logits, window_logits, int(tokens.eval.shape[0]))
+    size = WorkerSize(params, reference, CPU_BATCH * window_logits, window_logits, int(tokens.eval.shape[0]),
+                      block_bytes(model))
     per_worker = params if device == "cuda" else 3 * params + size.batch_bytes
     limit = request.memory_limit_bytes or psutil.virtual_memory().available
     fit = fit_in_host(request.workers, per_worker, params + 2 * reference, limit,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from evaluators import UserError
 
 __all__ = ["CPU_BATCH", "DEVICES", "Device", "GPU_HEADROOM", "WORKERS_PER_GPU", "WorkerPlan", "WorkerSize",
-           "actor_options", "fit_in_host", "plan_workers", "resolve_device"]
+           "actor_options", "fit_in_host", "plan_workers", "resolve_device", "split_memory"]
 
 Device = typing.Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = typing.get_args(Device)
@@ -59,6 +59,9 @@ class WorkerSize:
     batch_bytes: int
     window_bytes: int = 0  # one evaluation window's share of ``batch_bytes`` (0: the batch is not resized)
     windows: int = 0  # evaluation windows
+    # The largest part a device map keeps on one GPU (a decoder layer, the embedding or the head): a model
+    # split over GPUs may leave up to this much unused on each (see :func:`split_memory`).
+    block_bytes: int = 0
 
     @property
     def device_bytes(self) -> int:
@@ -75,6 +78,14 @@ class WorkerPlan:
     batch_size: int
     size: WorkerSize
     why: str
+    # A model split over several GPUs (``--split-model``): the parameter bytes each of a worker's GPUs
+    # takes, accelerate's ``max_memory`` (:func:`split_memory`); ``None``: the model on one device.
+    max_memory: dict[int, int] | None = None
+
+    @property
+    def gpus(self) -> int:
+        """Whole GPUs each worker of a split model holds (1 otherwise, or a share of one)."""
+        return len(self.max_memory) if self.max_memory else 1
 
 
 def fit_in_host(requested: int | None, per_worker: int, shared: int, limit: int, hint: str = "") -> int:
@@ -94,7 +105,8 @@ def fit_in_host(requested: int | None, per_worker: int, shared: int, limit: int,
 
 
 def plan_workers(device: str, size: WorkerSize, *, requested: int | None, cpus: int, host_workers: int,
-                 max_workers: int | None = None, gpu_memory: int = 0, n_gpus: int = 0) -> WorkerPlan:
+                 max_workers: int | None = None, gpu_memory: int = 0, n_gpus: int = 0,
+                 split: bool = False, node_gpus: tuple[int, ...] = ()) -> WorkerPlan:
     """The workers of a search on ``device`` (``cpu`` or ``cuda``), ``requested`` or chosen when ``None``.
 
     Automatic count: on the CPU one worker per core (each runs torch on ``cpus // workers`` threads;
@@ -104,15 +116,26 @@ def plan_workers(device: str, size: WorkerSize, *, requested: int | None, cpus: 
     trials to run). Batch: :data:`CPU_BATCH` on the CPU; on CUDA as many windows as fit in a worker's
     share of its GPU, up to half the evaluation windows (the first half is multi-fidelity's first batch).
 
+    With ``split`` (``--split-model``), a worker that does not fit on one GPU spreads its model over as many
+    as :func:`split_memory` says, at the CPU batch, and the workers are as many as the GPUs hold.
+
     Args:
         size: what one worker holds at the CPU batch (with ``window_bytes`` and ``windows`` to resize it).
         cpus: the cores Ray has for the workers.
-        gpu_memory: free bytes of one GPU; ``n_gpus``: the GPUs.
+        gpu_memory: free bytes of one GPU; ``n_gpus``: the GPUs; ``node_gpus``: the GPUs of each node (a
+            split worker's GPUs are on one node; default: all on one).
 
     Raises:
-        UserError: on CUDA, a worker (or the requested ones) does not fit on the GPUs (:func:`actor_options`).
+        UserError: on CUDA, a worker (or the requested ones) does not fit on the GPUs (:func:`actor_options`);
+            ``split`` asked for on the CPU.
     """
     cpus, cap = max(1, cpus), max(1, max_workers or 1 << 30)
+    if split and device == "cpu":
+        raise UserError("--split-model spreads a model over several GPUs, and these workers run on the CPU: "
+                        "drop --split-model, or run where GPUs are (--device cuda)")
+    if split and size.device_bytes > gpu_memory * GPU_HEADROOM:
+        return _split_plan(size, requested=requested, cpus=cpus, host_workers=host_workers, cap=cap,
+                           gpu_memory=gpu_memory, node_gpus=node_gpus or (n_gpus,))
     if device == "cpu":
         workers = requested or max(1, min(cpus, host_workers, cap))
         why = "as asked" if requested else f"one per core of {cpus}, up to {host_workers} in host memory and {cap} trials"
@@ -137,6 +160,55 @@ def plan_workers(device: str, size: WorkerSize, *, requested: int | None, cpus: 
                       f"{workers} GPU workers ({why}), {batch} windows per forward")
 
 
+def split_memory(size: WorkerSize, gpu_memory: int) -> dict[int, int]:
+    """The parameter bytes each GPU of a worker whose model is split over several takes (accelerate's
+    ``max_memory``, by GPU index): as many GPUs as hold the model.
+
+    A worker keeps three times the parameters (:attr:`WorkerSize.device_bytes`), on the GPU of each
+    layer, so each GPU takes a third of its usable memory in parameters; the first also holds the inputs,
+    the reference and a batch's logits. The count leaves one :attr:`~WorkerSize.block_bytes` unused on
+    each GPU, since a device map moves a whole layer to the next GPU when it does not fit, and one more
+    on the first, where accelerate keeps room for the largest layer.
+
+    Raises:
+        UserError: the reference and the logits leave the first GPU no room for a layer.
+    """
+    usable = int(gpu_memory * GPU_HEADROOM)
+    first = (usable - size.reference_bytes - size.batch_bytes) // 3
+    rest = usable // 3
+    if first <= 2 * size.block_bytes or rest <= size.block_bytes:
+        raise UserError(f"a split model's first GPU holds the reference ({size.reference_bytes / GIB:.2f} GiB) and a "
+                        f"batch's logits ({size.batch_bytes / GIB:.2f} GiB) beside 3 x its layers of up to "
+                        f"{size.block_bytes / GIB:.2f} GiB, and a GPU has {gpu_memory / GIB:.2f} GiB "
+                        f"({GPU_HEADROOM:.0%} usable); use --reference-topk or fewer --eval-seqs")
+    budgets, room = [first], first - 2 * size.block_bytes
+    while room < size.param_bytes:
+        budgets.append(rest)
+        room += rest - size.block_bytes
+    return dict(enumerate(budgets))
+
+
+def _split_plan(size: WorkerSize, *, requested: int | None, cpus: int, host_workers: int, cap: int,
+                gpu_memory: int, node_gpus: tuple[int, ...]) -> WorkerPlan:
+    """:func:`plan_workers` for a model split over several GPUs per worker: whole GPUs of one node each
+    (Ray would wait forever for more GPUs than a node has)."""
+    max_memory = split_memory(size, gpu_memory)
+    k = len(max_memory)
+    fit = sum(g // k for g in node_gpus)
+    if fit < 1:
+        raise UserError(f"the model split over GPUs needs {k} GPUs of {gpu_memory / GIB:.2f} GiB on one node per "
+                        f"worker (3 x {size.param_bytes / GIB:.2f} GiB model copies + "
+                        f"{size.reference_bytes / GIB:.2f} GiB reference) but the nodes have {max(node_gpus)} at "
+                        "most; load it in half precision (--dtype bfloat16)")
+    if requested and requested > fit:
+        raise UserError(f"{requested} workers of {k} GPUs each do not fit on {sum(node_gpus)} GPUs "
+                        f"({', '.join(map(str, node_gpus))} by node); use --workers {fit} or fewer")
+    workers = requested or max(1, min(fit, host_workers, cpus, cap))
+    return WorkerPlan(workers, max(1, cpus // workers), CPU_BATCH, size,
+                      f"{workers} workers, each with the model split over {k} GPUs, {CPU_BATCH} windows per forward",
+                      max_memory=max_memory)
+
+
 def actor_options(device: str, n_workers: int, size: WorkerSize, gpu_memory: int = 0,
                   n_gpus: int = 0) -> dict[str, float]:
     """Ray options of each of ``n_workers`` workers on ``device``.
@@ -155,13 +227,14 @@ def actor_options(device: str, n_workers: int, size: WorkerSize, gpu_memory: int
     gib = GIB
     if size.param_bytes > usable:
         raise UserError(f"the model alone is {size.param_bytes / gib:.2f} GiB but a GPU has {gpu_memory / gib:.2f} "
-                        f"GiB ({GPU_HEADROOM:.0%} usable); splitting one model over several GPUs is not supported: "
-                        "load it in half precision (--dtype bfloat16), or use --device cpu")
+                        f"GiB ({GPU_HEADROOM:.0%} usable): load it in half precision (--dtype bfloat16), spread it "
+                        "over several GPUs (--split-model), or use --device cpu")
     if need > usable:
         raise UserError(f"one worker needs about {need / gib:.2f} GiB on its GPU (3 x {size.param_bytes / gib:.2f} "
                         f"GiB model copies + {size.reference_bytes / gib:.2f} GiB reference + "
                         f"{size.batch_bytes / gib:.2f} GiB logits) but a GPU has {gpu_memory / gib:.2f} GiB "
-                        f"({GPU_HEADROOM:.0%} usable); use --reference-topk, fewer --eval-seqs, or --device cpu")
+                        f"({GPU_HEADROOM:.0%} usable); use --reference-topk, fewer --eval-seqs, --split-model (several GPUs "
+                        "a worker), or --device cpu")
     fit = usable // need
     per_gpu = math.ceil(n_workers / max(n_gpus, 1))
     if per_gpu > fit:

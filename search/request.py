@@ -138,6 +138,9 @@ class SearchRequest(MeasureRequest):
                                        "(SmolLM2: 0.91x full at K=512, 0.994x at K=8192; default: the full log-probs)")
     device: Device = Field("auto", description="where workers run: cuda (each asks Ray for a share of a GPU), "
                                                "cpu, or auto (cuda when there is a GPU)")
+    split_model: bool = Field(False, description="let a model that one GPU cannot hold spread over several, each "
+                              "worker taking as many whole GPUs as it needs (accelerate's device map; default: "
+                              "such a model is refused with the estimate)")
     context: int | None = Field(None, ge=1, le=1 << 24, description="tokens of KV cache the deployment holds: the "
                                 "budget (a size, e.g. 150MB) then counts weights + cache at this context, and each "
                                 "attention module's key and value precision is searched with the weights "

@@ -48,11 +48,13 @@ class TrialWorker:
     """Measures policies on one model. Created once per search; receives and returns plain data.
 
     The model, its float weights, the reference and the packed cache live on ``device``; each forward
-    runs ``batch_size`` evaluation windows.
+    runs ``batch_size`` evaluation windows. Without a ``reference`` it computes its own (with
+    ``reference_topk``). With ``max_memory`` (GPU index -> parameter bytes) the model is spread over this
+    worker's GPUs instead (:func:`evaluators.device_map.spread`).
     """
 
-    def __init__(self, data: dict[str, Any], reference: Reference, threads: int, device: str = "cpu",
-                 batch_size: int = 2):
+    def __init__(self, data: dict[str, Any], reference: Reference | None, threads: int, device: str = "cpu",
+                 batch_size: int = 2, max_memory: dict[int, int] | None = None, reference_topk: int | None = None):
         import torch
 
         from evaluators import Evaluator
@@ -60,8 +62,14 @@ class TrialWorker:
 
         torch.set_num_threads(max(1, threads))
         loaded, tokens = DataConfig.from_dict(data).load()
-        loaded.model.to(device)
-        self.evaluator = Evaluator(loaded, tokens, reference=reference, batch_size=batch_size)
+        if max_memory:
+            from evaluators.device_map import spread
+
+            spread(loaded.model, max_memory)
+        else:
+            loaded.model.to(device)
+        self.evaluator = Evaluator(loaded, tokens, reference=reference, batch_size=batch_size,
+                                   reference_topk=reference_topk)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def evaluate(self, policy: dict[str, Any], prune_above: float | None = None) -> TrialResult:
@@ -98,6 +106,11 @@ class TrialWorker:
         self.evaluator.restore_float()  # the space's shapes and attention modules are the float model's
         space = SearchRequest.model_validate(request).space_of(self.evaluator.model)
         return predict_proxy(self.evaluator, space, kinds)
+
+    def reference(self) -> Reference:
+        """The reference this worker compares with: the one it was given, or computed on its device when
+        it was given ``None`` (``reference_topk`` words per position, or all)."""
+        return self.evaluator.reference
 
     def pid(self) -> int:
         return os.getpid()

@@ -186,22 +186,28 @@ def test_the_default_proxy_covers_the_kv_units_and_is_stored(tmp_path, corpus, l
     assert any(s.startswith("dp:") and s.endswith("MB") for s in seeds)
 
 
-def test_the_proxy_on_a_worker_gives_the_drivers_table(tmp_path, data_config, local_ray) -> None:
-    """Where the workers run on GPUs the proxy runs on one of them (forced here on the CPU): same predictions."""
+def test_the_proxy_and_reference_on_a_worker_give_the_drivers_table_and_trials(tmp_path, data_config,
+                                                                              local_ray) -> None:
+    """Where the workers run on GPUs the reference and the proxy are computed on one of them (forced here on
+    the CPU): the same predictions, and the same trials' KL."""
     from search.driver import SearchConfig, run_search
     from search.sensitivity import KV_PROXY_VERSION, PROXY_VERSION
 
-    tables = []
+    tables, trials = [], []
     for on_worker in (False, True):
         storage = f"sqlite:///{tmp_path / f'w{on_worker}.db'}"
         request = SearchRequest.from_data(data_config, study="w", budget="200KB", trials=2, workers=1, bits=[2, 4],
                                           groups=[32], formats=["rtn", "gptq"], context=256, kv_bits=[2, 4])
-        run_search(SearchConfig(request, storage=storage, progress=False, proxy_on_worker=on_worker))
+        run_search(SearchConfig(request, storage=storage, progress=False, on_workers=on_worker))
         store = Store(storage)
         row = store.get_study("w")
         fp, dfp = row.provenance["model_fingerprint"], row.provenance["data_fingerprint"]
         tables.append({**store.sensitivity(fp, f"{dfp}/{PROXY_VERSION}"),
                        **store.sensitivity(fp, f"{dfp}/{KV_PROXY_VERSION}")})
+        trials.append({t.seed: t.kl for t in store.trials_frame(row).itertuples()})
+    assert trials[0].keys() == trials[1].keys() and len(trials[0]) == 2  # the same two seeds, in order
+    for seed, kl in trials[0].items():
+        assert trials[1][seed] == pytest.approx(kl, rel=1e-4), seed
     here, there = tables
     assert set(here) == set(there) and any(":kv_" in unit for unit, _ in here)
     for pair, row in here.items():  # the worker runs on fewer torch threads: sums in another order

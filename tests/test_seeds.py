@@ -99,6 +99,22 @@ def test_solved_policies_fit_their_budgets(evaluator) -> None:
         assert space.nbytes(policy) == predicted <= bpw * space.numel / 8 + 1
 
 
+def test_the_first_worker_computes_the_reference_the_others_share(evaluator, data_config, local_ray) -> None:
+    import ray
+
+    from search.dispatch import Dispatcher
+
+    workers = Dispatcher(data_config.to_dict(), None, 2)
+    try:
+        first, second = (ray.get(w.reference.remote()) for w in workers._workers)
+        pids = {ray.get(w.pid.remote()) for w in workers._workers}
+    finally:
+        workers.close()
+    assert len(pids) == 2 and np.array_equal(first, second)  # one reference, shared
+    # The worker's own forwards (one torch thread) sum in another order than the driver's.
+    np.testing.assert_allclose(first, evaluator.reference, rtol=0, atol=1e-4)
+
+
 def test_measured_table_on_workers_matches_the_driver_and_resumes(evaluator, data_config, local_ray,
                                                                   tmp_path) -> None:
     from search.dispatch import Dispatcher
