@@ -48,7 +48,7 @@ def reference_logprobs(model: nn.Module, tokens: TokenSets, batch_size: int = 2,
         if topk is None or topk >= lp.shape[-1]:
             full.append(lp)
         else:
-            top.append(TopKReference.from_logprobs(lp, topk))
+            top.append(TopKReference.from_logprobs(lp, topk, first_window=i))
     return TopKReference.concat(top) if top else torch.cat(full).numpy()
 
 
@@ -156,7 +156,8 @@ class Evaluator:
             if isinstance(self.reference, np.ndarray):
                 sums.add(logprobs, self._ref[0][window], batch[:, 1:], ref_top=self._ref_top[window])
             else:
-                sums.add_topk(logprobs, *(r[window] for r in self._ref), batch[:, 1:])
+                ref = [r[window] for r in self._ref]
+                sums.add_topk(logprobs, *ref[:3], batch[:, 1:], *ref[3:])
             if kl_low is None:
                 kl_low = sums.result()["kl"]
                 if prune_above is not None and kl_low > prune_above and len(ids) > len(batch):
@@ -165,9 +166,8 @@ class Evaluator:
 
     def _on_device(self, reference: Reference) -> tuple[torch.Tensor, ...]:
         """The reference's arrays as tensors on the model's device: ``(logprobs,)`` or top-k's
-        ``(logprobs, indices, log_rest)``."""
-        arrays = (reference,) if isinstance(reference, np.ndarray) else \
-            (reference.logprobs, reference.indices, reference.log_rest)
+        (:attr:`~evaluators.reference.TopKReference.arrays`)."""
+        arrays = (reference,) if isinstance(reference, np.ndarray) else reference.arrays
         return tuple(torch.as_tensor(a).to(self.device) for a in arrays)
 
     def _apply_kv(self, kv: Mapping[str, quant.kv.KVPair]) -> dict[str, Any]:

@@ -57,15 +57,18 @@ class MetricSums:
         self.cells += logprobs.numel()
 
     def add_topk(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, ref_indices: torch.Tensor,
-                 ref_log_rest: torch.Tensor, targets: torch.Tensor) -> None:
+                 ref_log_rest: torch.Tensor, targets: torch.Tensor, tail_logprobs: torch.Tensor | None = None,
+                 tail_indices: torch.Tensor | None = None) -> None:
         """Adds ``(B, T, V)`` model log-probs against a top-k reference (see
         :class:`~evaluators.reference.TopKReference`): ``(B, T, k)`` log-probs and word ids, ``(B, T)``
         log of the mass outside them.
 
-        KL is the definition's over the k words plus the rest as one bucket:
-        ``sum_k p_i (log p_i - log q_i) + r_p (log r_p - log r_q)``, with ``r_q`` the model's mass
-        outside the reference's k words (the bucket's term is 0 when ``r_p`` is 0). ``logit_err`` is
-        the mean over the k kept words; perplexity and top-1 come from the model's own log-probs.
+        KL is the definition's over the k words, ``sum_k p_i (log p_i - log q_i)``, plus the rest's share:
+        with ``(B, T, m)`` ``tail_logprobs`` / ``tail_indices`` (words drawn from the reference's tail) its
+        estimate ``r_p mean_j (log p_j - log q_j)``; without them the rest as one bucket,
+        ``r_p (log r_p - log r_q)``, with ``r_q`` the model's mass outside the reference's k words. Either
+        term is 0 where ``r_p`` is. ``logit_err`` is the mean over the k kept words; perplexity and top-1
+        come from the model's own log-probs.
         """
         if logprobs.shape[:2] != targets.shape or ref_logprobs.shape != ref_indices.shape \
                 or ref_logprobs.shape[:2] != targets.shape or ref_log_rest.shape != targets.shape:
@@ -75,9 +78,17 @@ class MetricSums:
         indices = ref_indices.long()
         diff = ref_logprobs - logprobs.gather(-1, indices)  # (B, T, k)
         rest_p = ref_log_rest.exp()
-        bucket = torch.where(rest_p > 0, rest_p * (ref_log_rest - rest_logmass(logprobs, indices)),
-                             torch.zeros_like(rest_p))
-        self.kl += float((ref_logprobs.exp() * diff).sum()) + float(bucket.sum())
+        log_rest_q = rest_logmass(logprobs, indices)
+        rest = rest_p * (ref_log_rest - log_rest_q)  # the bucket
+        if tail_logprobs is not None:
+            # log q_tail(x) / p_tail(x) on the drawn words: r = ratio - 1 - log ratio is never negative, has
+            # mean KL(p_tail || q_tail) (E[ratio] = 1 under p_tail) and shrinks with the error squared,
+            # where the plain mean of -log ratio has a spread of the error's own size.
+            log_ratio = (logprobs.gather(-1, tail_indices.long()) - log_rest_q.unsqueeze(-1)) \
+                - (tail_logprobs - ref_log_rest.unsqueeze(-1))
+            rest = rest + rest_p * (torch.expm1(log_ratio) - log_ratio).mean(-1)
+        rest = torch.where(rest_p > 0, rest, torch.zeros_like(rest_p))
+        self.kl += float((ref_logprobs.exp() * diff).sum()) + float(rest.sum())
         self.abs_err += float(diff.abs_().sum())
         self.nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
         self.top1 += float((logprobs.argmax(-1) == indices[..., 0]).sum())

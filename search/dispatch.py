@@ -49,7 +49,8 @@ class Dispatcher:
 
     The reference is put in Ray's object store once: its numpy arrays reach every worker on the
     same node without a copy. Given as ``None``, the first worker computes it (with ``reference_topk``)
-    on its device, where the float model's forwards are fast, and the others share it. ``device`` (``auto``, ``cpu``, ``cuda``) is resolved against the GPUs
+    on its device, where the float model's forwards are fast, and the others share it.
+    ``device`` (``auto``, ``cpu``, ``cuda``) is resolved against the GPUs
     the cluster reports; on ``cuda`` each worker asks Ray for its share of a GPU, sized from ``size``
     (see :func:`~search.placement.actor_options`), or with ``split`` as many whole GPUs as its share of a
     model too large for one takes (:func:`~search.placement.split_memory`). :attr:`plan` says what was chosen.

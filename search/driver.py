@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from evaluators import UserError, reference_logprobs, reference_nbytes
 from evaluators.device_map import block_bytes
+from evaluators.reference import TAIL_SAMPLES, resolve_topk
 from quant.kv import kv_from_dict
 from search.budget import parse_budget
 from search.dispatch import Dispatcher
@@ -61,13 +62,13 @@ class SearchConfig:
     on_workers: bool | None = None
 
 
-def _proxy(cfg: SearchConfig, store: Store, loaded: Any, tokens: Any, space: SearchSpace) -> tuple[Any, Any]:
+def _proxy(store: Store, loaded: Any, tokens: Any, space: SearchSpace, topk: int | None) -> tuple[Any, Any]:
     """The proxy's table (predicted here, on the driver's model, or read from the store) and the
-    reference its evaluator computed on the way."""
+    reference (top-``topk`` or full) its evaluator computed on the way."""
     from evaluators import Evaluator
     from search.sensitivity import proxy_table
 
-    evaluator = Evaluator(loaded, tokens, reference_topk=cfg.request.reference_topk)
+    evaluator = Evaluator(loaded, tokens, reference_topk=topk)
     table = proxy_table(evaluator, space, store=store, model_fingerprint=loaded.fingerprint,
                         data_fingerprint=tokens.fingerprint)
     log.info("sensitivity proxy: %d pairs predicted in %.1f s, %d reused", table.computed, table.seconds,
@@ -158,9 +159,11 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     if cfg.target_bytes is not None:
         _budget(str(cfg.target_bytes), space)
     store = Store(cfg.storage)  # only now: bad input above leaves the storage untouched
+    topk = resolve_topk(request.reference_topk, len(tokens.eval), tokens.seq_len - 1,
+                        int(loaded.model.config.vocab_size))
     provenance = {**data.to_dict(), "model_fingerprint": loaded.fingerprint,
-                  "data_fingerprint": tokens.fingerprint, "budget": request.budget,
-                  "reference_topk": request.reference_topk, "sensitivity": request.sensitivity,
+                  "data_fingerprint": tokens.fingerprint, "budget": request.budget, "reference_topk": topk,
+                  "reference_tail": TAIL_SAMPLES if topk else 0, "sensitivity": request.sensitivity,
                   "sensitivity_method": request.sensitivity_method, "sensitivity_seqs": request.sensitivity_seqs}
     target = budget_bytes if cfg.target_bytes is None else min(cfg.target_bytes, budget_bytes)
     study, row, created = open_study(request, cfg.storage, store, space, budget_bytes, provenance,
@@ -182,16 +185,16 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     # "auto" here is a cluster's device, resolved by the dispatcher: a worker there is as near as the driver.
     on_workers = cfg.on_workers if cfg.on_workers is not None else device != "cpu"
     if proxied and not on_workers:
-        table, reference = _proxy(cfg, store, loaded, tokens, space)
-    size, host_workers = _check_memory(request, loaded.model, tokens, device)
+        table, reference = _proxy(store, loaded, tokens, space, topk)
+    size, host_workers = _check_memory(request, loaded.model, tokens, device, topk)
     if reference is None and not on_workers:  # else the first worker computes it (see Dispatcher)
-        reference = reference_logprobs(loaded.model, tokens, topk=request.reference_topk)
+        reference = reference_logprobs(loaded.model, tokens, topk=topk)
     fingerprints = (loaded.fingerprint, tokens.fingerprint)
     del loaded  # the workers load their own copies
     workers = Dispatcher(data.to_dict(), reference, request.workers, ray_address=cfg.ray_address,
                          max_retries=cfg.max_retries, device=device, size=size, host_workers=host_workers,
                          max_workers=None if measured else max(request.trials - done, 1), split=request.split_model,
-                         reference_topk=request.reference_topk)
+                         reference_topk=topk)
     progress = None
     try:
         if measured:  # one forward per pair, on every worker
@@ -254,7 +257,8 @@ def _device(request: SearchRequest, ray_address: str | None) -> str:
     return resolve_device(request.device, torch.cuda.device_count())
 
 
-def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str) -> tuple[WorkerSize, int]:
+def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str,
+                  topk: int | None) -> tuple[WorkerSize, int]:
     """Refuses up front a search whose workers (with ``--workers`` unset: one) cannot fit in host memory,
     saying the estimate; returns what one worker holds (for its GPU share and batch) and how many
     workers host memory holds (the automatic count's bound, see :func:`search.placement.plan_workers`).
@@ -268,12 +272,12 @@ def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str) 
 
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = int(model.config.vocab_size)
-    reference = reference_nbytes(tokens.eval.shape[0], tokens.seq_len - 1, vocab, request.reference_topk)
+    reference = reference_nbytes(tokens.eval.shape[0], tokens.seq_len - 1, vocab, topk)
     window_logits = tokens.seq_len * vocab * 4 * 3  # logits, log-probs, reference slice
     size = WorkerSize(params, reference, CPU_BATCH * window_logits, window_logits, int(tokens.eval.shape[0]),
                       block_bytes(model))
     per_worker = params if device == "cuda" else 3 * params + size.batch_bytes
     limit = request.memory_limit_bytes or psutil.virtual_memory().available
     fit = fit_in_host(request.workers, per_worker, params + 2 * reference, limit,
-                      "" if request.reference_topk else ", or --reference-topk 512")
+                      "" if topk else ", or --reference-topk 512")
     return size, fit

@@ -233,8 +233,8 @@ def actor_options(device: str, n_workers: int, size: WorkerSize, gpu_memory: int
         raise UserError(f"one worker needs about {need / gib:.2f} GiB on its GPU (3 x {size.param_bytes / gib:.2f} "
                         f"GiB model copies + {size.reference_bytes / gib:.2f} GiB reference + "
                         f"{size.batch_bytes / gib:.2f} GiB logits) but a GPU has {gpu_memory / gib:.2f} GiB "
-                        f"({GPU_HEADROOM:.0%} usable); use --reference-topk, fewer --eval-seqs, --split-model (several GPUs "
-                        "a worker), or --device cpu")
+                        f"({GPU_HEADROOM:.0%} usable); use --reference-topk, fewer --eval-seqs, --split-model "
+                        "(several GPUs a worker), or --device cpu")
     fit = usable // need
     per_gpu = math.ceil(n_workers / max(n_gpus, 1))
     if per_gpu > fit:

@@ -132,10 +132,11 @@ class SearchRequest(MeasureRequest):
                                     "calibration window (diagonal Fisher, gptq's corrected by its inputs' "
                                     "correlations) and quantizing every setting once; measured: one forward per "
                                     "unit and setting, on the workers; both stored, reused by later studies")
-    reference_topk: int | None = Field(None, ge=1, description="compare with the float model's K most likely "
-                                       "words per position and the rest of its mass as one bucket (8K+4 bytes a "
-                                       "position instead of 4 x vocabulary); KL reads low by the tail's share "
-                                       "(SmolLM2: 0.91x full at K=512, 0.994x at K=8192; default: the full log-probs)")
+    reference_topk: int | None = Field(None, ge=0, description="compare with the float model's K most likely "
+                                       "words per position, the rest's mass and 64 words drawn from the rest "
+                                       "(8K+516 bytes a position instead of 4 x vocabulary; SmolLM2 at K=512: KL "
+                                       "0.997-0.9995x the full KL); 0: the full log-probs (default: full where "
+                                       "they take up to 1 GB, else K=512)")
     device: Device = Field("auto", description="where workers run: cuda (each asks Ray for a share of a GPU), "
                                                "cpu, or auto (cuda when there is a GPU)")
     split_model: bool = Field(False, description="let a model that one GPU cannot hold spread over several, each "

@@ -17,7 +17,9 @@ from studies.retry import SCHEMA_RACE_SECONDS, with_db_retry
 __all__ = ["optuna_storage", "open_study"]
 
 # What a resumed study must share with the one stored (a different value is another search).
-_SAME_DATA = ("model", "dataset", "seq_len", "n_eval", "n_calib", "seed", "reference_topk", "dtype")
+_SAME_DATA = ("model", "dataset", "seq_len", "n_eval", "n_calib", "seed", "reference_topk", "reference_tail", "dtype")
+# What a study recorded before a key existed was measured with: float32; a top-k reference's tail as one bucket.
+_BEFORE = {"dtype": "float32", "reference_tail": 0}
 _SAME_SPACE = ("bits", "groups", "formats", "granularity", "kv")
 
 
@@ -44,8 +46,7 @@ def open_study(request: SearchRequest, storage: str, store: Store, space: Search
     name = request.study_name
     existing = store.find_study(name)
     if existing is not None:
-        # A study recorded before --dtype existed was measured in float32.
-        mismatch = [k for k in _SAME_DATA if existing.provenance.get(k, "float32" if k == "dtype" else provenance.get(k))
+        mismatch = [k for k in _SAME_DATA if existing.provenance.get(k, _BEFORE.get(k, provenance.get(k)))
                     != provenance.get(k)]
         wanted = space.to_dict()  # a resumed study must propose from the same space
         mismatch += [k for k in _SAME_SPACE

@@ -62,8 +62,9 @@ def test_request_takes_device_and_reference_topk() -> None:
     assert SearchRequest(budget="3bpw", device="cuda", reference_topk=512).reference_topk == 512
     with pytest.raises(ValueError, match="device"):
         SearchRequest(budget="3bpw", device="gpu")
+    assert SearchRequest(budget="3bpw", reference_topk=0).reference_topk == 0  # the full log-probs
     with pytest.raises(ValueError, match="reference_topk"):
-        SearchRequest(budget="3bpw", reference_topk=0)
+        SearchRequest(budget="3bpw", reference_topk=-1)
 
 
 def test_search_on_cuda_without_a_gpu_is_refused_before_loading(tmp_path: Path, monkeypatch) -> None:
