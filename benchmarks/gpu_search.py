@@ -45,7 +45,9 @@ import torch  # noqa: E402
 from evaluators import Evaluator  # noqa: E402
 from search.driver import SearchConfig, run_search  # noqa: E402
 from search.placement import CPU_BATCH  # noqa: E402
+from search.budget import parse_budget  # noqa: E402
 from search.request import SearchRequest  # noqa: E402
+from search.seeds import solved_policies  # noqa: E402
 from search.sensitivity import proxy_table  # noqa: E402
 from studies import Store  # noqa: E402
 from studies.models import TrialRow  # noqa: E402
@@ -200,6 +202,11 @@ def run_device(device: str, trials: int, proxy: bool) -> dict[str, Any]:
         table = proxy_table(ev, space)
         _sync(device)
         out["sensitivity proxy in process, s (all units x settings)"] = f"{table.seconds:.1f}"
+        units = len(space.units)
+        out[f"  per unit, ms ({units} units, {len(space.settings())} settings)"] = f"{1e3 * table.seconds / units:.0f}"
+        t0 = time.perf_counter()
+        seeds = solved_policies(table, space, parse_budget(request.budget, space.numel))
+        out[f"solved seeds (DP + greedy at 8 budgets, {len(seeds)} policies), s"] = f"{time.perf_counter() - t0:.2f}"
     if device == "cuda":
         out["peak GPU memory in process (forward + proxy), GiB"] = f"{torch.cuda.max_memory_allocated() / GIB:.2f}"
     return out

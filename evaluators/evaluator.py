@@ -45,7 +45,7 @@ def reference_logprobs(model: nn.Module, tokens: TokenSets, batch_size: int = 2,
     top: list[TopKReference] = []
     for i in range(0, len(ids), batch_size):
         lp = _forward_logprobs(model, ids[i:i + batch_size]).cpu()  # (b, T-1, V)
-        if topk is None or topk >= lp.shape[-1]:
+        if not topk or topk >= lp.shape[-1]:
             full.append(lp)
         else:
             top.append(TopKReference.from_logprobs(lp, topk, first_window=i))

@@ -135,7 +135,7 @@ class SearchRequest(MeasureRequest):
     reference_topk: int | None = Field(None, ge=0, description="compare with the float model's K most likely "
                                        "words per position, the rest's mass and 64 words drawn from the rest "
                                        "(8K+516 bytes a position instead of 4 x vocabulary; SmolLM2 at K=512: KL "
-                                       "0.997-0.9995x the full KL); 0: the full log-probs (default: full where "
+                                       "0.997-1.002x the full KL); 0: the full log-probs (default: full where "
                                        "they take up to 1 GB, else K=512)")
     device: Device = Field("auto", description="where workers run: cuda (each asks Ray for a share of a GPU), "
                                                "cpu, or auto (cuda when there is a GPU)")

@@ -211,3 +211,13 @@ def test_search_with_a_topk_reference_measures_with_it_and_resumes_only_with_it(
     capsys.readouterr()
     assert main([*argv[:-4], "--reference-topk", "64"]) == 2
     assert "different reference_topk" in capsys.readouterr().err
+    # A study recorded before the tail was drawn measured it as one bucket: it resumes only as it was.
+    assert row.provenance["reference_tail"] == TAIL_SAMPLES
+    from studies.models import StudyRow
+
+    with store.session() as session:
+        stored = session.get(StudyRow, row.id)
+        stored.provenance = {k: v for k, v in stored.provenance.items() if k != "reference_tail"}
+        session.commit()
+    assert main([*argv[:argv.index("--trials") + 1], "4", *argv[argv.index("--trials") + 2:]]) == 2
+    assert "different reference_tail" in capsys.readouterr().err
