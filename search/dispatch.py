@@ -66,7 +66,7 @@ class Dispatcher:
         self.max_retries = max_retries
         self._data = data
         n_gpus = int(ray.cluster_resources().get("GPU", 0))
-        self.device = resolve_device(device, n_gpus)
+        self.device = resolve_device(device, n_gpus, split)
         memory = gpu_memory() if self.device == "cuda" else 0
         cpus = int(ray.available_resources().get("CPU", n_workers or 1))
         self.plan = plan_workers(self.device, size or WorkerSize(0, 0, 0), requested=n_workers, cpus=cpus,

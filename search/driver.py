@@ -246,15 +246,15 @@ def _trials(study: optuna.Study, store: Store, row: Any, space: SearchSpace, gat
 
 
 def _device(request: SearchRequest, ray_address: str | None) -> str:
-    """The workers' device, refused up front (before loading) when ``cuda`` is asked for with no GPU:
-    resolved here for a local Ray, whose GPUs are this machine's; a cluster's by the dispatcher."""
+    """The workers' device, refused up front (before loading) when ``cuda`` or ``--split-model`` is asked for
+    with no GPU: resolved here for a local Ray, whose GPUs are this machine's; a cluster's by the dispatcher."""
     import os
 
     if ray_address or os.environ.get("RAY_ADDRESS"):
         return request.device
     import torch
 
-    return resolve_device(request.device, torch.cuda.device_count())
+    return resolve_device(request.device, torch.cuda.device_count(), request.split_model)
 
 
 def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str,

@@ -30,20 +30,23 @@ WORKERS_PER_GPU = 2
 GIB = 2 ** 30
 
 
-def resolve_device(requested: str, gpus: float) -> str:
+def resolve_device(requested: str, gpus: float, split: bool = False) -> str:
     """``cpu`` or ``cuda`` for ``--device requested`` where the workers' machines have ``gpus`` GPUs.
 
     Raises:
-        UserError: ``cuda`` asked for where there is no GPU (said before anything is loaded).
+        UserError: ``cuda`` asked for where there is no GPU, or ``split`` (``--split-model``) where the
+            workers run on the CPU (said before anything is loaded).
     """
     if requested not in DEVICES:
         raise UserError(f"unknown device {requested!r}; choose one of {', '.join(DEVICES)}")
-    if requested == "auto":
-        return "cuda" if gpus > 0 else "cpu"
     if requested == "cuda" and gpus <= 0:
         raise UserError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False here, "
                         "and the Ray cluster reports no GPU); use --device cpu, or run where a GPU is")
-    return requested
+    device = ("cuda" if gpus > 0 else "cpu") if requested == "auto" else requested
+    if split and device == "cpu":
+        raise UserError("--split-model spreads a model over several GPUs, and these workers run on the CPU: "
+                        "drop --split-model, or run where GPUs are (--device cuda)")
+    return device
 
 
 @dataclass(frozen=True)
@@ -126,14 +129,10 @@ def plan_workers(device: str, size: WorkerSize, *, requested: int | None, cpus: 
             split worker's GPUs are on one node; default: all on one).
 
     Raises:
-        UserError: on CUDA, a worker (or the requested ones) does not fit on the GPUs (:func:`actor_options`);
-            ``split`` asked for on the CPU.
+        UserError: on CUDA, a worker (or the requested ones) does not fit on the GPUs (:func:`actor_options`).
     """
     cpus, cap = max(1, cpus), max(1, max_workers or 1 << 30)
-    if split and device == "cpu":
-        raise UserError("--split-model spreads a model over several GPUs, and these workers run on the CPU: "
-                        "drop --split-model, or run where GPUs are (--device cuda)")
-    if split and size.device_bytes > gpu_memory * GPU_HEADROOM:
+    if split and device == "cuda" and size.device_bytes > gpu_memory * GPU_HEADROOM:
         return _split_plan(size, requested=requested, cpus=cpus, host_workers=host_workers, cap=cap,
                            gpu_memory=gpu_memory, node_gpus=node_gpus or (n_gpus,))
     if device == "cpu":

@@ -126,9 +126,26 @@ def test_a_model_larger_than_one_gpu_is_split_over_whole_gpus_when_allowed() -> 
     assert plan_workers("cuda", small, requested=None, split=True, **h200).max_memory is None
 
 
-def test_split_model_is_refused_on_the_cpu_and_parsed_from_the_command_line() -> None:
-    with pytest.raises(UserError, match="--split-model spreads a model over several GPUs"):
-        plan_workers("cpu", SEVENTY_B, requested=None, cpus=2, host_workers=2, split=True)
+def test_split_model_is_refused_on_the_cpu_before_loading_and_parsed_from_the_command_line(tmp_path,
+                                                                                         monkeypatch) -> None:
+    from evaluators.context import DataConfig
+    from search.driver import SearchConfig, run_search
+    from search.placement import resolve_device
+
+    for device, gpus in (("cpu", 8), ("auto", 0)):
+        with pytest.raises(UserError, match="--split-model spreads a model over several GPUs"):
+            resolve_device(device, gpus, split=True)
+    assert resolve_device("auto", 8, split=True) == "cuda"
+
+    def no_loading(self: DataConfig) -> None:
+        raise AssertionError("the model was loaded before --split-model was checked")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(DataConfig, "load", no_loading)
+    request = SearchRequest(model="tiny-random-llama", budget="4bpw", trials=1, split_model=True)
+    with pytest.raises(UserError, match="--split-model"):
+        run_search(SearchConfig(request, storage=f"sqlite:///{tmp_path}/s.db", progress=False))
     assert SearchRequest(budget="3bpw").split_model is False
     from search.cli import _parser
     from search.cli_args import request_from_args
