@@ -27,9 +27,20 @@ BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: held open together while chosen, since a port just closed
+    may be handed out again (two of a node's components on one port stop ``ray start``)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def fresh_database(server_url: str, name: str) -> str:
@@ -78,13 +89,17 @@ class RayCluster:
     def _start_node(self, i: int) -> None:
         folder = self.node_dir(i)
         folder.mkdir()
-        role = (["--head", f"--port={self.port}", "--include-dashboard=false", f"--dashboard-port={free_port()}"]
-                if i == 0 else [f"--address={self.address}"])
         # Every port the node opens is chosen here: two nodes on one host must not collide, nor
         # with other people's Ray on this machine (the dashboard agent defaults to port 52365).
-        ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        chosen = free_ports(7)
+        while self.port in chosen:  # the head's port, chosen earlier, is not bound until it starts
+            chosen = free_ports(7)
+        dashboard, *chosen = chosen
+        role = (["--head", f"--port={self.port}", "--include-dashboard=false", f"--dashboard-port={dashboard}"]
+                if i == 0 else [f"--address={self.address}"])
+        ports = [f"--{name}-port={port}" for name, port in zip(
+            ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
+             "metrics-export"), chosen)]
         argv = [str(BIN / "ray"), "start", *role, "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}",
                 "--num-gpus=0", f"--temp-dir={folder}", "--object-store-memory=100000000",
                 "--disable-usage-stats", "--block", *ports]
