@@ -2,11 +2,13 @@
 log-probs, against its top-K with the rest as one bucket, and against its top-K with words drawn from the
 rest (the default of ``--reference-topk``), side by side in one run; and the references' bytes.
 
-    .venv/bin/python benchmarks/topk_reference.py                # 8 x 256 tokens, K = 512, ~3 min
+    .venv/bin/python benchmarks/topk_reference.py                # 8 x 256 tokens, K = 512, ~10 min
     .venv/bin/python benchmarks/topk_reference.py --k 128 --tail 16,64,256
+    .venv/bin/python benchmarks/topk_reference.py --storage sqlite:///s.db --study NAME   # a study's front
 
 The policies: uniform rtn 2/3/4-bit g64 and 8-bit per channel, and mixed ones (each matrix's bits drawn
-from 2/3/4, g64, seeded) such as a front holds. Also on another text (Python's ``pydoc_data/topics.py``).
+from 2/3/4, g64, seeded), on the search's text and on another (Python's ``pydoc_data/topics.py``); or,
+with ``--study``, the points of a stored study's front, on its own windows.
 """
 
 from __future__ import annotations
@@ -40,6 +42,20 @@ def _policies(names: list[str], mixed: int) -> list[tuple[str, quant.Policy]]:
     return rows
 
 
+def _front(storage: str, name: str) -> tuple[DataConfig, list[tuple[str, quant.Policy]]]:
+    """A stored study's data and the policies of its front's points, smallest first."""
+    from studies import Store
+
+    store = Store(storage)
+    row = store.get_study(name)
+    points = []
+    for t in store.front(row).itertuples():
+        trial = store.trial(row, int(t.trial))
+        points.append((f"trial {trial.number} ({8 * trial.bytes / row.numel:.2f} bpw)",
+                       quant.Policy.from_dict(trial.policy)))
+    return DataConfig.from_dict(row.provenance), points
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--k", type=int, default=512)
@@ -47,17 +63,27 @@ def main() -> None:
     p.add_argument("--mixed", type=int, default=4)
     p.add_argument("--eval-seqs", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--storage", default=None, help="with --study: the study's storage URL")
+    p.add_argument("--study", default=None, help="measure this stored study's front instead")
     args = p.parse_args()
     tails = [int(t) for t in args.tail.split(",")]
-    for dataset in ("shakespeare", OTHER_TEXT):
-        loaded, tokens = DataConfig(model="smollm2-135m", dataset=dataset, seq_len=args.seq_len,
-                                    n_eval=args.eval_seqs, n_calib=0).load()
+    if args.study:
+        data, points = _front(args.storage, args.study)
+        runs = [(data, points, f"study {args.study}'s front, on its own windows")]
+    else:
+        runs = []
+        for dataset in ("shakespeare", OTHER_TEXT):
+            data = DataConfig(model="smollm2-135m", dataset=dataset, seq_len=args.seq_len, n_eval=args.eval_seqs,
+                              n_calib=0)
+            runs.append((data, None, "Shakespeare (the search's text)" if dataset == "shakespeare"
+                         else "pydoc_data/topics.py"))
+    for data, points, name in runs:
+        loaded, tokens = data.load()
         full = Evaluator(loaded, tokens)
         logprobs = torch.from_numpy(full.reference)
         vocab = logprobs.shape[-1]
-        name = "Shakespeare (the search's text)" if dataset == "shakespeare" else "pydoc_data/topics.py"
         rest = 1 - torch.topk(logprobs, args.k, -1).values.exp().sum(-1)
-        print(f"\n{name}: {args.eval_seqs} x {args.seq_len} tokens, vocabulary {vocab}; mass outside the top "
+        print(f"\n{name}: {tokens.eval.shape[0]} x {tokens.seq_len} tokens, vocabulary {vocab}; mass outside the top "
               f"{args.k}: {float(rest.mean()):.3f} on average")
         # One evaluator per reference over the same model: each applies the policy before it measures.
         compact = {t: Evaluator(loaded, tokens, reference=TopKReference.from_logprobs(logprobs, args.k, tail=t))
@@ -69,10 +95,12 @@ def main() -> None:
             f"{'bucket' if t == 0 else f'drawn {t}':>17}" for t in tails)
         print(header)
         names = list(full.matrices)
-        for label, policy in _policies(names, args.mixed):
+        for label, policy in points or _policies(names, args.mixed):
             kl = full.evaluate(policy)["kl"]
             cells = []
             for ev in compact.values():
+                # The same packed matrices: quantized (gptq: calibrated) once, by the first evaluator.
+                ev.cache, ev.hessians = full.cache, full.hessians
                 part = ev.evaluate(policy)["kl"]
                 cells.append(f"{part:9.5f} ({part / kl:.4f})")
             print(f"{label:34} {kl:9.5f} " + " ".join(f"{c:>17}" for c in cells), flush=True)
