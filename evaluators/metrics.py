@@ -63,12 +63,13 @@ class MetricSums:
         :class:`~evaluators.reference.TopKReference`): ``(B, T, k)`` log-probs and word ids, ``(B, T)``
         log of the mass outside them.
 
-        KL is the definition's over the k words, ``sum_k p_i (log p_i - log q_i)``, plus the rest's share:
-        with ``(B, T, m)`` ``tail_logprobs`` / ``tail_indices`` (words drawn from the reference's tail) its
-        estimate ``r_p mean_j (log p_j - log q_j)``; without them the rest as one bucket,
-        ``r_p (log r_p - log r_q)``, with ``r_q`` the model's mass outside the reference's k words. Either
-        term is 0 where ``r_p`` is. ``logit_err`` is the mean over the k kept words; perplexity and top-1
-        come from the model's own log-probs.
+        KL is the definition's over the k words, ``sum_k p_i (log p_i - log q_i)``, plus the rest's share,
+        ``r_p (log r_p - log r_q) + r_p KL(p_tail || q_tail)``: the rest as one bucket (``r_p``, ``r_q`` the
+        reference's and the model's mass outside the reference's k words) plus the divergence within it,
+        estimated on the ``(B, T, m)`` ``tail_logprobs`` / ``tail_indices`` (words drawn from the
+        reference's tail) as the mean of ``ratio - 1 - log ratio``, ``ratio = q_tail / p_tail``. Without
+        drawn words, the bucket alone (a lower bound). The rest's term is 0 where ``r_p`` is. ``logit_err``
+        is the mean over the k kept words; perplexity and top-1 come from the model's own log-probs.
         """
         if logprobs.shape[:2] != targets.shape or ref_logprobs.shape != ref_indices.shape \
                 or ref_logprobs.shape[:2] != targets.shape or ref_log_rest.shape != targets.shape:
