@@ -37,8 +37,11 @@ ARCHS = {
 TIED = {"llama", "gemma3", "qwen2", "gpt2"}
 
 
-def _model(arch: str) -> nn.Module:
+def _model(arch: str, layers: int | None = None) -> nn.Module:
+    """The tiny ``arch`` built from a fixed seed; ``layers`` overrides its 2 layers."""
     config_class, model_class, kwargs = ARCHS[arch]
+    if layers is not None:
+        kwargs = {**kwargs, ("n_layer" if arch == "gpt2" else "num_hidden_layers"): layers}
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:

@@ -17,22 +17,15 @@ from evaluators.device_map import block_bytes, device_map
 from evaluators.proxy import fisher_diagonal
 from search.placement import GPU_HEADROOM, WorkerSize, plan_workers, split_memory
 from search.request import SearchRequest
-from tests.test_architectures import ARCHS, _ids, _mixed
+from tests.test_architectures import _ids, _mixed
+from tests.test_architectures import _model as tiny_model
 
 GIB = 2 ** 30
 
 
-def _model(arch: str, layers: int = 8) -> torch.nn.Module:
-    """The conformance suite's tiny ``arch`` with ``layers`` layers: a layer is a small part of it, as in a
-    model worth splitting."""
-    config_class, model_class, kwargs = ARCHS[arch]
-    kwargs = {**kwargs, ("n_layer" if arch == "gpt2" else "num_hidden_layers"): layers}
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        return model_class(config_class(**kwargs)).float().eval()
-    finally:
-        torch.random.set_rng_state(state)
+def _model(arch: str) -> torch.nn.Module:
+    # 8 layers: a layer is a small part of the model, as in one worth splitting.
+    return tiny_model(arch, layers=8)
 
 
 def _size(model: torch.nn.Module, reference: int = 0, batch: int = 0) -> WorkerSize:
@@ -109,7 +102,8 @@ def test_a_model_larger_than_one_gpu_is_split_over_whole_gpus_when_allowed() -> 
         plan_workers("cuda", SEVENTY_B, requested=None, **h200)
     plan = plan_workers("cuda", SEVENTY_B, requested=None, split=True, **h200)
     usable = int(141 * GIB * GPU_HEADROOM)
-    assert plan.max_memory == split_memory(SEVENTY_B, 141 * GIB) and plan.gpus == 4  # 4 x 40 GiB of layers
+    assert plan.max_memory == split_memory(SEVENTY_B, 141 * GIB) and len(plan.max_memory) == 4  # 4 x 40 GiB of layers
+    assert plan.options == {"num_cpus": 1, "num_gpus": 4}  # whole GPUs, on one node
     assert plan.max_memory[1] == usable // 3 and plan.max_memory[0] == (usable - GIB // 8 - GIB) // 3
     assert plan.workers == 2 and plan.threads == 8  # 8 GPUs hold two such workers
     with pytest.raises(UserError, match=r"3 workers of 4 GPUs each do not fit on 8 GPUs.*use --workers 2"):
