@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from search.placement import WorkerSize, actor_options, plan_workers, resolve_device
+from search.placement import WorkerSize, plan_workers, resolve_device
 from search.record import Job
 from search.workers import TrialWorker, gpu_memory, init_ray
 
@@ -73,8 +73,6 @@ class Dispatcher:
                                  host_workers=host_workers or cpus, max_workers=max_workers, gpu_memory=memory,
                                  n_gpus=n_gpus, split=split, node_gpus=_node_gpus())
         log.info("workers: %s", self.plan.why)
-        self._options = ({"num_cpus": 1, "num_gpus": self.plan.gpus} if self.plan.max_memory else
-                         actor_options(self.device, self.plan.workers, self.plan.size, memory, n_gpus))
         self._threads = self.plan.threads
         self._topk = reference_topk
         self._reference = None if reference is None else ray.put(reference)
@@ -86,7 +84,7 @@ class Dispatcher:
         self._pending: dict[Any, Job] = {}
 
     def _start(self) -> Any:
-        return TrialWorker.options(**self._options).remote(self._data, self._reference, self._threads, self.device,
+        return TrialWorker.options(**self.plan.options).remote(self._data, self._reference, self._threads, self.device,
                                                            self.plan.batch_size, self.plan.max_memory, self._topk)
 
     @property

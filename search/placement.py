@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import typing
+import dataclasses
 from dataclasses import dataclass
 
 from evaluators import UserError
@@ -74,21 +75,18 @@ class WorkerSize:
 @dataclass(frozen=True)
 class WorkerPlan:
     """How a search's workers run: how many, torch threads and evaluation windows per forward each, the
-    size each holds at that batch, and one line saying how it was chosen (the driver logs it)."""
+    size each holds at that batch, one line saying how it was chosen (the driver logs it) and each worker's
+    Ray options (:func:`actor_options`)."""
 
     workers: int
     threads: int
     batch_size: int
     size: WorkerSize
     why: str
+    options: dict[str, float]
     # A model split over several GPUs (``--split-model``): the parameter bytes each of a worker's GPUs
     # takes, accelerate's ``max_memory`` (:func:`split_memory`); ``None``: the model on one device.
     max_memory: dict[int, int] | None = None
-
-    @property
-    def gpus(self) -> int:
-        """Whole GPUs each worker of a split model holds (1 otherwise, or a share of one)."""
-        return len(self.max_memory) if self.max_memory else 1
 
 
 def fit_in_host(requested: int | None, per_worker: int, shared: int, limit: int, hint: str = "") -> int:
@@ -139,7 +137,8 @@ def plan_workers(device: str, size: WorkerSize, *, requested: int | None, cpus: 
         workers = requested or max(1, min(cpus, host_workers, cap))
         why = "as asked" if requested else f"one per core of {cpus}, up to {host_workers} in host memory and {cap} trials"
         return WorkerPlan(workers, max(1, cpus // workers), CPU_BATCH, size,
-                          f"{workers} CPU workers ({why}), {max(1, cpus // workers)} torch threads each")
+                          f"{workers} CPU workers ({why}), {max(1, cpus // workers)} torch threads each",
+                          actor_options(device, workers, size))
     usable = int(gpu_memory * GPU_HEADROOM)
     fit = usable // max(size.device_bytes, 1)
     if requested:
@@ -147,16 +146,16 @@ def plan_workers(device: str, size: WorkerSize, *, requested: int | None, cpus: 
     else:
         workers = max(1, min(max(n_gpus, 1) * min(WORKERS_PER_GPU, max(fit, 1)), host_workers, cpus, cap))
         why = f"{WORKERS_PER_GPU} per GPU of {n_gpus}, {fit} fit on one, up to {host_workers} in host memory"
-    actor_options(device, workers, size, gpu_memory, n_gpus)  # refuses, with the estimate, what does not fit
+    options = actor_options(device, workers, size, gpu_memory, n_gpus)  # refuses, saying the estimate, what won't fit
     share = usable // math.ceil(workers / max(n_gpus, 1))
     batch = CPU_BATCH
     if size.window_bytes:
         room = (share - size.device_bytes + size.batch_bytes) // size.window_bytes
         batch = max(CPU_BATCH, min(room, math.ceil(size.windows / 2)))
-        size = WorkerSize(size.param_bytes, size.reference_bytes, batch * size.window_bytes, size.window_bytes,
-                          size.windows)
+        size = dataclasses.replace(size, batch_bytes=batch * size.window_bytes)
+    # The batch fills at most a worker's share of its GPU, so the options' fit still holds at it.
     return WorkerPlan(workers, max(1, cpus // workers), batch, size,
-                      f"{workers} GPU workers ({why}), {batch} windows per forward")
+                      f"{workers} GPU workers ({why}), {batch} windows per forward", options)
 
 
 def split_memory(size: WorkerSize, gpu_memory: int) -> dict[int, int]:
@@ -205,7 +204,7 @@ def _split_plan(size: WorkerSize, *, requested: int | None, cpus: int, host_work
     workers = requested or max(1, min(fit, host_workers, cpus, cap))
     return WorkerPlan(workers, max(1, cpus // workers), CPU_BATCH, size,
                       f"{workers} workers, each with the model split over {k} GPUs, {CPU_BATCH} windows per forward",
-                      max_memory=max_memory)
+                      {"num_cpus": 1, "num_gpus": k}, max_memory=max_memory)
 
 
 def actor_options(device: str, n_workers: int, size: WorkerSize, gpu_memory: int = 0,

@@ -96,6 +96,7 @@ def test_automatic_cpu_workers_are_one_per_core_within_memory_and_trials(cpus, h
     plan = plan_workers("cpu", SMOLLM2_8, requested=None, cpus=cpus, host_workers=host, max_workers=trials)
     assert (plan.workers, plan.threads, plan.batch_size) == (workers, threads, CPU_BATCH)
     assert plan.size == SMOLLM2_8  # the CPU batch is the evaluator's default: figures unchanged
+    assert plan.options == {"num_cpus": 1}
 
 
 def test_asked_workers_are_kept_and_share_the_cores() -> None:
@@ -110,6 +111,9 @@ def test_automatic_gpu_workers_and_batch_follow_the_gpu_memory() -> None:
     plan = plan_workers("cuda", SMOLLM2_8, requested=None, n_gpus=1, **h200)
     assert plan.workers == WORKERS_PER_GPU and plan.threads == 16 // WORKERS_PER_GPU
     assert plan.batch_size == 4 and plan.size.batch_bytes == 4 * WINDOW  # half the windows: a first batch remains
+    # The workers' Ray options, as actor_options gives them at the plan's batch.
+    assert plan.options == actor_options("cuda", plan.workers, plan.size, 141 * GIB, 1) == {"num_cpus": 1,
+                                                                                            "num_gpus": 0.5}
     assert plan_workers("cuda", SMOLLM2_8, requested=None, n_gpus=8, **h200).workers == 16  # 2 x 8 GPUs, 16 cores
     assert plan_workers("cuda", SMOLLM2_8, requested=None, n_gpus=8, **dict(h200, host_workers=5)).workers == 5
     # A 7B model in bf16 with a top-k reference over 512 windows: one fits on an 80 GB GPU, and its batch
