@@ -176,9 +176,7 @@ def _plot_front(storage: str, study: str, path: str) -> None:
     store = Store(storage)
     row = store.get_study(study)
     try:
-        within = (f"{row.budget_bpw:.2f} bpw" if "kv" not in row.space
-                  else f"{row.budget_bytes / 1e6:.1f} MB with the cache")
-        out = write_front_plot(store.front(row), f"{study}: front within {within}", path)
+        out = write_front_plot(store.front(row), f"{study}: front within {row.budget_label}", path)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     print(f"wrote {out}", file=sys.stderr)  # stderr: keeps --json / --csv output clean

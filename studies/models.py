@@ -43,6 +43,14 @@ class StudyRow(Base):
     def budget_bpw(self) -> float:
         return 8.0 * self.budget_bytes / self.numel
 
+    @property
+    def budget_label(self) -> str:
+        """The budget as a front's title says it: bits per weight, or with a KV cache its size (which then
+        counts the cache too, so no number of bits per weight)."""
+        if "kv" in (self.space or {}):
+            return f"{self.budget_bytes / 1e6:.1f} MB with the cache"
+        return f"{self.budget_bpw:.2f} bpw"
+
 
 class TrialRow(Base):
     """One measured policy (or a failed attempt, with its reason)."""

@@ -103,6 +103,8 @@ def test_a_kv_study_counts_weights_and_cache_and_its_front_says_so(kv_study, eva
     row = store.get_study("kv")
     assert row.space["kv"] == {"formats": ["turbo", "rtn_token", "float"], "bits": [2, 4], "context": CONTEXT,
                                "batch": 2}
+    # Plots (CLI and API) title the budget by its size: it counts the cache, so it is no bits per weight.
+    assert row.budget_label == f"{row.budget_bytes / 1e6:.1f} MB with the cache"
     kv = KVSpace(attention_modules(evaluator.model), ("turbo", "rtn_token", "float"), (2, 4), CONTEXT, 2)
     capsys.readouterr()
     assert main(["front", "kv", "--storage", storage, "--json"]) == 0

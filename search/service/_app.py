@@ -103,7 +103,7 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
     @app.get("/studies/{study}/front.png", dependencies=api)
     def front_plot(study: str) -> Response:
         row = store.get_study(study)
-        return Response(front_png(store.front(row), f"{study}: front within {row.budget_bpw:.2f} bpw"),
+        return Response(front_png(store.front(row), f"{study}: front within {row.budget_label}"),
                         media_type="image/png")
 
     @app.post("/studies/{study}/export", dependencies=api)
