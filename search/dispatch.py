@@ -13,6 +13,7 @@ from typing import Any
 
 import ray
 
+from evaluators import UserError
 from search.placement import WorkerSize, plan_workers, resolve_device
 from search.record import Job
 from search.workers import TrialWorker, gpu_memory, init_ray
@@ -60,12 +61,15 @@ class Dispatcher:
                  ray_address: str | None = None, max_retries: int = 2, device: str = "cpu",
                  size: WorkerSize | None = None, host_workers: int | None = None, max_workers: int | None = None,
                  split: bool = False, reference_topk: int | None = None):
-        # A local Ray gets this machine's cores (each worker then runs cores / workers torch threads),
-        # and never fewer CPUs than workers asked for, each of which takes one.
-        init_ray(ray_address, max(os.cpu_count() or 1, n_workers or 1))
+        # A local Ray gets this machine's cores (each worker then runs cores / workers torch threads).
+        init_ray(ray_address, os.cpu_count() or 1)
         self.max_retries = max_retries
         self._data = data
-        n_gpus = int(ray.cluster_resources().get("GPU", 0))
+        total = ray.cluster_resources()
+        if n_workers is not None and n_workers > total.get("CPU", 0):  # Ray would wait for them forever
+            raise UserError(f"--workers {n_workers}: the Ray cluster has {int(total.get('CPU', 0))} CPUs and each "
+                            f"worker takes one; use --workers {int(total.get('CPU', 0))} or fewer")
+        n_gpus = int(total.get("GPU", 0))
         self.device = resolve_device(device, n_gpus, split)
         memory = gpu_memory() if self.device == "cuda" else 0
         cpus = int(ray.available_resources().get("CPU", n_workers or 1))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +26,7 @@ from evaluators.reference import TAIL_SAMPLES, resolve_topk
 from quant.kv import kv_from_dict
 from search.budget import parse_budget
 from search.dispatch import Dispatcher
-from search.placement import CPU_BATCH, WorkerSize, fit_in_host, resolve_device
+from search.placement import CPU_BATCH, WORKER_PROCESS_BYTES, WorkerSize, fit_in_host, resolve_device
 from search.fidelity import FirstBatchGate
 from search.progress import Progress
 from search.record import RETRY_ON, Job, reconcile, record_failure, record_result
@@ -60,6 +62,13 @@ class SearchConfig:
     # None = on a worker unless the workers run on the CPU here (on GPUs: the driver needs none, and a CPU
     # would take hours on a large model).
     on_workers: bool | None = None
+    # Set (by the service's cancel route) to stop: no trial is asked for after it; those out finish and
+    # are recorded, so a cancelled study resumes with every finished trial.
+    stop: threading.Event | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
 
 
 def _proxy(store: Store, loaded: Any, tokens: Any, space: SearchSpace, topk: int | None) -> tuple[Any, Any]:
@@ -158,9 +167,12 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
                     request.seq_len)
     if cfg.target_bytes is not None:
         _budget(str(cfg.target_bytes), space)
-    store = Store(cfg.storage)  # only now: bad input above leaves the storage untouched
     topk = resolve_topk(request.reference_topk, len(tokens.eval), tokens.seq_len - 1,
                         int(loaded.model.config.vocab_size))
+    size, host_workers = _check_memory(request, loaded.model, tokens, device, topk, local=_local(cfg.ray_address))
+    if cfg.stopped:
+        return Progress.nothing_to_do(0, 0)
+    store = Store(cfg.storage)  # only now: bad input above leaves the storage untouched
     provenance = {**data.to_dict(), "model_fingerprint": loaded.fingerprint,
                   "data_fingerprint": tokens.fingerprint, "budget": request.budget, "reference_topk": topk,
                   "reference_tail": TAIL_SAMPLES if topk else 0, "sensitivity": request.sensitivity,
@@ -186,7 +198,6 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     on_workers = cfg.on_workers if cfg.on_workers is not None else device != "cpu"
     if proxied and not on_workers:
         table, reference = _proxy(store, loaded, tokens, space, topk)
-    size, host_workers = _check_memory(request, loaded.model, tokens, device, topk)
     if reference is None and not on_workers:  # else the first worker computes it (see Dispatcher)
         reference = reference_logprobs(loaded.model, tokens, topk=topk)
     fingerprints = (loaded.fingerprint, tokens.fingerprint)
@@ -201,6 +212,8 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
             table = _measured(cfg, store, workers, len(tokens.eval), fingerprints, space)
         elif proxied and on_workers:
             table = _proxy_on_worker(cfg, store, workers, fingerprints, space)
+        if cfg.stopped:
+            return Progress.nothing_to_do(done, complete)
         if table is not None:
             _seed(cfg, study, table, space, budget_bytes, created)
         if created:
@@ -208,7 +221,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         best = min((t.values[0] for t in study.best_trials), default=math.inf)
         progress = Progress(request.trials, done, complete, best, name=request.study_name, sampler=request.sampler,
                             budget_bytes=target, show=cfg.progress)
-        _trials(study, store, row, space, gate, workers, progress)
+        _trials(study, store, row, space, gate, workers, progress, cfg.stop)
     finally:
         if progress is not None:
             progress.close()
@@ -217,11 +230,14 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
 
 
 def _trials(study: optuna.Study, store: Store, row: Any, space: SearchSpace, gate: FirstBatchGate | None,
-            workers: Dispatcher, progress: Progress) -> None:
-    """Asks Optuna for trials while a worker is idle and the target is not reached; records each result."""
+            workers: Dispatcher, progress: Progress, stop: threading.Event | None = None) -> None:
+    """Asks Optuna for trials while a worker is idle, the target is not reached and ``stop`` is not set;
+    records each result (those out when ``stop`` is set too)."""
     target = progress.target
-    while progress.done + workers.busy < target or workers.busy:
-        while workers.idle and progress.done + workers.busy < target and progress.failed <= target:
+    stopped = stop.is_set if stop is not None else lambda: False
+    while (progress.done + workers.busy < target and not stopped()) or workers.busy:
+        while (workers.idle and progress.done + workers.busy < target and progress.failed <= target
+               and not stopped()):
             t_ask = time.perf_counter()
             trial = with_db_retry(study.ask, "asking for a trial", retry_on=RETRY_ON)
             policy = with_db_retry(lambda: space.suggest(trial).to_dict(), "sampling a policy", retry_on=RETRY_ON)
@@ -245,25 +261,33 @@ def _trials(study: optuna.Study, store: Store, row: Any, space: SearchSpace, gat
         progress.finished(outcome)
 
 
+def _local(ray_address: str | None) -> bool:
+    """Whether the workers run on a local Ray (this machine), not on a cluster."""
+    return not (ray_address or os.environ.get("RAY_ADDRESS"))
+
+
 def _device(request: SearchRequest, ray_address: str | None) -> str:
     """The workers' device, refused up front (before loading) when ``cuda`` or ``--split-model`` is asked for
-    with no GPU: resolved here for a local Ray, whose GPUs are this machine's; a cluster's by the dispatcher."""
-    import os
-
-    if ray_address or os.environ.get("RAY_ADDRESS"):
+    with no GPU, or more ``--workers`` than this machine has cores: checked here for a local Ray, whose
+    GPUs and cores are this machine's; a cluster's by the dispatcher."""
+    if not _local(ray_address):
         return request.device
     import torch
 
+    cores = os.cpu_count() or 1
+    if request.workers is not None and request.workers > cores:
+        raise UserError(f"--workers {request.workers}: this machine has {cores} cores, and each worker takes one; "
+                        f"use --workers {cores} or fewer (or join a larger Ray cluster with --ray-address)")
     return resolve_device(request.device, torch.cuda.device_count(), request.split_model)
 
 
 def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str,
-                  topk: int | None) -> tuple[WorkerSize, int]:
+                  topk: int | None, local: bool = True) -> tuple[WorkerSize, int]:
     """Refuses up front a search whose workers (with ``--workers`` unset: one) cannot fit in host memory,
     saying the estimate; returns what one worker holds (for its GPU share and batch) and how many
     workers host memory holds (the automatic count's bound, see :func:`search.placement.plan_workers`).
 
-    Per worker: the float model, a float copy of its matrices, their decoded weights
+    Per worker: a Ray worker process (:data:`~search.placement.WORKER_PROCESS_BYTES`), the float model, a float copy of its matrices, their decoded weights
     (cached for speed) and a batch of logits, in host memory on the CPU; on a GPU only the model
     passes through host memory. Once: the driver's model and the reference (the driver's, and the
     object store's copy that the workers share).
@@ -276,8 +300,9 @@ def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str,
     window_logits = tokens.seq_len * vocab * 4 * 3  # logits, log-probs, reference slice
     size = WorkerSize(params, reference, CPU_BATCH * window_logits, window_logits, int(tokens.eval.shape[0]),
                       block_bytes(model))
-    per_worker = params if device == "cuda" else 3 * params + size.batch_bytes
+    per_worker = WORKER_PROCESS_BYTES + (params if device == "cuda" else 3 * params + size.batch_bytes)
     limit = request.memory_limit_bytes or psutil.virtual_memory().available
     fit = fit_in_host(request.workers, per_worker, params + 2 * reference, limit,
                       "" if topk else ", or --reference-topk 512")
-    return size, fit
+    # A local Ray's workers are this machine's processes: never more than its cores (each takes one).
+    return size, min(fit, os.cpu_count() or 1) if local else fit

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from evaluators import UserError
 
-__all__ = ["CPU_BATCH", "DEVICES", "Device", "GPU_HEADROOM", "WORKERS_PER_GPU", "WorkerPlan", "WorkerSize",
+__all__ = ["CPU_BATCH", "DEVICES", "WORKER_PROCESS_BYTES", "Device", "GPU_HEADROOM", "WORKERS_PER_GPU", "WorkerPlan", "WorkerSize",
            "actor_options", "fit_in_host", "plan_workers", "resolve_device", "split_memory"]
 
 Device = typing.Literal["auto", "cpu", "cuda"]
@@ -29,6 +29,9 @@ CPU_BATCH = 2
 # driver records; more share the same SMs and only add memory. (Chosen, not measured: no GPU was lent.)
 WORKERS_PER_GPU = 2
 GIB = 2 ** 30
+# A Ray worker process before it loads anything (Python, torch, Ray's core worker): measured here, about
+# 200 MB resident each, and counted in every worker's host memory.
+WORKER_PROCESS_BYTES = 200 * 2 ** 20
 
 
 def resolve_device(requested: str, gpus: float, split: bool = False) -> str:
@@ -100,7 +103,7 @@ def fit_in_host(requested: int | None, per_worker: int, shared: int, limit: int,
     estimate = n * per_worker + shared
     if estimate > limit:
         raise UserError(f"this search needs about {estimate / GIB:.2f} GiB ({n} workers x {per_worker / GIB:.2f} "
-                        f"GiB model copies + {shared / GIB:.2f} GiB for the driver's model and the reference) but "
+                        f"GiB (a process and its model copies) + {shared / GIB:.2f} GiB for the driver's model and the reference) but "
                         f"{limit / GIB:.2f} GiB is available; use fewer --workers or --eval-seqs{hint}")
     return max(1, (limit - shared) // max(per_worker, 1))
 

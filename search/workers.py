@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -17,18 +18,53 @@ if TYPE_CHECKING:
 __all__ = ["TrialWorker", "gpu_memory", "init_ray"]
 
 
+_init_lock = threading.Lock()
+_started: list[threading.Thread] = []  # the thread that owns this process's local Ray, kept alive
+
+
 def init_ray(address: str | None, num_cpus: int) -> None:
-    """Joins ``address`` (or ``$RAY_ADDRESS``), else starts a local Ray without dashboard."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-    else:
+    """Joins ``address`` (or ``$RAY_ADDRESS``), else starts a local Ray without dashboard, once per process.
+
+    A local Ray's GCS and raylet die with the *thread* that started them (Linux's parent-death signal
+    is per thread), so a search's background thread in the service must not start it: the next search
+    would find Ray gone a minute later, and Ray then aborts the whole process. A local Ray asked for
+    from another thread than the main one is therefore started from a daemon thread that lives as
+    long as the process.
+    """
+    with _init_lock:  # one ray.init, however many searches start at once
+        if ray.is_initialized():
+            return
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:  # joining a cluster starts no processes of ours
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            return
         # A private local instance: token auth is pointless on loopback and needs a file in ~/.ray.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False)
+
+        def start() -> None:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+                     log_to_driver=False)
+
+        if threading.current_thread() is threading.main_thread():  # the CLI: lives as long as the process
+            start()
+            return
+        started, failed = threading.Event(), []
+
+        def own() -> None:
+            try:
+                start()
+            except BaseException as exc:  # handed to the caller below
+                failed.append(exc)
+            started.set()
+            if not failed:
+                threading.Event().wait()  # never returns: Ray's processes live until the process ends
+
+        owner = threading.Thread(target=own, name="ray-owner", daemon=True)
+        owner.start()
+        started.wait()
+        if failed:
+            raise failed[0]
+        _started.append(owner)
 
 
 @ray.remote(num_gpus=1)

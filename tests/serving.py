@@ -173,7 +173,7 @@ class ServiceProcess:
     """``turboquant serve`` as a real server process on a free loopback port."""
 
     def __init__(self, storage: str, *, token: str | None = None, ray_address: str | None = None,
-                 log_dir: Path | None = None):
+                 log_dir: Path | None = None, options: tuple[str, ...] = ()):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.token = token
@@ -183,6 +183,7 @@ class ServiceProcess:
             argv += ["--token", token]
         if ray_address:
             argv += ["--ray-address", ray_address]
+        argv += list(options)
         self.log = Path(log_dir or tempfile.mkdtemp(prefix="tq-serve-")) / "serve.log"
         self.proc = subprocess.Popen(argv, env=_env(), stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -213,7 +214,7 @@ class ServiceProcess:
             if r.status_code != 200:
                 raise AssertionError(f"GET /studies/{study}: {r.status_code} {r.text}")
             body = r.json()
-            if body["status"] != "running":
+            if body["status"] not in ("running", "queued"):
                 return body
             time.sleep(0.5)
         raise TimeoutError(f"study {study} still running after {timeout} s:\n{self.log.read_text()[-3000:]}")

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -34,9 +35,10 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def service(cluster, postgres, tmp_path_factory):
+def service(cluster, postgres, tmp_path_factory, corpus):
     storage = fresh_database(postgres.url, "tq_cluster")
-    svc = ServiceProcess(storage, token=TOKEN, ray_address=cluster.address, log_dir=tmp_path_factory.mktemp("svc"))
+    svc = ServiceProcess(storage, token=TOKEN, ray_address=cluster.address, log_dir=tmp_path_factory.mktemp("svc"),
+                         options=("--data-dir", str(Path(corpus).parent)))
     try:
         svc.wait_ready()
         yield svc, storage
@@ -55,7 +57,7 @@ def test_search_through_the_service_on_a_ray_cluster_and_postgres(cluster, servi
     assert cluster.alive_nodes() == 2  # the head and the worker node joined one cluster
     client = svc.client()
     body = {"study": "cluster", "model": "tiny-random-llama", "budget": "5bpw", "trials": 6, "workers": 2,
-            "sampler": "nsga2", "dataset": corpus, "seq_len": 64, "eval_seqs": 4, "calib_seqs": 4,
+            "sampler": "nsga2", "dataset": Path(corpus).name, "seq_len": 64, "eval_seqs": 4, "calib_seqs": 4,
             "bits": [2, 3, 4, 8], "groups": [32, None]}
     r = client.post("/studies", json=body)
     assert r.status_code == 202, r.text

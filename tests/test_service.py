@@ -8,10 +8,12 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from search.service import ServiceLimits
 from studies import Store, export_policy
 
 TOKEN = "s3cret-token"
@@ -24,15 +26,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, local_ray):
+def offered(tmp_path_factory, corpus) -> ServiceLimits:
+    """The folders the service offers: the test corpus's, and one holding a corrupt model folder."""
+    models = tmp_path_factory.mktemp("models")
+    (models / "corrupt").mkdir()
+    (models / "corrupt" / "config.json").write_text("{not json")
+    return ServiceLimits(data_dir=Path(corpus).parent, models_dir=models)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, local_ray, offered):
     import uvicorn
 
     from search.service import create_app
 
     storage = f"sqlite:///{tmp_path_factory.mktemp('svc') / 's.db'}"
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(storage, token=TOKEN), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(storage, token=TOKEN, limits=offered), host="127.0.0.1",
+                                        port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -53,23 +64,21 @@ def _wait(client: httpx.Client, study: str, timeout: float = 240) -> dict:
         r = client.get(f"/studies/{study}")
         assert r.status_code == 200, r.text
         body = r.json()
-        if body["status"] != "running":
+        if body["status"] not in ("running", "queued"):
             return body
         time.sleep(0.5)
     raise AssertionError(f"study {study} still running after {timeout} s")
 
 
 @pytest.fixture(scope="module")
-def searched(server, corpus, tmp_path_factory):
+def searched(server, corpus):
     client, storage, _ = server
-    corrupt = tmp_path_factory.mktemp("corrupt-model")
-    (corrupt / "config.json").write_text("{not json")
     body = {"study": "api", "model": "tiny-random-llama", "budget": "5bpw", "trials": 6, "workers": 1,
-            "sampler": "nsga2", "dataset": corpus, "seq_len": 64, "eval_seqs": 4, "calib_seqs": 4,
+            "sampler": "nsga2", "dataset": Path(corpus).name, "seq_len": 64, "eval_seqs": 4, "calib_seqs": 4,
             "bits": [2, 3, 4, 8], "groups": [32, None], "granularity": "layer"}
     r = client.post("/studies", json=body)
     assert r.status_code == 202, r.text
-    bad = client.post("/studies", json={**body, "study": "broken", "model": str(corrupt)})
+    bad = client.post("/studies", json={**body, "study": "broken", "model": "corrupt"})
     assert bad.status_code == 202  # a model folder is found to be corrupt only once the search loads it
     progress = _wait(client, "api")
     assert progress["status"] == "done", progress
@@ -152,14 +161,28 @@ def test_auth_is_required_when_a_token_is_set(server) -> None:
     ("get", "/studies/nope/front", None, 404, "no study named 'nope'"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "colour": "red"}, 422, "colour"),
     ("post", "/studies", {"study": "x", "budget": "3bitz"}, 422, "malformed budget"),
-    ("post", "/studies", {"study": "x", "budget": "3bpw", "model": "nope-model"}, 422, "unknown model 'nope-model'"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "model": "nope-model"}, 422, "model 'nope-model' is not offered"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "sampler": "magic"}, 422, "unknown sampler"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "granularity": "row"}, 422, "unknown granularity"),
-    ("post", "/studies", {"study": "../x", "budget": "3bpw"}, 422, "study names"),
+    ("post", "/studies", {"study": "../x", "budget": "3bpw"}, 422, "study name"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "trials": 0}, 422, "trials"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "context": 512}, 422, "give it as a size"),
     ("post", "/studies", {"study": "x", "budget": "1MB", "context": 512, "kv_formats": ["zip"]}, 422,
      "unknown KV cache format"),
+    # What a token holder may make the server read or run (issue 22: files, remote code, processes).
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "dataset": "/etc/passwd"}, 422, "outside the service's"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "dataset": "nope.txt"}, 422, "not offered by this service"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "dataset": "../etc/passwd"}, 422, "outside the service's"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "dataset": "hf:/etc/passwd"}, 422, "not a hub dataset"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "dataset": "hf:../x"}, 422, "not a hub dataset"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "model": "/etc"}, 422, "not a path"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "model": "../models/corrupt"}, 422, "not a path"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "model": "~/m"}, 422, "not a path"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "trust_remote_code": True}, 422,
+     "does not run a model's own code"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "workers": 4096}, 422, "cores"),
+    ("post", "/studies/nope/cancel", None, 409, "not running in this service"),
+    ("post", "/studies/api/cancel", None, 409, "(it is done)"),
     ("post", "/studies/api/export", {"trial": 1, "budget": "3bpw"}, 422, "exactly one"),
     ("post", "/studies/api/export", {"trial": 9999}, 404, "no complete trial 9999"),
     ("post", "/studies/api/export", {"budget": "0.1bpw"}, 422, "below the smallest allowed policy"),
@@ -175,7 +198,7 @@ def test_bad_requests_get_4xx_with_a_reason(searched, method, path, body, status
 def test_a_kv_study_through_the_api_carries_its_cache_bytes(searched, corpus) -> None:
     client, storage = searched
     body = {"study": "api-kv", "model": "tiny-random-llama", "budget": "200KB", "context": 256, "trials": 4,
-            "workers": 1, "dataset": corpus, "seq_len": 64, "eval_seqs": 4, "calib_seqs": 4, "bits": [2, 4],
+            "workers": 1, "dataset": Path(corpus).name, "seq_len": 64, "eval_seqs": 4, "calib_seqs": 4, "bits": [2, 4],
             "groups": [32], "formats": ["rtn"], "kv_bits": [2, 4]}
     assert client.post("/studies", json=body).status_code == 202
     assert _wait(client, "api-kv")["status"] == "done"

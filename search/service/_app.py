@@ -8,7 +8,9 @@ bad input (:class:`UserError`, pydantic) 422, a study or trial that does not exi
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import secrets
 from importlib import resources
 from typing import Any
@@ -20,7 +22,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from evaluators.errors import UserError
 from search.budget import parse_budget
 from search.plots import front_png
-from search.service._jobs import AlreadyRunning, Jobs, progress
+from search.service._jobs import AlreadyRunning, Jobs, NotRunning, progress
+from search.service._limits import ServiceLimits, vet
 from search.service._schemas import ExportRequest, StudyRequest
 from studies import NotFoundError, Store, StoreError, export_policy
 
@@ -28,7 +31,7 @@ __all__ = ["create_app"]
 
 # Exception type -> HTTP status; the first match in this order wins (NotFoundError is a StoreError).
 _STATUS: tuple[tuple[type[Exception], int], ...] = (
-    (NotFoundError, 404), (AlreadyRunning, 409), (UserError, 422), (StoreError, 503))
+    (NotFoundError, 404), (AlreadyRunning, 409), (NotRunning, 409), (UserError, 422), (StoreError, 503))
 
 
 def _clean(value: Any) -> Any:
@@ -48,12 +51,27 @@ def _page() -> str:
     return (resources.files("search.service") / "templates" / "index.html").read_text(encoding="utf-8")
 
 
-def create_app(storage: str, *, token: str | None = None, ray_address: str | None = None) -> FastAPI:
-    """The FastAPI app over ``storage``. With ``token`` every API request needs ``Authorization: Bearer``."""
+def create_app(storage: str, *, token: str | None = None, ray_address: str | None = None,
+               limits: ServiceLimits | None = None) -> FastAPI:
+    """The FastAPI app over ``storage``. With ``token`` every API request needs ``Authorization: Bearer``;
+    ``limits`` say what requests may read and run (default: the embedded corpus, aliases and hub ids,
+    no remote code, 2 searches at once)."""
+    limits = limits or ServiceLimits()
     store = Store(storage)  # fails now, at start-up, if the storage cannot be opened
-    jobs = Jobs(storage, ray_address)
+    jobs = Jobs(storage, ray_address, max_running=limits.max_running)
     page = _page()
-    app = FastAPI(title="TurboQuant", version="0.1.0",
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        # The service's own local Ray (started by its first search) goes with it: its agents and workers
+        # would otherwise outlive a stopped service. A cluster joined by address is left running.
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+    app = FastAPI(title="TurboQuant", version="0.1.0", lifespan=lifespan,
                   description="Mixed-precision quantization search: launch, watch, fronts, export.")
     app.state.service = jobs
 
@@ -69,9 +87,17 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
 
     @app.post("/studies", status_code=202, dependencies=api)
     def launch(req: StudyRequest) -> dict[str, Any]:
-        """Starts a search (or resumes one: same options, more trials) in the background."""
-        job = jobs.launch(req)
+        """Starts a search (or resumes one: same options, more trials) in the background; past the service's
+        searches at once, it waits in a queue (status ``queued``)."""
+        job = jobs.launch(vet(req, limits, local=ray_address is None and not os.environ.get("RAY_ADDRESS")))
         return {"study": req.study, "status": job.status, "progress": f"/studies/{req.study}"}
+
+    @app.post("/studies/{study}/cancel", status_code=202, dependencies=api)
+    def cancel(study: str) -> dict[str, Any]:
+        """Stops a queued or running search: no trial is started after this; those out finish and are
+        kept, so the study can be resumed."""
+        job = jobs.cancel(study)
+        return {"study": study, "status": job.status, "progress": f"/studies/{study}"}
 
     @app.get("/studies", dependencies=api)
     def studies() -> list[dict[str, Any]]:

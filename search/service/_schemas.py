@@ -8,13 +8,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from search.request import SearchRequest
+from evaluators.models import MODEL_ALIASES
+from search.request import STUDY_NAME, SearchRequest
 from search.at_budget import REFINE_TRIALS
 from studies.export import EXPORT_FORMATS
 
-__all__ = ["StudyRequest", "ExportRequest"]
+__all__ = ["HUB_ID", "StudyRequest", "ExportRequest"]
 
-STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A Hugging Face id: ``org/name`` (a dataset may have no org); never a path (no leading '/', '.', '~').
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
 class StudyRequest(SearchRequest):
@@ -28,6 +30,16 @@ class StudyRequest(SearchRequest):
     def _name(cls, v: str) -> str:
         if not STUDY_NAME.match(v):
             raise ValueError("study names use letters, digits, '.', '_' and '-' (at most 128, not starting with a symbol)")
+        return v
+
+    @classmethod
+    def _model(cls, v: str) -> str:
+        # Replaces the CLI's check, which looks at this machine's disk (its answers would tell a token holder
+        # which files exist): over the API a model is an alias, a hub id or a name under the operator's
+        # --models-dir, resolved by search.service._limits.vet; never a path.
+        if v not in MODEL_ALIASES and not HUB_ID.match(v):
+            raise ValueError(f"model {v!r}: over the API a model is an alias ({', '.join(MODEL_ALIASES)}), a hub id "
+                             "(org/name) or a folder the service offers, not a path")
         return v
 
 

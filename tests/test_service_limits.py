@@ -1,0 +1,172 @@
+"""What one process or request may do to the others (issue 22): Ray outlives the thread that started it,
+searches queue past the service's limit and can be cancelled, concurrent searches share caches and models
+safely, and requests that cannot run are refused before anything is written."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from search.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_local_ray_started_from_a_short_lived_thread_outlives_it() -> None:
+    # The service's first search started Ray from its own thread: Linux's parent-death signal killed the GCS
+    # and raylet when that thread ended, and Ray aborted the whole service a minute later.
+    script = textwrap.dedent("""
+        import os, threading, time
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        import ray
+        from search.workers import init_ray
+        t = threading.Thread(target=init_ray, args=(None, 1))
+        t.start(); t.join()
+        time.sleep(3)
+        procs = ray._private.worker._global_node.all_processes
+        dead = [name for name, ps in procs.items() for p in ps if p.process.poll() is not None]
+        print("dead:", dead)
+        assert ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60) == 42
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and "dead: []" in out.stdout and "ok" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+@pytest.fixture
+def app(tmp_path, local_ray, corpus):
+    from fastapi.testclient import TestClient
+
+    from search.service import ServiceLimits, create_app
+
+    storage = f"sqlite:///{tmp_path / 'q.db'}"
+    application = create_app(storage, limits=ServiceLimits(data_dir=Path(corpus).parent, max_running=1))
+    with TestClient(application) as client:
+        yield client, storage, application.state.service
+
+
+def _body(corpus: str, study: str, trials: int) -> dict:
+    return {"study": study, "model": "tiny-random-llama", "budget": "5bpw", "trials": trials, "workers": 1,
+            "sampler": "random", "dataset": Path(corpus).name, "seq_len": 32, "eval_seqs": 2, "calib_seqs": 1,
+            "bits": [2, 4, 8], "groups": [32], "granularity": "layer", "sensitivity": False}
+
+
+def _status(client, study: str) -> dict:
+    r = client.get(f"/studies/{study}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _until(predicate, timeout: float = 180.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def test_searches_past_the_limit_queue_and_any_can_be_cancelled(app, corpus) -> None:
+    from studies import Store
+
+    client, storage, jobs = app
+    assert client.post("/studies", json=_body(corpus, "long", 500)).status_code == 202
+    assert client.post("/studies", json=_body(corpus, "next", 3)).status_code == 202
+    assert client.post("/studies", json=_body(corpus, "never", 3)).status_code == 202
+    _until(lambda: _status(client, "long")["complete"] >= 2)
+    assert _status(client, "next")["status"] == "queued" and _status(client, "never")["status"] == "queued"
+    # A queued search cancelled never starts: nothing of it is stored.
+    r = client.post("/studies/never/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "cancelled"
+    # The running one stops asking for trials; those out finish and are kept.
+    assert client.post("/studies/long/cancel").status_code == 202
+    done = _until(lambda: (s := _status(client, "long"))["status"] != "running" and s)
+    assert done["status"] == "cancelled" and 2 <= done["complete"] < 500 and done["failed"] == 0
+    store = Store(storage)
+    trials = store.trials_frame(store.get_study("long"))
+    assert (trials["state"] == "complete").sum() == done["complete"]  # every finished trial recorded
+    # The queue moves on: the next search runs to its end.
+    assert _until(lambda: (s := _status(client, "next"))["status"] not in ("queued", "running") and s)["status"] == "done"
+    assert store.find_study("never") is None
+    assert client.post("/studies/never/cancel").status_code == 409  # already cancelled
+    assert jobs.get("next").summary["complete"] == 3
+
+
+def test_concurrent_searches_tokenize_into_one_private_cache(tmp_path, monkeypatch, data_config) -> None:
+    from evaluators.data import load_corpus, make_token_sets
+    from evaluators.models import load_model
+
+    monkeypatch.setenv("TURBOQUANT_CACHE", str(tmp_path / "cache"))
+    loaded, text = load_model("tiny-random-llama"), load_corpus(data_config.dataset)
+    results, errors = [], []
+
+    def tokenize() -> None:
+        try:
+            results.append(make_token_sets(loaded, text, seq_len=32, n_eval=2, n_calib=1).eval)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=tokenize) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 8 and all(np.array_equal(r, results[0]) for r in results)
+    cache = tmp_path / "cache"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700  # the corpus's text is the user's alone
+    files = list((cache / "tokens").iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npy"  # no temporary left behind
+
+
+def test_the_tiny_model_is_the_same_whatever_other_threads_draw() -> None:
+    import torch
+
+    from evaluators.models import load_model
+
+    stop, prints = threading.Event(), []
+
+    def noise() -> None:
+        while not stop.is_set():
+            torch.randn(64)
+
+    drawers = [threading.Thread(target=noise) for _ in range(2)]
+    for t in drawers:
+        t.start()
+    try:
+        builders = [threading.Thread(target=lambda: prints.append(load_model("tiny-random-llama").fingerprint))
+                    for _ in range(10)]
+        for t in builders:
+            t.start()
+        for t in builders:
+            t.join()
+    finally:
+        stop.set()
+        for t in drawers:
+            t.join()
+    assert len(prints) == 10 and len(set(prints)) == 1
+
+
+@pytest.mark.parametrize("case, options, message", [
+    ("window longer than the model", ["--seq-len", "100000"], "longer than tiny-random-llama reads (512 positions)"),
+    ("memory limit too small", ["--memory-limit", "1b"], "GiB is available"),
+    ("more workers than cores", ["--workers", str((os.cpu_count() or 1) + 1)], "cores"),
+])
+def test_searches_that_cannot_run_are_refused_before_anything_is_stored(case, options, message, tmp_path, corpus,
+                                                                        capsys) -> None:
+    db = tmp_path / "s.db"
+    argv = ["search", "--model", "tiny-random-llama", "--dataset", corpus, "--seq-len", "32", "--eval-seqs", "2",
+            "--calib-seqs", "1", "--budget", "4bpw", "--trials", "2", "--storage", f"sqlite:///{db}", *options]
+    assert main(argv) == 2, case
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not db.exists()  # neither the database nor a sensitivity row
