@@ -28,6 +28,7 @@ from search.budget import parse_budget
 from search.dispatch import Dispatcher
 from search.placement import CPU_BATCH, WORKER_PROCESS_BYTES, WorkerSize, fit_in_host, resolve_device
 from search.fidelity import FirstBatchGate
+from search.memory import DRIVER_PROCESS_BYTES, ModelSize, Phases, proxy_bytes, reference_pass_bytes
 from search.progress import Progress
 from search.record import RETRY_ON, Job, reconcile, record_failure, record_result
 from search.request import SearchRequest
@@ -35,6 +36,7 @@ from search.resume import open_study, optuna_storage
 from search.seeds import enqueue_uniform_seeds
 from search.space import SearchSpace
 from studies import DEFAULT_STORAGE, Store
+from studies.locks import study_lock
 from studies.retry import with_db_retry
 
 __all__ = ["SearchConfig", "run_search", "optuna_storage", "FULL_PRECISION_BITS"]
@@ -71,18 +73,19 @@ class SearchConfig:
         return self.stop is not None and self.stop.is_set()
 
 
-def _proxy(store: Store, loaded: Any, tokens: Any, space: SearchSpace, topk: int | None) -> tuple[Any, Any]:
-    """The proxy's table (predicted here, on the driver's model, or read from the store) and the
-    reference (top-``topk`` or full) its evaluator computed on the way."""
-    from evaluators import Evaluator
-    from search.sensitivity import proxy_table
+def _proxy(store: Store, loaded: Any, tokens: Any, space: SearchSpace, hessian_bytes: int | None) -> Any:
+    """The proxy's table, predicted here on the driver's float model (no evaluator: it would keep a float
+    copy of every matrix), gptq's Hessians ``hessian_bytes`` at a time, or read from the store."""
+    from search.sensitivity import predict_on_model, proxy_table
 
-    evaluator = Evaluator(loaded, tokens, reference_topk=topk)
-    table = proxy_table(evaluator, space, store=store, model_fingerprint=loaded.fingerprint,
-                        data_fingerprint=tokens.fingerprint)
+    def predict(kinds: list[str]) -> dict[str, Any]:
+        return predict_on_model(loaded.model, tokens, space, kinds, hessian_bytes=hessian_bytes)
+
+    table = proxy_table(None, space, store=store, model_fingerprint=loaded.fingerprint,
+                        data_fingerprint=tokens.fingerprint, predict=predict)
     log.info("sensitivity proxy: %d pairs predicted in %.1f s, %d reused", table.computed, table.seconds,
              table.reused)
-    return table, evaluator.reference
+    return table
 
 
 def _proxy_on_worker(cfg: SearchConfig, store: Store, workers: Dispatcher, fingerprints: tuple[str, str],
@@ -158,7 +161,12 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     request = cfg.request
     device = _device(request, cfg.ray_address)
     data = request.data_config(device)  # --dtype auto is resolved for the workers' device
+    phases = Phases(request.memory_limit_bytes)
+    phases.start("load", _load_estimate(request.model, data.dtype),
+                 f"loading {request.model} in {data.dtype} (the float reference)",
+                 "load it in half precision (--dtype bfloat16) or free memory")
     loaded, tokens = data.load()
+    phases.end()
     space = request.space_of(loaded.model)
     budget_bytes = _budget(request.budget, space)
     if request.context is not None and request.context > request.seq_len:
@@ -170,63 +178,82 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
     topk = resolve_topk(request.reference_topk, len(tokens.eval), tokens.seq_len - 1,
                         int(loaded.model.config.vocab_size))
     size, host_workers = _check_memory(request, loaded.model, tokens, device, topk, local=_local(cfg.ray_address))
+    plan = _DriverPlan.of(request, loaded.model, tokens, space, topk, phases)
     if cfg.stopped:
         return Progress.nothing_to_do(0, 0)
     store = Store(cfg.storage)  # only now: bad input above leaves the storage untouched
-    provenance = {**data.to_dict(), "model_fingerprint": loaded.fingerprint,
-                  "data_fingerprint": tokens.fingerprint, "budget": request.budget, "reference_topk": topk,
-                  "reference_tail": TAIL_SAMPLES if topk else 0, "sensitivity": request.sensitivity,
-                  "sensitivity_method": request.sensitivity_method, "sensitivity_seqs": request.sensitivity_seqs}
-    target = budget_bytes if cfg.target_bytes is None else min(cfg.target_bytes, budget_bytes)
-    study, row, created = open_study(request, cfg.storage, store, space, budget_bytes, provenance,
-                                     sampler_budget=target)
-    gate = None
-    if request.uses_multi_fidelity:
-        gate = FirstBatchGate(target, keep=cfg.fidelity_keep)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            gate.add(t.user_attrs.get("kl_low"), t.values[1])
-    reconcile(study, store, row)
-    # Finished trials: measured fully, or stopped after the first batch by multi-fidelity selection.
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if done >= request.trials and not created:
-        return Progress.nothing_to_do(done, complete)  # before minutes of sensitivity it would not use
-    table = reference = None
-    measured = request.sensitivity and request.sensitivity_method == "measured"
-    proxied = request.sensitivity and not measured
-    # "auto" here is a cluster's device, resolved by the dispatcher: a worker there is as near as the driver.
-    on_workers = cfg.on_workers if cfg.on_workers is not None else device != "cpu"
-    if proxied and not on_workers:
-        table, reference = _proxy(store, loaded, tokens, space, topk)
-    if reference is None and not on_workers:  # else the first worker computes it (see Dispatcher)
-        reference = reference_logprobs(loaded.model, tokens, topk=topk)
-    fingerprints = (loaded.fingerprint, tokens.fingerprint)
-    del loaded  # the workers load their own copies
-    workers = Dispatcher(data.to_dict(), reference, request.workers, ray_address=cfg.ray_address,
-                         max_retries=cfg.max_retries, device=device, size=size, host_workers=host_workers,
-                         max_workers=None if measured else max(request.trials - done, 1), split=request.split_model,
-                         reference_topk=topk)
-    progress = None
-    try:
-        if measured:  # one forward per pair, on every worker
-            table = _measured(cfg, store, workers, len(tokens.eval), fingerprints, space)
-        elif proxied and on_workers:
-            table = _proxy_on_worker(cfg, store, workers, fingerprints, space)
-        if cfg.stopped:
-            return Progress.nothing_to_do(done, complete)
-        if table is not None:
-            _seed(cfg, study, table, space, budget_bytes, created)
-        if created:
-            enqueue_uniform_seeds(study, space, budget_bytes)
-        best = min((t.values[0] for t in study.best_trials), default=math.inf)
-        progress = Progress(request.trials, done, complete, best, name=request.study_name, sampler=request.sampler,
-                            budget_bytes=target, show=cfg.progress)
-        _trials(study, store, row, space, gate, workers, progress, cfg.stop)
-    finally:
-        if progress is not None:
-            progress.close()
-        workers.close()
-    return progress.summary()
+    # One driver per study: a second would count its trials apart and fail the first one's running trials.
+    with study_lock(cfg.storage, request.study_name):
+        provenance = {**data.to_dict(), "model_fingerprint": loaded.fingerprint,
+                      "data_fingerprint": tokens.fingerprint, "budget": request.budget, "reference_topk": topk,
+                      "reference_tail": TAIL_SAMPLES if topk else 0, "sensitivity": request.sensitivity,
+                      "sensitivity_method": request.sensitivity_method, "sensitivity_seqs": request.sensitivity_seqs}
+        target = budget_bytes if cfg.target_bytes is None else min(cfg.target_bytes, budget_bytes)
+        study, row, created = open_study(request, cfg.storage, store, space, budget_bytes, provenance,
+                                         sampler_budget=target)
+        gate = None
+        if request.uses_multi_fidelity:
+            gate = FirstBatchGate(target, keep=cfg.fidelity_keep)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                gate.add(t.user_attrs.get("kl_low"), t.values[1])
+        reconcile(study, store, row)
+        # Finished trials: measured fully, or stopped after the first batch by multi-fidelity selection.
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        if done >= request.trials and not created:
+            return Progress.nothing_to_do(done, complete)  # before minutes of sensitivity it would not use
+        table = reference = None
+        measured = request.sensitivity and request.sensitivity_method == "measured"
+        proxied = request.sensitivity and not measured
+        # "auto" here is a cluster's device, resolved by the dispatcher: a worker there is as near as the driver.
+        on_workers = cfg.on_workers if cfg.on_workers is not None else device != "cpu"
+        if not on_workers:  # else the first worker computes it (see Dispatcher)
+            phases.start("reference", plan.reference, f"the {data.dtype} model's log-probs on {len(tokens.eval)} "
+                         f"evaluation windows ({'top-%d' % topk if topk else 'full'}); every trial's KL is to "
+                         f"this {data.dtype} float model, whatever it quantizes", plan.hint)
+            reference = reference_logprobs(loaded.model, tokens, topk=topk)
+        if proxied and not on_workers:
+            phases.start("sensitivity proxy", plan.proxy, plan.proxy_what, plan.hint)
+            table = _proxy(store, loaded, tokens, space, plan.hessian_bytes)
+        phases.end()
+        fingerprints = (loaded.fingerprint, tokens.fingerprint)
+        _free(loaded)  # the workers load their own copies
+        del loaded
+        phases.start("workers start", plan.workers_driver, f"{plan.worker_what}; the driver's model freed",
+                     plan.hint)
+        workers = Dispatcher(data.to_dict(), reference, request.workers, ray_address=cfg.ray_address,
+                             max_retries=cfg.max_retries, device=device, size=size, host_workers=host_workers,
+                             max_workers=None if measured else max(request.trials - done, 1), split=request.split_model,
+                             reference_topk=topk)
+        progress = None
+        try:
+            if measured:  # one forward per pair, on every worker
+                phases.start("sensitivity (measured)", plan.workers_driver, "one forward per (unit, setting) on the "
+                             "workers")
+                table = _measured(cfg, store, workers, len(tokens.eval), fingerprints, space)
+            elif proxied and on_workers:
+                phases.start("sensitivity proxy", plan.workers_driver, "on a worker's device", plan.hint)
+                table = _proxy_on_worker(cfg, store, workers, fingerprints, space)
+            if cfg.stopped:
+                return Progress.nothing_to_do(done, complete)
+            phases.start("seeds", plan.workers_driver, "DP / greedy allocations from the sensitivity table and "
+                         "uniform settings, enqueued" if table is not None else "uniform settings, enqueued")
+            if table is not None:
+                _seed(cfg, study, table, space, budget_bytes, created)
+            if created:
+                enqueue_uniform_seeds(study, space, budget_bytes)
+            phases.start("trials", plan.workers_driver, f"{request.trials - done} trial(s) on the workers "
+                         f"({plan.worker_what})")
+            best = min((t.values[0] for t in study.best_trials), default=math.inf)
+            progress = Progress(request.trials, done, complete, best, name=request.study_name, sampler=request.sampler,
+                                budget_bytes=target, show=cfg.progress)
+            _trials(study, store, row, space, gate, workers, progress, cfg.stop)
+        finally:
+            if progress is not None:
+                progress.close()
+            workers.close()
+            phases.end()
+        return progress.summary()
 
 
 def _trials(study: optuna.Study, store: Store, row: Any, space: SearchSpace, gate: FirstBatchGate | None,
@@ -287,8 +314,8 @@ def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str,
     saying the estimate; returns what one worker holds (for its GPU share and batch) and how many
     workers host memory holds (the automatic count's bound, see :func:`search.placement.plan_workers`).
 
-    Per worker: a Ray worker process (:data:`~search.placement.WORKER_PROCESS_BYTES`), the float model, a float copy of its matrices, their decoded weights
-    (cached for speed) and a batch of logits, in host memory on the CPU; on a GPU only the model
+    Per worker: a Ray worker process (:data:`~search.placement.WORKER_PROCESS_BYTES`), the float model, a
+    float copy of its matrices, their decoded weights (cached for speed) and a batch of logits, in host memory on the CPU; on a GPU only the model
     passes through host memory. Once: the driver's model and the reference (the driver's, and the
     object store's copy that the workers share).
     """

@@ -5,6 +5,7 @@ safely, and requests that cannot run are refused before anything is written."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -170,3 +171,64 @@ def test_searches_that_cannot_run_are_refused_before_anything_is_stored(case, op
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not db.exists()  # neither the database nor a sensitivity row
+
+
+def test_a_study_is_searched_by_one_process_at_a_time(tmp_path, corpus, postgres, capsys) -> None:
+    # Two processes resuming one study to 6 trials left 10: each counted only its own.
+    from studies.locks import StudyBusy, study_lock
+
+    sqlite = f"sqlite:///{tmp_path / 's.db'}"
+    for storage in (sqlite, postgres.url):
+        with study_lock(storage, "busy"):
+            with pytest.raises(StudyBusy, match="being searched by another process"):
+                with study_lock(storage, "busy"):
+                    pass
+            with study_lock(storage, "another"):  # other studies are not held up
+                pass
+        with study_lock(storage, "busy"):  # released with the block
+            pass
+    argv = ["search", "--model", "tiny-random-llama", "--dataset", corpus, "--seq-len", "32", "--eval-seqs", "2",
+            "--calib-seqs", "1", "--budget", "4bpw", "--trials", "2", "--storage", sqlite, "--study", "busy",
+            "--no-sensitivity", "--workers", "1"]
+    with study_lock(sqlite, "busy"):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "study 'busy' is being searched by another process" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_the_service_outlives_its_searches_and_leaves_nothing_behind(tmp_path, corpus) -> None:
+    """Three searches in a row with a pause longer than Ray's 60 s GCS timeout between them, then 20 at once
+    (queued past --max-running): all finish, the service still answers, and SIGTERM takes Ray with it."""
+    import psutil
+
+    from tests.serving import ServiceProcess
+
+    svc = ServiceProcess(f"sqlite:///{tmp_path / 's.db'}", log_dir=tmp_path,
+                         options=("--data-dir", str(Path(corpus).parent), "--max-running", "2"))
+    try:
+        svc.wait_ready()
+        client = svc.client()
+
+        def run(names: list[str]) -> None:
+            for name in names:
+                assert client.post("/studies", json=_body(corpus, name, 2)).status_code == 202
+            for name in names:
+                progress = svc.wait_study(client, name, timeout=900)
+                assert progress["status"] == "done" and progress["complete"] == 2, progress
+
+        run(["first"])
+        time.sleep(65)  # the first search's thread is long gone: Ray must still be there
+        run(["second"])
+        run(["third"])
+        run([f"crowd-{i}" for i in range(20)])
+        assert client.get("/studies").status_code == 200
+        assert len({s["study"] for s in client.get("/studies").json()}) == 23
+        children = psutil.Process(svc.proc.pid).children(recursive=True)
+        assert children  # Ray's processes, started by the service
+        os.kill(svc.proc.pid, signal.SIGTERM)  # the service alone, not its process group
+        assert svc.proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [" ".join(p.cmdline()[:3]) for p in alive]
+    finally:
+        svc.stop()
