@@ -232,3 +232,22 @@ def test_the_service_outlives_its_searches_and_leaves_nothing_behind(tmp_path, c
         assert not alive, [" ".join(p.cmdline()[:3]) for p in alive]
     finally:
         svc.stop()
+
+
+def test_a_huge_request_body_is_refused_before_it_is_parsed(tmp_path) -> None:
+    # A bits list of 8M entries blocked the service's event loop for a minute while it was parsed.
+    from fastapi.testclient import TestClient
+
+    from search.service import create_app
+
+    huge = b'{"study": "x", "budget": "3bpw", "bits": [' + b"4," * 4_000_000 + b"4]}"
+    with TestClient(create_app(f"sqlite:///{tmp_path / 'h.db'}")) as client:
+        t0 = time.perf_counter()
+        r = client.post("/studies", content=huge, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "request body over 1,048,576 bytes" in r.json()["detail"]
+        chunked = client.post("/studies", content=iter([huge[i:i + 65536] for i in range(0, len(huge), 65536)]),
+                              headers={"content-type": "application/json"})  # no length said
+        assert chunked.status_code == 413
+        assert time.perf_counter() - t0 < 10  # not parsed: a parse took about a minute
+        ok = client.post("/studies", json={"study": "x", "budget": "3bpw", "bits": [4] * 65})
+        assert ok.status_code == 422 and "at most 64" in ok.text  # a small body is read and validated

@@ -9,6 +9,7 @@ bad input (:class:`UserError`, pydantic) 422, a study or trial that does not exi
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import secrets
@@ -172,7 +173,47 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
 
     for kind, status in _STATUS:
         app.add_exception_handler(kind, _answer(status))
+    app.add_middleware(BodyLimit)
     return app
+
+
+class BodyLimit:
+    """ASGI middleware refusing request bodies over ``limit`` bytes (413) before they are read whole: a request
+    is a few hundred bytes, and a huge one (a ``bits`` list of 8M entries) blocked the event loop for a minute
+    while it was parsed."""
+
+    def __init__(self, app: Any, limit: int = 1 << 20):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)
+        # A chunked body that did not say its length: read it here, up to the limit, then hand it on.
+        messages, seen = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                return await self._refuse(send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body over {self.limit:,} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def _answer(status: int):
