@@ -19,7 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from evaluators.errors import UserError
 
-__all__ = ["COMMANDS", "command", "arg", "request_args", "add_request_args", "request_from_args"]
+__all__ = ["COMMANDS", "STORAGE_ENV", "STORAGE_HELP", "command", "arg", "request_args", "add_request_args",
+           "request_from_args", "storage_url"]
 
 M = TypeVar("M", bound=BaseModel)
 Run = Callable[[argparse.Namespace], int]
@@ -27,6 +28,18 @@ Declare = Callable[[argparse.ArgumentParser], Any]
 # Subcommand -> (its help, what declares its flags, what runs it), in the order they are registered.
 COMMANDS: dict[str, tuple[str, tuple[Declare, ...], Run]] = {}
 _PER_CHANNEL = ("ch", "channel")
+STORAGE_ENV = "TURBOQUANT_STORAGE"
+STORAGE_HELP = (f"SQLAlchemy URL (default: ${STORAGE_ENV}, else sqlite:///turboquant.db); a URL with a password is "
+                f"better given in ${STORAGE_ENV} than here, where ps shows it to every user")
+
+
+def storage_url(given: str | None) -> str:
+    """The storage a command uses: ``--storage``, else ``$TURBOQUANT_STORAGE``, else the default SQLite file."""
+    import os
+
+    from studies import DEFAULT_STORAGE
+
+    return given or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
 def command(name: str, help: str, *declare: Declare) -> Callable[[Run], Run]:
@@ -90,7 +103,14 @@ def add_request_args(parser: argparse.ArgumentParser, model: type[BaseModel], sk
         parser.add_argument(_flag(name), **kwargs)
 
 
-def _split(name: str, text: str, item: Any) -> list[Any]:
+def _max_length(field: Any) -> int | None:
+    return next((m.max_length for m in field.metadata if getattr(m, "max_length", None) is not None), None)
+
+
+def _split(name: str, text: str, item: Any, most: int | None = None) -> list[Any]:
+    # Counted before any entry is parsed: a list of millions is refused at once, as the API refuses it.
+    if most is not None and text.count(",") >= most:
+        raise UserError(f"{_flag(name)} takes at most {most} comma-separated values, got {text.count(',') + 1}")
     kind, per_channel = _parts(item)
     values = [v.strip() for v in text.split(",")]
     if kind is not int:
@@ -99,7 +119,13 @@ def _split(name: str, text: str, item: Any) -> list[Any]:
         return [None if per_channel and v in _PER_CHANNEL else int(v) for v in values]
     except ValueError:
         extra = " (or 'ch' for per output channel)" if per_channel else ""
-        raise UserError(f"{_flag(name)} takes comma-separated integers{extra}, got {text!r}") from None
+        raise UserError(f"{_flag(name)} takes comma-separated integers{extra}, got {_short(text)}") from None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message quotes what came, not a megabyte of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _message(error: dict[str, Any]) -> str:
@@ -107,7 +133,7 @@ def _message(error: dict[str, Any]) -> str:
     if error["type"] == "value_error":
         return str(error["ctx"]["error"])
     flag = _flag(str(error["loc"][0])) if error["loc"] else "options"
-    return f"{flag}: {error['msg'].lower()}, got {error['input']!r}"
+    return f"{flag}: {error['msg'].lower()}, got {_short(error['input'])}"
 
 
 def request_from_args(model: type[M], args: argparse.Namespace, **extra: Any) -> M:
@@ -120,7 +146,7 @@ def request_from_args(model: type[M], args: argparse.Namespace, **extra: Any) ->
     for name, value in given.items():
         kind, _ = _parts(model.model_fields[name].annotation)
         if typing.get_origin(kind) is list and isinstance(value, str):
-            given[name] = _split(name, value, typing.get_args(kind)[0])
+            given[name] = _split(name, value, typing.get_args(kind)[0], _max_length(model.model_fields[name]))
     try:
         return model(**given, **extra)
     except ValidationError as exc:

@@ -8,6 +8,7 @@ body is this model, and the driver reads it. Adding an option is adding a field.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -21,10 +22,20 @@ from search.placement import Device
 from search.samplers import SAMPLERS
 from search.space import GRANULARITIES, SearchSpace, check_granularity
 
-__all__ = ["MeasureRequest", "SearchRequest", "SENSITIVITY_METHODS"]
+__all__ = ["MAX_LIST", "MAX_SEED", "MeasureRequest", "SearchRequest", "SENSITIVITY_METHODS", "STUDY_NAME",
+           "check_study_name", "derived_study_name"]
 
 SENSITIVITY_METHODS = ("measured", "proxy")
 GGUF_FORMATS = "gguf"  # the --formats shorthand for llama.cpp's block types
+# Entries a list option may have: far more than any real space (bits 2..8, a few group sizes, the formats),
+# and checked by pydantic before any entry is looked at, so a list of millions is refused in microseconds.
+MAX_LIST = 64
+MAX_SEED = 2**32  # numpy's generators take seeds below 2**32
+# A study name is part of the API's URLs and of file names: a safe alphabet, one line, at most 128 characters
+# (\Z, not $: "$" also matches before a trailing newline).
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_LIST_FIELDS = ("bits", "groups", "formats", "kv_formats", "kv_bits")
 
 
 def _refuse(check: Any, value: Any) -> Any:
@@ -36,6 +47,27 @@ def _refuse(check: Any, value: Any) -> Any:
     return value
 
 
+def _unique(values: list[Any]) -> list[Any]:
+    """The list without repeats, in its first order: ``--bits 4,4`` is ``--bits 4``."""
+    return list(dict.fromkeys(values))
+
+
+def check_study_name(name: str) -> str:
+    """``name`` if it is a valid study name, else :class:`UserError` saying the rule."""
+    if not isinstance(name, str) or not STUDY_NAME.match(name):
+        shown = repr(name) if len(str(name)) <= 40 else repr(str(name)[:40]) + f"... ({len(str(name))} characters)"
+        raise UserError(f"study name {shown}: use letters, digits, '.', '_' and '-', at most 128 characters, "
+                        f"starting with a letter or digit")
+    return name
+
+
+def derived_study_name(model: str, budget: str) -> str:
+    """``MODEL-BUDGET`` made a valid study name: other characters (a path's slashes, spaces) become ``_``,
+    leading symbols are dropped, and it is cut to 128 characters."""
+    name = _NOT_IN_NAME.sub("_", f"{model.replace('/', '_')}-{budget}").lstrip("._-")[:128]
+    return name or "study"
+
+
 class MeasureRequest(BaseModel):
     """The model, the data and the settings allowed per unit: what a sensitivity table is measured on."""
 
@@ -44,24 +76,24 @@ class MeasureRequest(BaseModel):
     model: str = Field("smollm2-135m", description="alias, local folder or Hugging Face id")
     dataset: str = Field("shakespeare", description="'shakespeare' (embedded), a text file, or hf:NAME[:CONFIG]")
     seq_len: int = Field(256, ge=2, le=1 << 20, description="tokens per window")
-    eval_seqs: int = Field(8, ge=1, description="evaluation windows of seq-len tokens")
-    calib_seqs: int = Field(8, ge=0, description="calibration windows (disjoint from evaluation)")
-    seed: int = Field(0, description="picks the windows")
+    eval_seqs: int = Field(8, ge=1, le=1 << 20, description="evaluation windows of seq-len tokens")
+    calib_seqs: int = Field(8, ge=0, le=1 << 20, description="calibration windows (disjoint from evaluation)")
+    seed: int = Field(0, ge=0, lt=MAX_SEED, description="picks the windows")
     trust_remote_code: bool = Field(False, description="allow models that run their own code")
     dtype: Dtype = Field("auto", description="what the float model is loaded in: auto = as saved on a GPU, float32 "
                                              "on the CPU (half precision is emulated on most CPUs); the reference's "
                                              "log-probs are float32 either way")
     # The defaults are the recipe the README's "Why the defaults" measures; every one can be overridden.
-    bits: list[int] = Field([2, 3, 4, 8], min_length=1, description="allowed bit-widths")
-    groups: list[int | None] = Field([64, 128], min_length=1,
+    bits: list[int] = Field([2, 3, 4, 8], min_length=1, max_length=MAX_LIST, description="allowed bit-widths")
+    groups: list[int | None] = Field([64, 128], min_length=1, max_length=MAX_LIST,
                                      description="allowed group sizes; 'ch' (API: null) = per output channel")
-    formats: list[str] = Field(["rtn", "gptq+act_order+clip"], min_length=1,
+    formats: list[str] = Field(["rtn", "gptq+act_order+clip"], min_length=1, max_length=MAX_LIST,
                                description="allowed quantizers: rtn, gptq, turbo, lloyd, vq, ternary; boolean "
                                            "options with '+' (gptq+clip); or llama.cpp's block types (q4_k, "
                                            "q8_0, ...; 'gguf' for all of them)")
     granularity: str = Field("block", description=f"what shares one setting: {', '.join(GRANULARITIES)} "
                                                    "(block: each layer's attention and MLP)")
-    sensitivity_seqs: int | None = Field(None, ge=1, description="measure sensitivity on the first N evaluation "
+    sensitivity_seqs: int | None = Field(None, ge=1, le=1 << 20, description="measure sensitivity on the first N evaluation "
                                                                  "windows only (default: all)")
 
     @field_validator("model")
@@ -77,7 +109,12 @@ class MeasureRequest(BaseModel):
         # "gguf": every llama.cpp block type (each unit then climbs the ones its rows fit).
         from quant.gguf import BLOCK_TYPES
 
-        return [name for f in v for name in (BLOCK_TYPES if f == GGUF_FORMATS else (f,))]
+        return _unique([name for f in v for name in (BLOCK_TYPES if f == GGUF_FORMATS else (f,))])
+
+    @field_validator("bits", "groups")
+    @classmethod
+    def _no_repeats(cls, v: list[Any]) -> list[Any]:
+        return _unique(v)
 
     @field_validator("granularity")
     @classmethod
@@ -114,7 +151,8 @@ class MeasureRequest(BaseModel):
 class SearchRequest(MeasureRequest):
     """A search against a memory budget: the options of ``turboquant search`` and ``POST /studies``."""
 
-    study: str | None = Field(None, description="study name (default: MODEL-BUDGET)")
+    study: str | None = Field(None, description="study name: letters, digits, '.', '_' and '-', at most 128 "
+                                                     "(default: MODEL-BUDGET)")
     budget: str = Field(description="e.g. 3.0bpw or 70MB")
     trials: int = Field(20, ge=1, le=1_000_000, description="finished trials the study should have, complete or "
                                                             "pruned by multi-fidelity (resume adds up to it)")
@@ -132,7 +170,7 @@ class SearchRequest(MeasureRequest):
                                     "calibration window (diagonal Fisher, gptq's corrected by its inputs' "
                                     "correlations) and quantizing every setting once; measured: one forward per "
                                     "unit and setting, on the workers; both stored, reused by later studies")
-    reference_topk: int | None = Field(None, ge=0, description="compare with the float model's K most likely "
+    reference_topk: int | None = Field(None, ge=0, le=1 << 24, description="compare with the float model's K most likely "
                                        "words per position, the rest's mass and 64 words drawn from the rest "
                                        "(8K+516 bytes a position instead of 4 x vocabulary; SmolLM2 at K=512: KL "
                                        "0.997-1.002x the full KL); 0: the full log-probs (default: full where "
@@ -147,11 +185,22 @@ class SearchRequest(MeasureRequest):
                                 "attention module's key and value precision is searched with the weights "
                                 "(default: weights only, the cache not counted)")
     batch: int = Field(1, ge=1, le=1 << 16, description="sequences cached at once (with --context)")
-    kv_formats: list[str] = Field(list(DEFAULT_KV_FORMATS), min_length=1,
+    kv_formats: list[str] = Field(list(DEFAULT_KV_FORMATS), min_length=1, max_length=MAX_LIST,
                                   description="KV cache formats (with --context): turbo (rotation + Lloyd-Max), "
                                               "turbo+qjl (keys: 1 bit on the QJL residual), rtn_token, rtn_channel "
                                               "(keys, KIVI), float (16-bit)")
-    kv_bits: list[int] = Field(list(DEFAULT_KV_BITS), min_length=1, description="KV cache bit-widths (with --context)")
+    kv_bits: list[int] = Field(list(DEFAULT_KV_BITS), min_length=1, max_length=MAX_LIST,
+                               description="KV cache bit-widths (with --context)")
+
+    @field_validator("study")
+    @classmethod
+    def _study(cls, v: str | None) -> str | None:
+        return v if v is None else _refuse(check_study_name, v)
+
+    @field_validator("kv_formats", "kv_bits")
+    @classmethod
+    def _no_repeats_kv(cls, v: list[Any]) -> list[Any]:
+        return _unique(v)
 
     @field_validator("budget", "memory_limit")
     @classmethod
@@ -197,8 +246,8 @@ class SearchRequest(MeasureRequest):
 
     @property
     def study_name(self) -> str:
-        """The study's name: as given, else ``MODEL-BUDGET`` (a model path's slashes as underscores)."""
-        return self.study or f"{self.model.replace('/', '_')}-{self.budget}"
+        """The study's name: as given, else ``MODEL-BUDGET`` made a valid name (:func:`derived_study_name`)."""
+        return self.study or derived_study_name(self.model, self.budget)
 
     @property
     def memory_limit_bytes(self) -> int | None:
