@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Sequence
 
-from search.cli_args import COMMANDS, arg, command, request_args, request_from_args
+from search.cli_args import COMMANDS, STORAGE_HELP, arg, command, request_args, request_from_args, storage_url
 from search.request import MeasureRequest, SearchRequest
 
 if TYPE_CHECKING:
@@ -21,17 +21,21 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-_STORAGE_HELP = "SQLAlchemy URL (default sqlite:///turboquant.db)"
-
-
 def _storage(args: argparse.Namespace) -> str:
-    from studies import DEFAULT_STORAGE
+    return storage_url(args.storage)
 
-    return args.storage or DEFAULT_STORAGE
+
+def _existing_storage(args: argparse.Namespace) -> str:
+    """The storage of a command that only reads it: a SQLite file that is not there is refused, not created."""
+    from studies import check_exists
+
+    url = _storage(args)
+    check_exists(url)
+    return url
 
 
 @command("search", "run or resume a search against a memory budget", request_args(SearchRequest),
-         arg("--storage", default=None, help=_STORAGE_HELP),
+         arg("--storage", default=None, help=STORAGE_HELP),
          arg("--ray-address", default=None, help="join this Ray cluster (default: local Ray)"))
 def _cmd_search(args: argparse.Namespace) -> int:
     from search.driver import SearchConfig, run_search
@@ -46,10 +50,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 @command("sensitivity", "KL per (weight matrix, setting) with only that matrix quantized; stored and reused by "
-         "later studies", request_args(MeasureRequest), arg("--storage", default=None, help=_STORAGE_HELP),
+         "later studies", request_args(MeasureRequest), arg("--storage", default=None, help=STORAGE_HELP),
          arg("--top", type=int, default=10, help="print the N most sensitive matrices"))
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from search.sensitivity import run_sensitivity
+    from studies import redact_url
 
     request = request_from_args(MeasureRequest, args)
     table = run_sensitivity(request, _storage(args))
@@ -57,18 +62,18 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     per = f", {table.seconds / table.computed:.3f} s per pair" if table.computed else ""
     print(f"sensitivity of {request.model}: {len(table.units)} units ({request.granularity}) x "
           f"{len(table.settings)} settings = {pairs} pairs; measured {table.computed} in {table.seconds:.1f} s"
-          f"{per}; reused {table.reused} from {_storage(args)}")
+          f"{per}; reused {table.reused} from {redact_url(_storage(args))}")
     print("most sensitive at their cheapest setting (KL with only that unit quantized):")
     for name, kl in table.most_sensitive(args.top):
         print(f"  {kl:10.5f}  {name}")
     return 0
 
 
-@command("studies", "list studies", arg("--storage", default=None))
+@command("studies", "list studies", arg("--storage", default=None, help=STORAGE_HELP))
 def _cmd_studies(args: argparse.Namespace) -> int:
     from studies import Store
 
-    frame = Store(_storage(args)).studies_frame()
+    frame = Store(_existing_storage(args)).studies_frame()
     print(frame.to_string(index=False) if not frame.empty else "no studies yet")
     return 0
 
@@ -80,7 +85,7 @@ def _front_format(p: argparse.ArgumentParser) -> None:
 
 
 @command("front", "a study's Pareto front (feasible, non-dominated, by bytes)", arg("study"),
-         arg("--storage", default=None), _front_format,
+         arg("--storage", default=None, help=STORAGE_HELP), _front_format,
          arg("--plot", default=None, help="also write the front as a picture: front.png or front.html"),
          arg("--dataset", default=None, help="also measure each front point on this text (a UTF-8 file, or "
              "hf:NAME[:CONFIG]) against the float model on it; stored beside the trials and reused"),
@@ -94,15 +99,17 @@ def _cmd_front(args: argparse.Namespace) -> int:
         from evaluators.errors import UserError
 
         raise UserError(NEEDS_DATASET)
+    storage = _existing_storage(args)
     if args.plot:
-        _plot_front(_storage(args), args.study, args.plot)
+        _plot_front(storage, args.study, args.plot)
     if args.dataset is not None:
-        return _print_rescored(_storage(args), args, mode)
-    return _print_front(_storage(args), args.study, mode)
+        return _print_rescored(storage, args, mode)
+    return _print_front(storage, args.study, mode)
 
 
 def _print_rescored(storage: str, args: argparse.Namespace, mode: str) -> int:
     from search.rescore import rescore_front
+    from studies import redact_url
 
     done = rescore_front(storage, args.study, args.dataset, seq_len=args.seq_len, n_eval=args.n_eval)
     if mode != "table":
@@ -111,7 +118,7 @@ def _print_rescored(storage: str, args: argparse.Namespace, mode: str) -> int:
     other = done.other
     print(f"front of {args.study}: kl on the study's data, kl_other on {other.dataset} ({other.n_eval} windows of "
           f"{other.seq_len} tokens, float reference on them); {done.measured} point(s) measured now "
-          f"in {done.seconds:.0f} s, {done.reused} reused from {storage}")
+          f"in {done.seconds:.0f} s, {done.reused} reused from {redact_url(storage)}")
     _print_frame(done.frame, mode)
     if len(done.frame) < 2:
         print("order by KL: one point, nothing to compare")
@@ -137,7 +144,7 @@ def _print_frame(frame: "pd.DataFrame", mode: str) -> None:
 def _print_front(storage: str, study: str, mode: str) -> int:
     from studies import Store
 
-    store = Store(storage)
+    store = Store(storage, create=False)
     row = store.get_study(study)
     kv = row.space.get("kv")
     front = store.front(row)
@@ -173,7 +180,7 @@ def _plot_front(storage: str, study: str, path: str) -> None:
     from search.plots import write_front_plot
     from studies import Store
 
-    store = Store(storage)
+    store = Store(storage, create=False)
     row = store.get_study(study)
     try:
         out = write_front_plot(store.front(row), f"{study}: front within {row.budget_label}", path)
@@ -184,13 +191,32 @@ def _plot_front(storage: str, study: str, path: str) -> None:
 
 @command("serve", "HTTP API and web page: launch searches, fronts, exports",
          arg("--host", default="127.0.0.1", help="interface to bind (default: localhost only)"),
-         arg("--port", type=int, default=8000), arg("--storage", default=None, help=_STORAGE_HELP),
+         arg("--port", type=int, default=8000), arg("--storage", default=None, help=STORAGE_HELP),
          arg("--token", default=None, help="require Authorization: Bearer TOKEN (or set TURBOQUANT_TOKEN)"),
-         arg("--ray-address", default=None, help="run searches on this Ray cluster (default: local Ray)"))
+         arg("--ray-address", default=None, help="run searches on this Ray cluster (default: local Ray)"),
+         arg("--data-dir", default=None, help="folder whose text files requests may name as --dataset (default: "
+                                              "none; the embedded corpus and hf: datasets only)"),
+         arg("--models-dir", default=None, help="folder whose model folders requests may name (default: none; "
+                                                "aliases and hub ids only)"),
+         arg("--allow-remote-code", action="store_true",
+             help="let requests ask trust_remote_code (a model's own code, run on this machine; default: refused)"),
+         arg("--max-running", type=int, default=2, help="searches running at once; more wait in a queue (default 2)"))
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from search.service import serve
+    from pathlib import Path
 
-    serve(args.host, args.port, _storage(args), args.token, args.ray_address)
+    from evaluators.errors import UserError
+    from search.service import ServiceLimits, serve
+
+    if args.max_running < 1:
+        raise UserError(f"--max-running must be at least 1, got {args.max_running}")
+    folders = {}
+    for option in ("data_dir", "models_dir"):
+        value = getattr(args, option)
+        if value is not None and not Path(value).is_dir():
+            raise UserError(f"--{option.replace('_', '-')} {value}: not a folder")
+        folders[option] = None if value is None else Path(value)
+    limits = ServiceLimits(**folders, allow_remote_code=args.allow_remote_code, max_running=args.max_running)
+    serve(args.host, args.port, _storage(args), args.token, args.ray_address, limits)
     return 0
 
 
@@ -207,25 +233,59 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Redacting(logging.Filter):
+    """Masks the storage URL's password in every log line (a driver's warning may quote its error)."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from studies import scrub
+
+        message = record.getMessage()
+        clean = scrub(message, self.url)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+def _error_line(exc: BaseException) -> str:
+    """The one line a refused command prints: the message, and where there is one, the store's hint."""
+    from evaluators.errors import UserError
+    from quant import PolicyError
+    from studies import StoreError
+
+    if isinstance(exc, (UserError, PolicyError, StoreError)):
+        return f"{exc}{getattr(exc, 'hint', '')}"
+    # OSError: an output path that cannot be written (missing folder, a file in the way)
+    return f"{getattr(exc, 'strerror', None) or exc}: {getattr(exc, 'filename', None)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one ``turboquant`` command; returns its exit status (2 for bad input, with a one-line error)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     from evaluators.errors import UserError
     from quant import PolicyError
-    from studies import StoreError
+    from studies import StoreError, scrub
 
+    storage = _storage(args) if hasattr(args, "storage") else ""
+    redacting = _Redacting(storage)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
     try:
         return COMMANDS[args.command][2](args)
-    except (UserError, PolicyError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # an output path that cannot be written (missing folder, a file in the way)
-        print(f"error: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+    except (UserError, PolicyError, StoreError, OSError) as exc:
+        # Whatever raised it, the storage URL's password is not printed.
+        print(f"error: {scrub(_error_line(exc), storage)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished trials are saved — run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(redacting)
 
 
 if __name__ == "__main__":

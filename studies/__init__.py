@@ -2,8 +2,9 @@
 
 from studies.export import export_policy
 from studies.pareto import hypervolume, non_dominated
+from studies.redact import redact_url, scrub
 from studies.results import TrialResult
-from studies.store import DEFAULT_STORAGE, FRONT_COLUMNS, NotFoundError, Store, StoreError
+from studies.store import DEFAULT_STORAGE, FRONT_COLUMNS, NotFoundError, Store, StoreError, check_exists
 
-__all__ = ["DEFAULT_STORAGE", "FRONT_COLUMNS", "NotFoundError", "Store", "StoreError", "TrialResult", "export_policy",
-           "hypervolume", "non_dominated"]
+__all__ = ["DEFAULT_STORAGE", "FRONT_COLUMNS", "NotFoundError", "Store", "StoreError", "TrialResult", "check_exists",
+           "export_policy", "hypervolume", "non_dominated", "redact_url", "scrub"]

@@ -5,22 +5,24 @@ from __future__ import annotations
 import json
 import math
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import and_, bindparam, create_engine, event, func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from studies.migrate import migrate
 from studies.models import FRONT_INDEX, Base, RescoreRow, SensitivityRow, StudyRow, TrialRow
 from studies.pareto import front_indices
+from studies.redact import redact_url, scrub
 from studies.results import TrialResult
 from studies.retry import SCHEMA_RACE_SECONDS, with_db_retry
 
-__all__ = ["Store", "StoreError", "NotFoundError", "DEFAULT_STORAGE", "FRONT_COLUMNS"]
+__all__ = ["Store", "StoreError", "NotFoundError", "DEFAULT_STORAGE", "FRONT_COLUMNS", "check_exists", "sqlite_file"]
 
 DEFAULT_STORAGE = "sqlite:///turboquant.db"
 FRONT_COLUMNS = ["trial", "bytes", "kv_bytes", "bpw", "kl", "ppl", "top1", "logit_err", "seed"]
@@ -50,7 +52,16 @@ class StoreError(ValueError):
 
 
 class NotFoundError(StoreError):
-    """A study, or a trial of it, that the store does not hold (the API answers 404)."""
+    """A study, or a trial of it, that the store does not hold (the API answers 404).
+
+    Its message names only what was asked for; ``hint`` adds, for a person at the command line, the
+    storage (password redacted) and the studies it holds. The API answers the message alone: a 404
+    must not list every study or say where they are kept.
+    """
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -70,10 +81,37 @@ def make_engine(url: str) -> Engine:
         # and the extra round trip is a fifth of a cached front read.
         engine = create_engine(url, pool_pre_ping=not url.startswith("sqlite"))
     except (ArgumentError, ImportError, ValueError) as exc:
-        raise StoreError(f"cannot use storage URL {url!r}: {exc}") from None
+        # SQLAlchemy's own message may quote the whole URL, password included.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(scrub(f"cannot use storage URL {redact_url(url)!r}: {reason}", url)) from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names (``None`` for another database, an in-memory one or a ``file:`` URI)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:") \
+            or parsed.database.startswith("file:") or parsed.query.get("uri"):
+        return None
+    return Path(parsed.database)
+
+
+def check_exists(url: str) -> None:
+    """Refuses a SQLite URL whose file does not exist: what only reads must not create an empty database.
+
+    Raises:
+        StoreError: naming the file (a server database is found, or not, when it is opened).
+    """
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
+        what = "is a folder, not a database file" if path.is_dir() else "does not exist"
+        raise StoreError(f"storage {redact_url(url)}: {path} {what}; give the --storage a search wrote "
+                         f"(default {DEFAULT_STORAGE}), or run a search first")
 
 
 class Store:
@@ -81,10 +119,15 @@ class Store:
 
     Args:
         url: SQLAlchemy URL, e.g. ``sqlite:///turboquant.db`` or ``postgresql+psycopg://u:p@host/db``.
+        create: ``False`` for a reader: a SQLite file that does not exist is refused
+            (:func:`check_exists`) instead of created empty.
     """
 
-    def __init__(self, url: str = DEFAULT_STORAGE):
+    def __init__(self, url: str = DEFAULT_STORAGE, *, create: bool = True):
         self.url = url
+        self.shown = redact_url(url)  # what messages may say: the password masked
+        if not create:
+            check_exists(url)
         self.engine = make_engine(url)
         try:
             # Processes opening a new database together race to create the tables ("table
@@ -95,7 +138,8 @@ class Store:
             with_db_retry(lambda: migrate(self.engine), "migrating the tables", timeout=SCHEMA_RACE_SECONDS,
                           first_wait=0.2)
         except DBAPIError as exc:
-            raise StoreError(f"cannot open storage {url}: {str(exc.orig).strip().splitlines()[0]}") from None
+            reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+            raise StoreError(scrub(f"cannot open storage {self.shown}: {reason}", url)) from None
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         try:  # databases made before the index existed get it now (create_all skips existing tables)
             FRONT_INDEX.create(self.engine, checkfirst=True)
@@ -129,7 +173,7 @@ class Store:
         if row is None:
             known = self.study_names()
             hint = f"; known studies: {', '.join(known)}" if known else "; this storage has no studies yet"
-            raise NotFoundError(f"no study named {name!r} in {self.url}{hint}")
+            raise NotFoundError(f"no study named {name!r}", f" in {self.shown}{hint}")
         return row
 
     def study_names(self) -> list[str]:

@@ -60,8 +60,11 @@ def test_export_picks_the_best_point_within_budget(tmp_path) -> None:
 def test_unknown_study_and_bad_url_are_named(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path}/s.db")
     _study(store, "known")
-    with pytest.raises(StoreError, match="no study named 'nope'.*known studies: known"):
+    with pytest.raises(StoreError, match="no study named 'nope'") as refused:
         store.get_study("nope")
+    # The message (what the API answers) names neither the storage nor the other studies; the CLI's hint does.
+    assert str(refused.value) == "no study named 'nope'"
+    assert refused.value.hint == f" in sqlite:///{tmp_path}/s.db; known studies: known"
     with pytest.raises(StoreError, match="cannot"):
         Store("notadb://x")
     with pytest.raises(StoreError, match="cannot open storage"):
@@ -178,3 +181,42 @@ def test_old_postgres_database_is_widened_and_keeps_its_rows(postgres) -> None:
     store.record_trial(old, 1, state="complete", policy={}, bytes=BIG, bpw=8.0, kl=0.1)
     assert Store(url).trial(old, 1).bytes == BIG
     engine.dispose()
+
+
+def test_storage_urls_are_shown_without_their_password() -> None:
+    from studies import redact_url, scrub
+
+    assert redact_url("postgresql+psycopg://user:secret@host/db") == "postgresql+psycopg://user:***@host/db"
+    assert redact_url("postgresql://u:p%40ss@h:5432/d") == "postgresql://u:***@h:5432/d"
+    assert redact_url("sqlite:///x.db") == "sqlite:///x.db"
+    assert redact_url("nodb://admin:hunter2@h/db") == "nodb://admin:***@h/db"  # not a dialect SQLAlchemy has
+    assert redact_url("postgresql+psycopg://u:hunter2@:::/db") == "postgresql+psycopg://u:***@:::/db"  # unparsable
+    url = "postgresql+psycopg://u:hunter2@h/db"
+    assert scrub(f"failed on {url}: password hunter2 rejected", url) == \
+        "failed on postgresql+psycopg://u:***@h/db: password *** rejected"
+
+
+def test_a_store_url_with_a_password_is_never_in_its_errors(tmp_path) -> None:
+    for url in ["nodb://admin:hunter2@h/db", "postgresql+psycopg://u:hunter2@:::/db",
+                "postgresql+psycopg://u:hunter2@127.0.0.1:1/db"]:
+        with pytest.raises(StoreError) as refused:
+            Store(url)
+        assert "hunter2" not in str(refused.value) and "***" in str(refused.value)
+    with pytest.raises(StoreError) as refused:  # SQLite takes no password; its message quotes the URL
+        Store(f"sqlite+pysqlite://u:hunter2@/{tmp_path}/s.db")
+    assert "hunter2" not in str(refused.value) and len(str(refused.value).splitlines()) == 1
+
+
+def test_a_reader_never_creates_a_database(tmp_path) -> None:
+    from studies import check_exists
+
+    url = f"sqlite:///{tmp_path}/none.db"
+    with pytest.raises(StoreError, match="none.db does not exist"):
+        Store(url, create=False)
+    with pytest.raises(StoreError, match="is a folder"):
+        check_exists(f"sqlite:///{tmp_path}")
+    assert list(tmp_path.iterdir()) == []
+    check_exists("sqlite://")  # in memory: nothing to find
+    check_exists("postgresql+psycopg://u:p@h/db")  # a server says itself whether it has the database
+    Store(url)  # a writer creates it
+    assert Store(url, create=False).study_names() == []
