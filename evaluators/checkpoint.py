@@ -8,18 +8,48 @@ from typing import Any
 import torch
 
 import quant
-from evaluators.context import measured_on
+from evaluators.context import DataConfig, measured_on
 from evaluators.errors import UserError
 from evaluators.evaluator import reference_logprobs
 from evaluators.kv_attention import install_kv, kv_figures
 from evaluators.metrics import MetricSums
 
-__all__ = ["evaluate_checkpoint"]
+__all__ = ["checked_provenance", "evaluate_checkpoint"]
+
+REMOTE_CODE_FLAG = "--trust-remote-code"
+
+
+def checked_provenance(meta: dict[str, Any], label: str, *, trust_remote_code: bool = False) -> dict[str, Any]:
+    """``meta`` with its provenance checked and its ``trust_remote_code`` set by the caller, not the file.
+
+    A policy or checkpoint is a file anyone may have written: its provenance's values are checked as
+    :class:`~evaluators.context.DataConfig` checks them (integers in range, strings) before anything loads,
+    and whether the model may run its own code is decided only by the person at the command line
+    (``--trust-remote-code``), never by the file.
+
+    Args:
+        label: what the file is, for messages (``policy p.json``, ``checkpoint out/``).
+
+    Raises:
+        UserError: naming the file and the field; or, for a provenance asking for remote code without
+            the flag, naming the flag.
+    """
+    provenance = meta.get("provenance") if isinstance(meta, dict) else None
+    if not isinstance(provenance, dict):
+        return meta  # none: the caller says what is missing (measured_on) or needs none (no calibration)
+    try:
+        DataConfig.from_dict(provenance)
+    except UserError as exc:
+        raise UserError(f"{label}: {exc}") from None
+    if provenance.get("trust_remote_code") and not trust_remote_code:
+        raise UserError(f"{label} was measured on a model that runs its own code; a file cannot allow that: "
+                        f"read the model's code, then pass {REMOTE_CODE_FLAG}")
+    return {**meta, "provenance": {**provenance, "trust_remote_code": bool(trust_remote_code)}}
 
 
 @torch.inference_mode()
 def evaluate_checkpoint(folder: str | Path, *, batch_size: int = 2, dataset: str | None = None,
-                        seq_len: int | None = None, n_eval: int | None = None
+                        seq_len: int | None = None, n_eval: int | None = None, trust_remote_code: bool = False
                         ) -> tuple[dict[str, Any], quant.PackedCheckpoint]:
     """Reloads ``folder`` and measures it on the data named in its provenance, or on ``dataset``
     (windows as the provenance's unless ``seq_len`` / ``n_eval`` are given).
@@ -31,16 +61,20 @@ def evaluate_checkpoint(folder: str | Path, *, batch_size: int = 2, dataset: str
     then has ``kv_bytes``, ``kv_bytes_per_token`` and ``kv_bits``); the returned checkpoint's model
     keeps them installed (:func:`evaluators.kv_attention.remove_kv` takes them off, e.g. before
     generating with :meth:`quant.PackedCheckpoint.kv_cache`, which would quantize them twice).
+
+    ``trust_remote_code`` (the CLI's flag) is the only thing that lets the float model run its own
+    code: a provenance asking for it without the flag is refused (:func:`checked_provenance`).
     """
     try:
         ckpt = quant.load_checkpoint(folder)
     except quant.PolicyError as exc:
         raise UserError(str(exc)) from None
+    meta = checked_provenance(ckpt.policy.meta, f"checkpoint {folder}", trust_remote_code=trust_remote_code)
     try:
         install_kv(ckpt.model, ckpt.policy.kv)  # here, not in quant: the attention hook lives in evaluators
     except ValueError as exc:  # a kv module the model does not have
         raise UserError(f"checkpoint {folder}: {exc}") from None
-    loaded, tokens = measured_on(ckpt.policy.meta, "checkpoint", str(folder), " to measure it against",
+    loaded, tokens = measured_on(meta, "checkpoint", str(folder), " to measure it against",
                                  dataset=dataset, seq_len=seq_len, n_eval=n_eval)
     reference = reference_logprobs(loaded.model, tokens, batch_size)
     del loaded  # the float model is only needed for the reference

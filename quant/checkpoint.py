@@ -6,8 +6,14 @@ A checkpoint folder holds two files:
   ``{matrix}.{buffer}`` (bit-packed codes, scales, offsets, codebooks, outliers...)
   plus the float tensors that stay float (norms, biases) under their state-dict names.
 - ``turboquant.json``: the transformers model config, the policy (settings per matrix,
-  with its metrics and provenance), each matrix's shape, kind and buffer names, and
-  tied weights.
+  with its metrics and provenance), each matrix's shape, kind and buffer names, tied
+  weights, and the size and sha256 of ``packed.safetensors`` (``tensors``): the two files
+  are one checkpoint, and a tensor file that is not the one the config was written with
+  (a crash between the two writes, a copy from elsewhere) is refused when loading.
+  Checkpoints written before the hash was recorded load as before.
+
+Each file is written under a temporary name in the folder and renamed over the old one
+(:func:`replace_atomically`), so a crash leaves the previous file whole, never half of one.
 
 Reloading rebuilds the architecture from the config and serves the same packed weights
 from its own modules (:func:`quant.modules.pack`) as the search measured, so a reloaded
@@ -19,10 +25,14 @@ in ``turboquant.json``; generation reads it through :meth:`PackedCheckpoint.kv_c
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -36,7 +46,7 @@ if TYPE_CHECKING:
     from quant.kv_cache import PackedCache
 
 __all__ = ["CHECKPOINT_VERSION", "TENSORS_FILE", "META_FILE", "PackedCheckpoint", "save_checkpoint",
-           "load_checkpoint", "read_packed_tensors"]
+           "load_checkpoint", "read_packed_tensors", "replace_atomically", "file_sha256"]
 
 CHECKPOINT_VERSION = 1
 TENSORS_FILE = "packed.safetensors"
@@ -72,11 +82,64 @@ class PackedCheckpoint:
         return packed_cache(self.model, self.policy.kv)
 
 
+@contextlib.contextmanager
+def replace_atomically(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; once the block ends without an error, that file
+    replaces ``path`` in one rename (``os.replace``). On an error the temporary file is removed and
+    ``path`` is left as it was: readers see the old file or the new one, never half of one.
+
+    A symbolic link at ``path`` is itself replaced: nothing is written through it to where it points.
+    A device or pipe (``/dev/stdout``) is written directly, since there is nothing to rename over it.
+
+    Raises:
+        OSError: naming ``path`` (not the temporary name) when its folder cannot be written or
+            ``path`` is a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "Is a directory (give a file name)", str(path))
+    if path.exists() and not path.is_file():
+        # A device or pipe (/dev/stdout, a FIFO) is written as it is: renaming a file over /dev/null
+        # would replace the device itself.
+        yield path
+        return
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp makes 0600; the file gets what open() would give it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_checkpoint(model: nn.Module, policy: Policy, out_dir: str | Path) -> Path:
     """Writes a model that :func:`quant.apply_policy` has quantized with ``policy`` to ``out_dir``.
 
     The packed tensors are read from the model's modules, so what is written is exactly
-    what the model computes with.
+    what the model computes with. Both files are replaced atomically, the tensors first; the
+    config records their size and sha256, so a crash between the two renames leaves a folder
+    that is refused when loaded (hash mismatch), never one that loads the wrong weights.
     """
     out = Path(out_dir)
     found, all_ties = find_matrices(model)
@@ -109,9 +172,11 @@ def save_checkpoint(model: nn.Module, policy: Policy, out_dir: str | Path) -> Pa
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / TENSORS_FILE), metadata={"format": "turboquant-packed",
-                                                         "version": str(CHECKPOINT_VERSION)})
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    with replace_atomically(out / TENSORS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "turboquant-packed", "version": str(CHECKPOINT_VERSION)})
+        meta["tensors"] = {"file": TENSORS_FILE, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+    with replace_atomically(out / META_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return out
 
 
@@ -123,13 +188,37 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         raise PolicyError(f"{folder} is not a TurboQuant checkpoint (needs {META_FILE} and {TENSORS_FILE}); "
                           "write one with turboquant apply POLICY --out DIR")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PolicyError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PolicyError(f"{path} is nested too deeply to be a checkpoint's config") from None
+    except OSError as exc:
+        raise PolicyError(f"cannot read {path}: {exc.strerror}") from None
+    if not isinstance(meta, dict):
+        raise PolicyError(f"{path} is not a checkpoint config (a JSON object); write one with turboquant apply")
     if meta.get("format") != "turboquant-packed" or meta.get("version") != CHECKPOINT_VERSION:
         raise PolicyError(f"{path}: unsupported checkpoint format {meta.get('format')!r} "
                           f"version {meta.get('version')!r}; this TurboQuant reads version {CHECKPOINT_VERSION}")
     return meta
+
+
+def _check_tensors_file(folder: Path, meta: dict[str, Any]) -> None:
+    """Refuses a tensor file that is not the one the config was written with (size, then sha256)."""
+    recorded = meta.get("tensors")
+    if recorded is None:
+        return  # written before the hash was recorded
+    path = folder / TENSORS_FILE
+    size = path.stat().st_size
+    again = f"; write the checkpoint again with turboquant apply POLICY --out {folder}"
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        raise PolicyError(f"checkpoint {folder}: {META_FILE} has a malformed 'tensors' entry{again}")
+    if recorded.get("bytes") != size:
+        raise PolicyError(f"checkpoint {folder}: {TENSORS_FILE} is {size:,} bytes, its config says "
+                          f"{recorded.get('bytes')!r} (half-written or from another checkpoint){again}")
+    if file_sha256(path) != recorded["sha256"]:
+        raise PolicyError(f"checkpoint {folder}: {TENSORS_FILE} does not match the sha256 its config records "
+                          f"(changed or from another checkpoint){again}")
 
 
 def read_packed_tensors(folder: str | Path) -> tuple[dict[str, PackedTensor], dict[str, torch.Tensor], dict[str, Any]]:
@@ -138,16 +227,29 @@ def read_packed_tensors(folder: str | Path) -> tuple[dict[str, PackedTensor], di
 
     folder = Path(folder)
     meta = _read_meta(folder)
-    tensors = load_file(str(folder / TENSORS_FILE))
+    _check_tensors_file(folder, meta)
+    try:
+        tensors = load_file(str(folder / TENSORS_FILE))
+    except Exception as exc:  # safetensors' own error type for a truncated or foreign file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PolicyError(f"checkpoint {folder}: {TENSORS_FILE} cannot be read ({reason}): half-written or "
+                          f"damaged; write it again with turboquant apply") from None
     packed: dict[str, PackedTensor] = {}
-    for name, info in meta["matrices"].items():
-        try:
-            buffers = {buf: tensors.pop(f"{name}.{buf}") for buf in info["buffers"]}
-        except KeyError as exc:
-            raise PolicyError(f"checkpoint {folder} lacks packed buffer {exc.args[0]!r}") from None
-        packed[name] = PackedTensor(setting=QuantSetting.from_dict(info["setting"]),
-                                    shape=tuple(info["shape"]), buffers=buffers)
-    floats = {key: tensors.pop(key) for key in meta["float_tensors"]}
+    try:
+        for name, info in meta["matrices"].items():
+            try:
+                buffers = {buf: tensors.pop(f"{name}.{buf}") for buf in info["buffers"]}
+            except KeyError as exc:
+                raise PolicyError(f"checkpoint {folder} lacks packed buffer {exc.args[0]!r}") from None
+            shape = tuple(info["shape"])
+            if len(shape) != 2 or not all(isinstance(d, int) and 0 < d < 1 << 40 for d in shape):
+                raise PolicyError(f"checkpoint {folder}: matrix {name!r} has shape {list(shape)!r}")
+            packed[name] = PackedTensor(setting=QuantSetting.from_dict(info["setting"]), shape=shape, buffers=buffers)
+        floats = {key: tensors.pop(key) for key in meta["float_tensors"]}
+    except PolicyError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a config edited by hand, or not ours
+        raise PolicyError(f"checkpoint {folder}: {META_FILE} is malformed ({type(exc).__name__}: {exc})") from None
     if tensors:
         raise PolicyError(f"checkpoint {folder} has tensors its metadata does not name (e.g. {next(iter(tensors))!r})")
     return packed, floats, meta
@@ -156,11 +258,15 @@ def read_packed_tensors(folder: str | Path) -> tuple[dict[str, PackedTensor], di
 def _build_model(meta: dict[str, Any], trust_remote_code: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config_dict = dict(meta.get("config") or {})
-    if "model_type" not in config_dict:
+    config_dict = meta.get("config") or {}
+    if not isinstance(config_dict, dict) or "model_type" not in config_dict:
         raise PolicyError("checkpoint has no transformers model config (model_type missing)")
-    config = AutoConfig.for_model(**config_dict)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.for_model(**config_dict)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # an unknown model_type, a bad field
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PolicyError(f"checkpoint's model config cannot be built: {reason}") from None
 
 
 def load_checkpoint(folder: str | Path, *, trust_remote_code: bool = False) -> PackedCheckpoint:

@@ -57,9 +57,12 @@ def gguf_file_bytes(doc: dict[str, Any], *, nearest: bool = False) -> bytes:
         return out.read_bytes()
 
 
-def write_gguf_export(doc: dict[str, Any], out: str, *, nearest: bool = False) -> int:
-    """Writes the exported point ``doc`` (from :func:`studies.export_policy`) as the GGUF file ``out``."""
+def write_gguf_export(doc: dict[str, Any], out: str, *, nearest: bool = False, trust_remote_code: bool = False) -> int:
+    """Writes the exported point ``doc`` (from :func:`studies.export_policy`) as the GGUF file ``out``, whole or
+    not at all (a temporary file renamed over it). ``trust_remote_code``: the command line's flag (the API's
+    export never sets it), never the study's provenance."""
     from evaluators.llamacpp import source_gguf
+    from quant.checkpoint import replace_atomically
     from search.cli_policy import pack_policy
 
     policy = quant.Policy.from_dict(doc)
@@ -78,11 +81,13 @@ def write_gguf_export(doc: dict[str, Any], out: str, *, nearest: bool = False) -
         return mapped
 
     trial = doc["provenance"]["trial"]
-    loaded, packed, weights = pack_policy(policy, f"trial {trial}", remap=remap if foreign else None)
+    loaded, packed, weights = pack_policy(policy, f"trial {trial}", remap=remap if foreign else None,
+                                          trust_remote_code=trust_remote_code)
     try:
-        written = write_gguf(out, source_gguf(loaded.name), weights, packed,
-                             policy_json=policy_metadata(policy.settings, study=doc["provenance"].get("study"),
-                                                         trial=trial, metrics=doc["metrics"]))
+        with replace_atomically(out) as tmp:
+            written = write_gguf(tmp, source_gguf(loaded.name), weights, packed,
+                                 policy_json=policy_metadata(policy.settings, study=doc["provenance"].get("study"),
+                                                             trial=trial, metrics=doc["metrics"]))
     except GGUFExportError as exc:
         raise UserError(str(exc)) from None
     m = doc["metrics"]

@@ -12,14 +12,62 @@ from typing import Any
 import quant
 import studies
 from evaluators import METRIC_NAMES, Evaluator, UserError, calibration_hessians, load_model
+from evaluators.checkpoint import REMOTE_CODE_FLAG, checked_provenance
 from evaluators.context import DataConfig, measured_on
 from search.at_budget import REFINE_TRIALS, point_at_budget
 from search.budget import parse_budget
-from search.cli_args import arg, command
+from search.cli_args import STORAGE_HELP, arg, command, storage_url
 from search.show import bit_map, summary_text
 from studies.export import EXPORT_FORMATS
 
 __all__: list[str] = []  # registers its subcommands in search.cli_args.COMMANDS
+
+# A policy is tens of kB (a 70B model's: about 1 MB); anything far larger is not one, and is not read whole.
+MAX_POLICY_BYTES = 64 << 20
+_TRUST = arg(REMOTE_CODE_FLAG, action="store_true", dest="trust_remote_code",
+             help="allow the policy's model to run its own code (never taken from the file)")
+
+
+def load_policy(path: str) -> quant.Policy:
+    """The policy in the file ``path``, any failure a one-line :class:`quant.PolicyError`: a missing file,
+    a folder, a device or pipe, a file too large to be a policy, bytes that are not UTF-8, JSON that
+    is malformed or nested too deeply to parse, a document that is no policy."""
+    file = Path(path)
+    try:
+        info = file.stat()
+    except OSError as exc:
+        raise quant.PolicyError(f"cannot read policy {path}: {exc.strerror}") from None
+    if file.is_dir():
+        raise quant.PolicyError(f"policy {path} is a folder; give the JSON file turboquant export wrote")
+    if not file.is_file():  # /dev/zero, a FIFO: reading would never end
+        raise quant.PolicyError(f"policy {path} is not a regular file")
+    if info.st_size > MAX_POLICY_BYTES:
+        raise quant.PolicyError(f"policy {path} is {info.st_size:,} bytes; a policy is JSON of at most "
+                                f"{MAX_POLICY_BYTES >> 20} MB")
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise quant.PolicyError(f"cannot read policy {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise quant.PolicyError(f"policy {path} is not a text file (not UTF-8); a policy is the JSON "
+                                f"turboquant export writes") from None
+    if not text.strip():
+        raise quant.PolicyError(f"policy {path} is empty; export one with turboquant export")
+    try:
+        return quant.Policy.from_dict(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise quant.PolicyError(f"policy {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise quant.PolicyError(f"policy {path} is nested too deeply to be a policy (a policy is an object of "
+                                f"matrices, each a flat setting)") from None
+
+
+def _write_text(out: str, text: str) -> None:
+    """Writes ``out`` whole or not at all (a temporary file renamed over it)."""
+    from quant.checkpoint import replace_atomically
+
+    with replace_atomically(out) as tmp:
+        tmp.write_text(text)
 
 
 def _export_which(p) -> None:
@@ -29,7 +77,8 @@ def _export_which(p) -> None:
                        "no point using 99 %% of it, --refine-trials more trials are run at it first")
 
 
-@command("export", "write the policy of a chosen front point", arg("study"), arg("--storage", default=None),
+@command("export", "write the policy of a chosen front point", arg("study"),
+         arg("--storage", default=None, help=STORAGE_HELP),
          _export_which, arg("--out", required=True, help="file to write"),
          arg("--format", default="json", choices=EXPORT_FORMATS, help="json (TurboQuant policy), gptqmodel "
              "(dynamic overrides), llamacpp (--tensor-type-file), torchao (FqnToConfig JSON), gguf (the whole "
@@ -40,10 +89,12 @@ def _export_which(p) -> None:
              "when the study has no point using 99 %% of it (solved from its sensitivity table, then evo; stored "
              "in the study); 0: only stored points"),
          arg("--workers", type=int, default=None, help="Ray workers for those trials (default: as a search)"),
-         arg("--ray-address", default=None, help="join this Ray cluster for them (default: local Ray)"))
+         arg("--ray-address", default=None, help="join this Ray cluster for them (default: local Ray)"), _TRUST)
 def _cmd_export(args: argparse.Namespace) -> int:
-    storage = args.storage or studies.DEFAULT_STORAGE
-    store = studies.Store(storage)
+    storage = storage_url(args.storage)
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a folder; give the file to write")
+    store = studies.Store(storage, create=False)  # a missing SQLite file is refused, not created empty
     trial, budget = args.trial, None
     if args.budget is not None:
         budget = parse_budget(args.budget, store.get_study(args.study).numel)
@@ -57,11 +108,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         from search.cli_gguf import write_gguf_export
 
-        return write_gguf_export(doc, args.out, nearest=args.nearest)
+        return write_gguf_export(doc, args.out, nearest=args.nearest, trust_remote_code=args.trust_remote_code)
     if args.format != "json":
         return _write_runtime_export(doc, args.format, args.out)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=2)
+    _write_text(args.out, json.dumps(doc, indent=2))
     m = doc["metrics"]
     print(f"wrote {args.out}: trial {doc['provenance']['trial']}, {m['bytes']:,} bytes ({m['bpw']:.3f} bpw), "
           f"KL {m['kl']:.5f}, ppl {m['ppl']:.3f}")
@@ -76,8 +126,7 @@ def _write_runtime_export(doc: dict, fmt: str, out: str) -> int:
         result = export_runtime(quant.Policy.from_dict(doc).to_dict(), fmt)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    with open(out, "w") as f:
-        f.write(result.text)
+    _write_text(out, result.text)
     m = doc["metrics"]
     print(f"wrote {out} ({fmt}): trial {doc['provenance']['trial']}, measured {m['bpw']:.3f} bpw, KL {m['kl']:.5f} "
           f"in TurboQuant; {len(result.approximations)} approximation(s) for {fmt}:")
@@ -99,17 +148,18 @@ _OTHER_TEXT = ("dataset", "seq_len", "n_eval")  # eval's flags for measuring on 
          arg("--eval-seqs", type=int, default=None, dest="n_eval",
              help="with --dataset: evaluation windows (default: as the policy was measured)"),
          arg("--seq-len", type=int, default=None, help="with --dataset: tokens per window (default: as measured)"),
-         arg("--json", action="store_true"))
+         arg("--json", action="store_true"), _TRUST)
 def _cmd_eval(args: argparse.Namespace) -> int:
     other = {k: getattr(args, k) for k in _OTHER_TEXT}
     if Path(args.policy).is_dir():
         from evaluators.checkpoint import evaluate_checkpoint
 
-        result, ckpt = evaluate_checkpoint(args.policy, **other)
+        result, ckpt = evaluate_checkpoint(args.policy, trust_remote_code=args.trust_remote_code, **other)
         _print_metrics(result, ckpt.policy.meta, args.json, args.dataset)
         return 0
-    policy = quant.Policy.load(args.policy)
-    loaded, tokens = measured_on(policy.meta, "policy", args.policy, "; export it with turboquant export", **other)
+    policy = load_policy(args.policy)
+    meta = checked_provenance(policy.meta, f"policy {args.policy}", trust_remote_code=args.trust_remote_code)
+    loaded, tokens = measured_on(meta, "policy", args.policy, "; export it with turboquant export", **other)
     try:
         result = Evaluator(loaded, tokens).evaluate(policy)
     except quant.PolicyError as exc:
@@ -146,12 +196,12 @@ def _print_metrics(result: dict[str, Any], meta: dict, as_json: bool, dataset: s
 
 @command("apply", "quantize the model with a policy and write a packed safetensors checkpoint",
          arg("policy", help="policy JSON from turboquant export"),
-         arg("--out", required=True, help="checkpoint folder to write"))
+         arg("--out", required=True, help="checkpoint folder to write"), _TRUST)
 def _cmd_apply(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file; the checkpoint is a folder (give a new or existing folder)")
-    policy = quant.Policy.load(args.policy)
-    loaded, packed, _ = pack_policy(policy, f"policy {args.policy}")
+    policy = load_policy(args.policy)
+    loaded, packed, _ = pack_policy(policy, f"policy {args.policy}", trust_remote_code=args.trust_remote_code)
     out = quant.save_checkpoint(loaded.model, policy, args.out)
     nbytes = sum(p.nbytes for p in packed.values())
     size = sum(f.stat().st_size for f in out.iterdir())
@@ -160,21 +210,25 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def pack_policy(policy: quant.Policy, label: str, *, remap: Any = None) -> tuple[Any, dict[str, quant.PackedTensor],
-                                                                            dict[str, Any]]:
+def pack_policy(policy: quant.Policy, label: str, *, remap: Any = None, trust_remote_code: bool = False
+                ) -> tuple[Any, dict[str, quant.PackedTensor], dict[str, Any]]:
     """Loads the policy's model and quantizes it in place as the search did (calibrated formats on the
     calibration windows its provenance names).
 
     Args:
         remap: ``(policy, shapes) -> policy`` applied once the model's matrix shapes are known.
+        trust_remote_code: whether the model may run its own code: the command line's flag, never the
+            policy's provenance (one asking for it without the flag is refused).
 
     Returns:
         The loaded model, the packed tensors by matrix, and the float weights from before quantizing.
     """
-    provenance = policy.meta.get("provenance")
+    provenance = checked_provenance(policy.meta, label, trust_remote_code=trust_remote_code).get("provenance")
     model_name = provenance.get("model") if isinstance(provenance, dict) else policy.meta.get("model")
     if not model_name:
         raise UserError(f"{label} names no model; export it with turboquant export")
+    if not isinstance(model_name, str):
+        raise UserError(f"{label}: its model must be a name (a string), got {model_name!r:.40}")
     hessians = {}
     if quant.needs_hessians(policy.settings.values()):  # gptq: the calibration windows the search used
         if not isinstance(provenance, dict):
@@ -182,7 +236,7 @@ def pack_policy(policy: quant.Policy, label: str, *, remap: Any = None) -> tuple
         loaded, tokens = DataConfig.from_dict(provenance).load()
         hessians = calibration_hessians(loaded.model, tokens, quant.weight_matrices(loaded.model))
     else:
-        loaded = load_model(model_name, trust_remote_code=bool((provenance or {}).get("trust_remote_code")))
+        loaded = load_model(model_name, trust_remote_code=trust_remote_code)
     if remap is not None:
         policy = remap(policy, quant.weight_matrices(loaded.model))
     weights = {n: w.clone() for n, w in quant.float_weights(loaded.model).items()}
@@ -198,7 +252,7 @@ def pack_policy(policy: quant.Policy, label: str, *, remap: Any = None) -> tuple
          arg("policy", help="policy JSON from turboquant export"),
          arg("--plot", default=None, help="also write a per-layer bit map (heatmap), e.g. bits.png"))
 def _cmd_show(args: argparse.Namespace) -> int:
-    doc = quant.Policy.load(args.policy).to_dict()  # validates every setting; raises PolicyError
+    doc = load_policy(args.policy).to_dict()  # validates every setting; raises PolicyError
     try:
         text = summary_text(doc, args.policy)
         if args.plot:  # before printing anything: a bad --plot name fails alone
