@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 import re
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ from evaluators.metrics import MetricSums
 from evaluators.models import cache_dir, smollm2_gguf
 
 __all__ = ["LLAMACPP_VERSION", "LlamaCpp", "LlamaScore", "llamacpp", "read_base_tokens", "save_base", "score",
-           "score_like_llamacpp", "source_gguf"]
+           "score_like_llamacpp", "source_gguf", "converted_key"]
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,21 @@ def score_like_llamacpp(reference: nn.Module, model: nn.Module, tokens: np.ndarr
     return LlamaScore(kl=result["kl"], ppl=result["ppl"], top1=result["top1"])
 
 
+def converted_key(folder: Path) -> str:
+    """What a folder's converted GGUF is cached under: its path and, for each file the conversion reads
+    (config, tokenizer, weights), its name, size and modification time in nanoseconds.
+
+    A model downloaded again into the same folder, or its weights replaced, gets a new key, so a stale
+    conversion is never served. Size and mtime rather than a sha256 of the weights: hashing a 7B model's
+    14 GB would add about 10 s to every export, cached or not, and a rewritten file changes its mtime.
+    """
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        info = path.stat()
+        digest.update(f"\0{path.name}\0{info.st_size}\0{info.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
 def source_gguf(model_name: str, cpp: LlamaCpp | None = None) -> Path:
     """A GGUF of the model that supplies a written GGUF's metadata, tokenizer and untouched tensors.
 
@@ -202,11 +218,10 @@ def source_gguf(model_name: str, cpp: LlamaCpp | None = None) -> Path:
         raise UserError(f"a GGUF export needs a local Hugging Face model folder (or smollm2-135m); {model_name!r} "
                         "is neither: download it, then pass its folder as --model")
     cpp = cpp or llamacpp()
-    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{folder.name}-{digest}-f32.gguf"
+    out = cache_dir() / "gguf" / f"{folder.name}-{converted_key(folder)}-f32.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
+        tmp = out.with_suffix(f".{uuid.uuid4().hex[:12]}.tmp")  # two exports converting at once: each its own
         env = {**os.environ, "PYTHONPATH": str(cpp.source / "gguf-py")}
         proc = subprocess.run([sys.executable, str(cpp.source / "convert_hf_to_gguf.py"), str(folder), "--outtype", "f32",
                                "--outfile", str(tmp)], capture_output=True, text=True, env=env)
