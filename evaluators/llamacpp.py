@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 import re
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import sys
 import tarfile
 import urllib.parse
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
