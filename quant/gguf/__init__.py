@@ -14,6 +14,7 @@ from quant.gguf._codec import Codec, codec_names, dequantize_blocks, get_codec, 
 from quant.gguf import _legacy  # noqa: F401  (registers q8_0, q4_0, q5_0, q4_1, q5_1, iq4_nl)
 from quant.gguf import _kquants  # noqa: F401  (registers q2_k, q3_k, q4_k, q5_k, q6_k)
 from quant.gguf import _ternary  # noqa: F401  (registers tq1_0, tq2_0)
+from quant.gguf import _iquants  # noqa: F401  (registers iq4_xs)
 from quant.gguf._grids import Grid, block_grid, with_levels
 
 __all__ = ["BLOCK_TYPES", "BlockType", "Codec", "Grid", "block_grid", "block_type", "codec_names", "dequantize_blocks",

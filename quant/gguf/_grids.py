@@ -16,6 +16,7 @@ import torch
 from quant.gguf._bytes import f16_values, split_fields
 from quant.gguf._klayout import (pack_2bit, pack_high_bits, pack_nibbles_64, pack_q6, unpack_scales_k4,
                                  unpack_scales_q3)
+from quant.gguf._iquants import unpack_iq4xs_scales
 from quant.gguf._legacy import IQ4_NL_VALUES, _fifth_bits, _nibbles
 from quant.gguf._search import Nearest, table_levels, uniform_levels
 from quant.gguf._table import block_type
@@ -75,6 +76,15 @@ def _q6k(data: torch.Tensor):
     return _per_weight(f16_values(data[:, 208:210]).unsqueeze(-1) * sc, 16), None
 
 
+def _iq4xs(data: torch.Tensor):
+    ls = unpack_iq4xs_scales(data[:, 2:8]).float()
+    return _per_weight(f16_values(data[:, 0:2]).unsqueeze(-1) * ls, 32), None
+
+
+def _iq4xs_codes(lev: torch.Tensor) -> torch.Tensor:
+    return _nibbles(torch.searchsorted(_IQ4, lev.reshape(-1, 32).contiguous())).reshape(lev.shape[0], 128)
+
+
 def _q3k_codes(lev: torch.Tensor) -> torch.Tensor:
     u = (lev + 4).to(torch.uint8)
     return torch.cat([pack_high_bits(u >> 2), pack_2bit(u & 3)], dim=1)
@@ -114,21 +124,24 @@ _SPECS: dict[str, tuple[Callable, Callable[[], Nearest], tuple[int, int], Callab
     "tq1_0": (lambda b: (_d(b, 52, 256), None), lambda: uniform_levels(-1, 1), (0, 52), _tq1_codes),
     "tq2_0": (lambda b: (_d(b, 64, 256), None), lambda: uniform_levels(-1, 1), (0, 64),
               lambda q: pack_2bit((q + 1).to(torch.uint8))),
+    "iq4_xs": (_iq4xs, lambda: table_levels(_IQ4), (8, 136), _iq4xs_codes),
 }
 
 
 def block_grid(name: str, data: torch.Tensor) -> Grid:
     """The grid of every weight of the ``(N, block_bytes)`` blocks ``data`` of type ``name``."""
-    scale, offset = _SPECS[name][0](data)
-    return Grid(scale.contiguous(), None if offset is None else offset.contiguous(), _SPECS[name][1]())
+    spec = _SPECS[name]
+    scale, offset = spec[0](data)
+    return Grid(scale.contiguous(), None if offset is None else offset.contiguous(), spec[1]())
 
 
 def with_levels(name: str, data: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """``data`` with its codes replaced by ``levels`` ``(N, block)`` (level values of :func:`block_grid`)."""
     bt = block_type(name)
+    spec = _SPECS[name]
     if tuple(levels.shape) != (data.shape[0], bt.block):
         raise ValueError(f"levels must be ({data.shape[0]}, {bt.block}), got {tuple(levels.shape)}")
-    (a, b), pack = _SPECS[name][2], _SPECS[name][3]
+    (a, b), pack = spec[2], spec[3]
     out = data.clone()
     out[:, a:b] = pack(levels)
     return out

@@ -23,7 +23,8 @@ from quant.gguf._codec import Codec, register_codec
 from quant.gguf._klayout import (pack_2bit, pack_high_bits, pack_nibbles_64, pack_q6, pack_scales_k4,
                                  pack_scales_q3, unpack_2bit, unpack_high_bits, unpack_nibbles_64, unpack_q6,
                                  unpack_scales_k4, unpack_scales_q3)
-from quant.gguf._search import fit_affine, fit_scale, fp16, refine_scale, round_affine, scaled, uniform_levels
+from quant.gguf._search import (Nearest, fit_affine, fit_scale, fp16, refine_scale, round_affine, scaled,
+                                uniform_levels)
 
 __all__ = ["encode_affine", "encode_symmetric"]
 
@@ -103,12 +104,16 @@ def _requant_symmetric(x, w, levels, d, ls):
 
 
 def encode_symmetric(x: torch.Tensor, w: torch.Tensor | None, sub: int, lo: int, hi: int, slo: int, shi: int,
-                     offsets: list[float]) -> tuple[torch.Tensor, ...]:
-    """``(S, 256)`` -> fp16-exact ``d (S,)``, signed integer scales ``(S, n)``, codes in ``[lo, hi]`` ``(S, 256)``."""
+                     offsets: list[float], levels: Nearest | None = None) -> tuple[torch.Tensor, ...]:
+    """``(S, 256)`` -> fp16-exact ``d (S,)``, signed integer scales ``(S, n)``, codes in ``[lo, hi]`` ``(S, 256)``.
+
+    ``levels`` replaces the integers ``lo .. hi`` by a table whose ends are ``lo`` and ``hi``
+    (iq4_xs: iq4_nl's 16 values); the codes returned are then the table's values.
+    """
     s, n = x.shape[0], QK // sub
     xs = x.reshape(s * n, sub)
     ws = None if w is None else w.reshape(s * n, sub)
-    levels = uniform_levels(lo, hi)
+    levels = uniform_levels(lo, hi) if levels is None else levels
     d = fit_scale(xs, ws, levels, (lo, hi), offsets)
     c = _wsum(scaled(xs, d, levels).square_(), ws).view(s, n)
     slevels = uniform_levels(slo, shi)
