@@ -93,8 +93,8 @@ class MeasureRequest(BaseModel):
                                            "q8_0, ...; 'gguf' for all of them)")
     granularity: str = Field("block", description=f"what shares one setting: {', '.join(GRANULARITIES)} "
                                                    "(block: each layer's attention and MLP)")
-    sensitivity_seqs: int | None = Field(None, ge=1, le=1 << 20, description="measure sensitivity on the first N evaluation "
-                                                                 "windows only (default: all)")
+    sensitivity_seqs: int | None = Field(None, ge=1, le=1 << 20, description="measure sensitivity on the first N "
+                                         "evaluation windows only (default: all)")
 
     @field_validator("model")
     @classmethod
@@ -170,9 +170,9 @@ class SearchRequest(MeasureRequest):
                                     "calibration window (diagonal Fisher, gptq's corrected by its inputs' "
                                     "correlations) and quantizing every setting once; measured: one forward per "
                                     "unit and setting, on the workers; both stored, reused by later studies")
-    reference_topk: int | None = Field(None, ge=0, le=1 << 24, description="compare with the float model's K most likely "
-                                       "words per position, the rest's mass and 64 words drawn from the rest "
-                                       "(8K+516 bytes a position instead of 4 x vocabulary; SmolLM2 at K=512: KL "
+    reference_topk: int | None = Field(None, ge=0, le=1 << 24, description="compare with the float model's K "
+                                       "most likely words per position, the rest's mass and 64 words drawn from the "
+                                       "rest (8K+516 bytes a position instead of 4 x vocabulary; SmolLM2 at K=512: KL "
                                        "0.997-1.002x the full KL); 0: the full log-probs (default: full where "
                                        "they take up to 1 GB, else K=512)")
     device: Device = Field("auto", description="where workers run: cuda (each asks Ray for a share of a GPU), "
