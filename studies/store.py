@@ -110,8 +110,8 @@ def check_exists(url: str) -> None:
     path = sqlite_file(url)
     if path is not None and not path.is_file():
         what = "is a folder, not a database file" if path.is_dir() else "does not exist"
-        raise StoreError(f"storage {redact_url(url)}: {path} {what}; give the --storage a search wrote "
-                         f"(default {DEFAULT_STORAGE}), or run a search first")
+        raise StoreError(f"cannot open storage {redact_url(url)}: {path} {what}; give the --storage a search "
+                         f"wrote (default {DEFAULT_STORAGE}), or run a search first")
 
 
 class Store:
