@@ -1,4 +1,4 @@
-"""llama.cpp's block types as formats: ``q8_0``, ``q4_0`` ... ``q4_k`` ... ``tq2_0``, one each.
+"""llama.cpp's block types as formats: ``q8_0`` ... ``q4_k`` ... ``tq2_0``, ``iq4_xs`` ... ``iq2_xxs``, one each.
 
 Each format is one GGML type of :data:`quant.gguf.BLOCK_TYPES`, with that type's fixed geometry:
 ``quant.quantize(w, {"format": "q4_k"})`` gets bits 4 and group 256 (the super-block) by default,

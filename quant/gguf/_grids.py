@@ -4,6 +4,11 @@ What GPTQ-style error feedback needs from a block format: first every scale is f
 are encoded once from the original weights), then each weight is rounded to *its* grid,
 ``value = scale * level + offset`` with ``level`` one of the type's levels, and finally the chosen
 levels are written into the blocks in place of the first codes, the scale fields untouched.
+
+Every scalar type has one (iq4_xs included: a sub-block scale times iq4_nl's table). The lattice
+i-quants (iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s) have none: a group of 8 (iq3: 4) weights is one
+point of a fixed codebook, with one parity bit over 8 signs for iq2_xxs / iq2_xs / iq3_xxs, so a
+weight's possible values depend on the rest of its group; :func:`block_grid` refuses them.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 from quant.gguf._bytes import f16_values, split_fields
 from quant.gguf._klayout import (pack_2bit, pack_high_bits, pack_nibbles_64, pack_q6, unpack_scales_k4,
                                  unpack_scales_q3)
-from quant.gguf._iquants import unpack_iq4xs_scales
+from quant.gguf._codec import get_codec
+from quant.gguf._iquants import _LatticeCodec, unpack_iq4xs_scales
 from quant.gguf._legacy import IQ4_NL_VALUES, _fifth_bits, _nibbles
 from quant.gguf._search import Nearest, table_levels, uniform_levels
 from quant.gguf._table import block_type
@@ -128,9 +134,27 @@ _SPECS: dict[str, tuple[Callable, Callable[[], Nearest], tuple[int, int], Callab
 }
 
 
+def _spec(name: str):
+    codec = get_codec(name)
+    if isinstance(codec, _LatticeCodec):  # a weight's level depends on its group's: no scalar grid
+        raise ValueError(
+            f"{name} has no per-weight grid: it stores each group of {codec.group} weights as one point "
+            "of a fixed codebook (times a sign per weight and the sub-block scale), so the level of one weight "
+            "depends on the others'; rounding onto it takes a whole group at a time (block_grid / with_levels "
+            f"cover the scalar types: {', '.join(_SPECS)})")
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise ValueError(f"no grid for GGML type {name!r}; known: {', '.join(_SPECS)}") from None
+
+
 def block_grid(name: str, data: torch.Tensor) -> Grid:
-    """The grid of every weight of the ``(N, block_bytes)`` blocks ``data`` of type ``name``."""
-    spec = _SPECS[name]
+    """The grid of every weight of the ``(N, block_bytes)`` blocks ``data`` of type ``name``.
+
+    Raises:
+        ValueError: for a lattice i-quant (``iq2_xxs`` .. ``iq3_s``), whose weights have no scalar grid.
+    """
+    spec = _spec(name)
     scale, offset = spec[0](data)
     return Grid(scale.contiguous(), None if offset is None else offset.contiguous(), spec[1]())
 
@@ -138,7 +162,7 @@ def block_grid(name: str, data: torch.Tensor) -> Grid:
 def with_levels(name: str, data: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """``data`` with its codes replaced by ``levels`` ``(N, block)`` (level values of :func:`block_grid`)."""
     bt = block_type(name)
-    spec = _SPECS[name]
+    spec = _spec(name)
     if tuple(levels.shape) != (data.shape[0], bt.block):
         raise ValueError(f"levels must be ({data.shape[0]}, {bt.block}), got {tuple(levels.shape)}")
     (a, b), pack = spec[2], spec[3]

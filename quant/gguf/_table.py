@@ -50,7 +50,7 @@ def _make(name: str, bits: int) -> BlockType:
 BLOCK_TYPES: dict[str, BlockType] = {n: _make(n, b) for n, b in [
     ("q8_0", 8), ("q4_0", 4), ("q4_1", 4), ("q5_0", 5), ("q5_1", 5), ("iq4_nl", 4),
     ("q2_k", 2), ("q3_k", 3), ("q4_k", 4), ("q5_k", 5), ("q6_k", 6), ("tq1_0", 2), ("tq2_0", 2),
-    ("iq4_xs", 4),
+    ("iq4_xs", 4), ("iq3_s", 3), ("iq3_xxs", 3), ("iq2_s", 2), ("iq2_xs", 2), ("iq2_xxs", 2),
 ]}
 
 
