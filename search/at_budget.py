@@ -27,11 +27,17 @@ FILL = 0.99  # a point "uses" a budget when its bytes are at least this share of
 REFINE_TRIALS = 8  # trials run at a budget the study has no point at: the 2 solved seeds, then evo
 
 
-def request_of(row: Any, **changes: Any) -> SearchRequest:
+def request_of(row: Any, *, trust_remote_code: bool = False, **changes: Any) -> SearchRequest:
     """The request that resumes the stored study ``row`` (its data, space and budget), with ``changes``.
 
-    A study stored before its sensitivity options were recorded gets the default method."""
-    provenance, space = row.provenance, row.space
+    A study stored before its sensitivity options were recorded gets the default method. A database may be
+    shared, so a study on a model that runs its own code is resumed only with ``trust_remote_code`` from the
+    caller (the command line's flag, the service's operator), never from the stored provenance."""
+    from evaluators.checkpoint import checked_provenance
+
+    provenance = checked_provenance({"provenance": row.provenance}, f"study {row.name}",
+                                    trust_remote_code=trust_remote_code)["provenance"]
+    space = row.space
     options: dict[str, Any] = {
         "study": row.name, "budget": provenance.get("budget") or str(row.budget_bytes),
         "bits": space["bits"], "groups": space["groups"], "formats": space["formats"],
@@ -73,7 +79,8 @@ def _searchable(store: Store, name: str) -> bool:
 
 
 def point_at_budget(storage: str, name: str, budget_bytes: int, *, trials: int = REFINE_TRIALS,
-                    workers: int | None = None, ray_address: str | None = None, progress: bool = True) -> int | None:
+                    workers: int | None = None, ray_address: str | None = None, progress: bool = True,
+                    trust_remote_code: bool = False) -> int | None:
     """The trial number of the best point of study ``name`` within ``budget_bytes``.
 
     If the best stored point uses less than :data:`FILL` of the budget (and the budget is within the
@@ -102,7 +109,7 @@ def point_at_budget(storage: str, name: str, budget_bytes: int, *, trials: int =
     changes: dict[str, Any] = {"trials": finished + waiting + trials, "sampler": "evo", "sensitivity": True}
     if workers is not None:
         changes["workers"] = workers
-    run_search(SearchConfig(request_of(row, **changes), storage=storage, ray_address=ray_address, progress=progress,
+    run_search(SearchConfig(request_of(row, trust_remote_code=trust_remote_code, **changes), storage=storage, ray_address=ray_address, progress=progress,
                             target_bytes=budget_bytes))
     best = _best_within(store, row, budget_bytes)
     if best is None:

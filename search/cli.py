@@ -91,7 +91,9 @@ def _front_format(p: argparse.ArgumentParser) -> None:
              "hf:NAME[:CONFIG]) against the float model on it; stored beside the trials and reused"),
          arg("--eval-seqs", type=int, default=None, dest="n_eval",
              help="with --dataset: evaluation windows (default: the study's)"),
-         arg("--seq-len", type=int, default=None, help="with --dataset: tokens per window (default: the study's)"))
+         arg("--seq-len", type=int, default=None, help="with --dataset: tokens per window (default: the study's)"),
+         arg("--trust-remote-code", action="store_true",
+             help="with --dataset: allow the study's model to run its own code (never taken from the database)"))
 def _cmd_front(args: argparse.Namespace) -> int:
     mode = "json" if args.json else "csv" if args.csv else "table"
     if args.dataset is None and (args.n_eval is not None or args.seq_len is not None):
@@ -111,7 +113,8 @@ def _print_rescored(storage: str, args: argparse.Namespace, mode: str) -> int:
     from search.rescore import rescore_front
     from studies import redact_url
 
-    done = rescore_front(storage, args.study, args.dataset, seq_len=args.seq_len, n_eval=args.n_eval)
+    done = rescore_front(storage, args.study, args.dataset, seq_len=args.seq_len, n_eval=args.n_eval,
+                         trust_remote_code=args.trust_remote_code)
     if mode != "table":
         _print_frame(done.frame, mode)
         return 0

@@ -102,7 +102,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise UserError(f"--refine-trials must be 0 or more, got {args.refine_trials}")
         if args.refine_trials:
             trial = point_at_budget(storage, args.study, budget, trials=args.refine_trials, workers=args.workers,
-                                    ray_address=args.ray_address)
+                                    ray_address=args.ray_address, trust_remote_code=args.trust_remote_code)
             budget = budget if trial is None else None
     doc = studies.export_policy(store, args.study, trial=trial, budget_bytes=budget)
     if args.format == "gguf":

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 import quant
 from evaluators import Evaluator, UserError
+from evaluators.checkpoint import checked_provenance
 from evaluators.context import DataConfig, OtherText, measured_on
 from studies import Store
 
@@ -62,7 +63,7 @@ def order_agreement(frame: pd.DataFrame) -> tuple[float, list[tuple[int, int]]]:
 
 
 def rescore_front(storage: str, study: str, dataset: str, *, seq_len: int | None = None,
-                  n_eval: int | None = None, progress: bool = True) -> Rescored:
+                  n_eval: int | None = None, progress: bool = True, trust_remote_code: bool = False) -> Rescored:
     """Measures the front points of ``study`` on ``dataset`` that are not stored yet; returns them all.
 
     Args:
@@ -77,12 +78,15 @@ def rescore_front(storage: str, study: str, dataset: str, *, seq_len: int | None
     front = store.front(row)
     if front.empty:
         raise UserError(f"study {study} has no feasible trial yet: nothing to re-score")
-    other = OtherText.of(dataset, DataConfig.from_dict(row.provenance), seq_len=seq_len, n_eval=n_eval)
+    # The study's model runs its own code only when the command line allows it, whatever the database says.
+    provenance = checked_provenance({"provenance": row.provenance}, f"study {study}",
+                                    trust_remote_code=trust_remote_code)["provenance"]
+    other = OtherText.of(dataset, DataConfig.from_dict(provenance), seq_len=seq_len, n_eval=n_eval)
     stored = store.rescores(row, other.fingerprint)
     todo = [int(t) for t in front["trial"] if int(t) not in stored]
     start = time.perf_counter()
     if todo:  # only now the model: a second call on the same text loads nothing
-        loaded, tokens = measured_on({"provenance": row.provenance}, "study", study)
+        loaded, tokens = measured_on({"provenance": provenance}, "study", study)
         evaluator = Evaluator(loaded, other.tokens(loaded, tokens))  # the reference: float model on this text
         for number in tqdm(todo, desc=f"re-score {study} on {dataset}", unit="point", disable=not progress,
                            dynamic_ncols=True):

@@ -11,7 +11,7 @@ from search.record import RETRY_ON
 from search.request import SearchRequest
 from search.samplers import make_sampler
 from search.space import SearchSpace
-from studies import Store, StoreError
+from studies import Store, StoreError, redact_url, scrub
 from studies.retry import SCHEMA_RACE_SECONDS, with_db_retry
 
 __all__ = ["optuna_storage", "open_study"]
@@ -31,7 +31,7 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
         return with_db_retry(lambda: optuna.storages.RDBStorage(url), "opening the storage",
                              retry_on=RETRY_ON, timeout=SCHEMA_RACE_SECONDS, first_wait=0.2)
     except Exception as exc:  # Optuna wraps driver errors in several types
-        raise StoreError(f"cannot open storage {url}: {str(exc).splitlines()[0]}") from None
+        raise StoreError(scrub(f"cannot open storage {redact_url(url)}: {str(exc).splitlines()[0]}", url)) from None
 
 
 def open_study(request: SearchRequest, storage: str, store: Store, space: SearchSpace, budget_bytes: int,

@@ -287,8 +287,6 @@ def test_a_list_of_a_quarter_million_entries_is_refused_without_work_per_entry(a
     assert app.state.service.jobs == {}
 
 
-@pytest.mark.xfail(strict=True, reason="the service's 422 echoes a NaN input that JSON cannot encode (a 500): "
-                                       "search/service/_app.py needs a validation handler that drops it")
 @pytest.mark.parametrize("case", list(NON_FINITE))
 def test_non_finite_numbers_are_refused_with_a_reason(api, case) -> None:
     client, app, _, _ = api

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from evaluators.errors import UserError
@@ -142,6 +143,7 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
             from search.at_budget import point_at_budget
 
             trial = point_at_budget(storage, study, budget, trials=req.refine_trials, ray_address=ray_address,
+                                    trust_remote_code=limits.allow_remote_code,
                                     progress=False)
             budget = budget if trial is None else None
         doc = export_policy(store, study, trial=trial, budget_bytes=budget)  # NotFoundError: 404
@@ -173,6 +175,7 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
 
     for kind, status in _STATUS:
         app.add_exception_handler(kind, _answer(status))
+    app.add_exception_handler(RequestValidationError, _invalid)
     app.add_middleware(BodyLimit)
     return app
 
@@ -214,6 +217,20 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own 422 repeats each bad input: a NaN cannot be encoded (it answered 500) and a list of
+    # 250k entries came back whole. A short, plain input is still quoted; anything else is left out.
+    def shown(e: dict[str, Any]) -> dict[str, Any]:
+        out = {k: e[k] for k in ("type", "loc", "msg") if k in e}
+        value = e.get("input")
+        plain = isinstance(value, (str, int, bool)) or (isinstance(value, float) and math.isfinite(value))
+        if plain and len(str(value)) <= 100:
+            out["input"] = value
+        return out
+
+    return JSONResponse({"detail": [shown(e) for e in exc.errors()]}, status_code=422)
 
 
 def _answer(status: int):

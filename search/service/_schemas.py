@@ -16,21 +16,14 @@ from studies.export import EXPORT_FORMATS
 __all__ = ["HUB_ID", "StudyRequest", "ExportRequest"]
 
 # A Hugging Face id: ``org/name`` (a dataset may have no org); never a path (no leading '/', '.', '~').
-HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}\Z")
 
 
 class StudyRequest(SearchRequest):
     """A search to launch: the same options as ``turboquant search``. The name is required here
     (the CLI derives one) and is part of the study's URLs, so it is limited to a safe alphabet."""
 
-    study: str = Field(description="study name; letters, digits, '.', '_' and '-'")
-
-    @field_validator("study")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not STUDY_NAME.match(v):
-            raise ValueError("study names use letters, digits, '.', '_' and '-' (at most 128, not starting with a symbol)")
-        return v
+    study: str = Field(description="study name; letters, digits, '.', '_' and '-'")  # required: no derived name
 
     @classmethod
     def _model(cls, v: str) -> str:
