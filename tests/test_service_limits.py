@@ -251,3 +251,27 @@ def test_a_huge_request_body_is_refused_before_it_is_parsed(tmp_path) -> None:
         assert time.perf_counter() - t0 < 10  # not parsed: a parse took about a minute
         ok = client.post("/studies", json={"study": "x", "budget": "3bpw", "bits": [4] * 65})
         assert ok.status_code == 422 and "at most 64" in ok.text  # a small body is read and validated
+
+
+def test_a_stored_study_never_allows_remote_code_by_itself(tmp_path, corpus) -> None:
+    # A database may be shared: a study recorded as trusting its model's code is resumed (export --budget's
+    # trials, the API's refine) or re-measured (front --dataset) only with the caller's permission.
+    from evaluators import UserError
+    from search.at_budget import request_of
+    from search.rescore import rescore_front
+    from studies import Store
+
+    storage = f"sqlite:///{tmp_path / 'r.db'}"
+    store = Store(storage)
+    provenance = {"model": "tiny-random-llama", "dataset": corpus, "seq_len": 32, "n_eval": 2, "n_calib": 1,
+                  "seed": 0, "trust_remote_code": True, "dtype": "float32", "budget": "4bpw"}
+    row = store.create_study(name="remote", model="tiny-random-llama", dataset=corpus, budget_bytes=1000, numel=2000,
+                             sampler="evo", space={"bits": [4], "groups": [32], "formats": ["rtn"]},
+                             provenance=provenance)
+    store.record_trial(row, 0, state="complete", policy={"format_version": 1, "matrices": {}}, bytes=900, bpw=3.6,
+                       kl=0.1, ppl=1.0, top1=1.0, logit_err=0.0)
+    with pytest.raises(UserError, match="--trust-remote-code"):
+        request_of(row)
+    with pytest.raises(UserError, match="--trust-remote-code"):
+        rescore_front(storage, "remote", corpus, progress=False)
+    assert request_of(row, trust_remote_code=True).trust_remote_code is True
