@@ -227,6 +227,9 @@ def test_cli_export_format_writes_file_and_reports_approximations(tmp_path, caps
     # A trial stored before entries carried their runtime mapping: the CLI passes it through quant.
     monkeypatch.setattr("studies.export_policy", lambda store, name, trial=None, budget_bytes=None: _raw_doc())
     storage = f"sqlite:///{tmp_path}/e.db"
+    from studies import Store
+
+    Store(storage)  # export reads a database a search wrote; it never creates one
     out = tmp_path / "types.txt"
     assert cli.main(["export", "s", "--storage", storage, "--trial", "3", "--format", "llamacpp",
                      "--out", str(out)]) == 0
