@@ -25,15 +25,13 @@ import torch
 
 from quant.formats._affine import AffineFormat, AffineOptions
 from quant.formats._base import register_format
+from quant.formats._feedback import BLOCK, damped_hessian, feed_errors, group_order, inverse_cholesky
 from quant.packed import PackedTensor
 from quant.packing import pack_bits
 from quant.primitives import affine_grid, one_thread, padded_in_features
 from quant.settings import QuantSetting
 
 __all__ = ["GPTQ", "GptqOptions"]
-
-BLOCK = 128  # columns per lazy update when per channel (grouped: one group per block)
-
 
 @dataclass(frozen=True)
 class GptqOptions(AffineOptions):
@@ -88,20 +86,13 @@ class GPTQ(AffineFormat):
         if unknown:
             raise ValueError(f"gptq takes calibration 'hessian' ((in, in) sum of x x^T), got {sorted(unknown)}")
         out_features, in_features = weight.shape
-        w = weight.float().clone()
         h = calibration.get("hessian")
-        if h is None:
-            h = torch.eye(in_features, device=w.device)
-        elif tuple(h.shape) != (in_features, in_features):
+        if h is not None and tuple(h.shape) != (in_features, in_features):
             raise ValueError(f"hessian must be ({in_features}, {in_features}) for a weight of shape "
                              f"{tuple(weight.shape)}, got {tuple(h.shape)}")
-        h = h.float().clone()
-        dead = torch.diag(h) == 0  # inputs never active: their weights cannot matter
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
         setting = settings[0]  # the settings share everything but bits
         opts = self.options_of(setting)
-        h += opts.damp * torch.diag(h).mean() * torch.eye(in_features, device=w.device)
+        h, w = damped_hessian(h, weight, opts.damp)
 
         g = setting.group_size
         symmetric, clip, act_order = opts.symmetric, opts.clip, opts.act_order
@@ -127,7 +118,7 @@ class GPTQ(AffineFormat):
         perm, static = None, None
         scales, offsets = [], []
         if act_order:
-            perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+            perm = group_order(h, 1)
             width = g or in_features
             whole = in_features // width  # the whole groups' grids in one search, a last partial one alone
             spans = ([w[:, :whole * width].reshape(-1, whole, width)] if whole else []) + \
@@ -141,16 +132,12 @@ class GPTQ(AffineFormat):
                       for i, sc in enumerate(scales)]
             group_of = (perm // width).tolist()  # the stored group of each column, in quantization order
             h, w = h[perm][:, perm], w[:, perm]
-        # Upper Cholesky factor of H^-1: row i holds the weights that spread column i's error.
-        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-        block = g or BLOCK
-        diag = torch.diagonal(u).tolist()
-        # Transposed, so column j of the weight is a contiguous row: the column loop below is
-        # Python-bound (one short op after another), and contiguous rows keep each op cheap.
+        u = inverse_cholesky(h)
         wt = w.T.contiguous()  # (in, S * out)
         codes_t = torch.empty(in_features, n * out_features, dtype=torch.uint8, device=w.device)
-        for b0 in range(0, in_features, block):
-            b1 = min(b0 + block, in_features)
+        current: list = [None, None, None]  # the block's grid: scale (no zeros), scale, offset
+
+        def start_block(b0: int, b1: int) -> None:
             if static is None and (g is not None or b0 == 0):
                 # Blocks are whole groups, so a group's grid sees every error pushed onto it.
                 span = (wt[b0:b1] if g is not None else wt).T.unsqueeze(1)  # (S * out, 1, B or in)
@@ -158,26 +145,22 @@ class GPTQ(AffineFormat):
                 if offset is not None:
                     offsets.append(offset)
                 scales.append(scale)
-                sc = scale.float().masked_fill(scale == 0, 1.0)
-                sf = scale.float()
-                of = None if offset is None else offset.float()
-            wb = wt[b0:b1].clone()  # (B, S * out), updated row by row; row j ends as column j's scaled error
-            for j in range(b1 - b0):
-                col = wb[j]
-                if static is not None:  # this column's own group's grid
-                    sc, sf, of = static[group_of[b0 + j]]
-                if of is None:
-                    q = torch.div(col, sc).round_().add_(half).clamp_(min=zero, max=levels)
-                    deq = (q - half).mul_(sf)
-                else:
-                    q = torch.sub(col, of).div_(sc).round_().clamp_(min=zero, max=levels)
-                    deq = torch.addcmul(of, q, sf)
-                codes_t[b0 + j] = q
-                e = col.sub_(deq).div_(diag[b0 + j])  # in place: wb[j] is not needed any more
-                if j + 1 < b1 - b0:
-                    wb[j + 1:].addr_(u[b0 + j, b0 + j + 1:b1], e, alpha=-1)
-            if b1 < in_features:  # the block's errors reach the later columns at once
-                wt[b1:].addmm_(u[b0:b1, b1:].T, wb, alpha=-1)
+                current[:] = scale.float().masked_fill(scale == 0, 1.0), scale.float(), \
+                    None if offset is None else offset.float()
+
+        def quantize(j: int, cols: torch.Tensor) -> torch.Tensor:
+            col = cols[0]
+            sc, sf, of = current if static is None else static[group_of[j]]  # this column's own group's grid
+            if of is None:
+                q = torch.div(col, sc).round_().add_(half).clamp_(min=zero, max=levels)
+                deq = (q - half).mul_(sf)
+            else:
+                q = torch.sub(col, of).div_(sc).round_().clamp_(min=zero, max=levels)
+                deq = torch.addcmul(of, q, sf)
+            codes_t[j] = q
+            return deq.unsqueeze(0)
+
+        feed_errors(wt, u, quantize, block=g or BLOCK, start_block=start_block)
         if perm is not None:  # back to column order
             codes_t = codes_t[torch.argsort(perm)]
         pad = padded_in_features(in_features, g) - in_features
