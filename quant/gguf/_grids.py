@@ -8,7 +8,8 @@ levels are written into the blocks in place of the first codes, the scale fields
 Every scalar type has one (iq4_xs included: a sub-block scale times iq4_nl's table). The lattice
 i-quants (iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s) have none: a group of 8 (iq3: 4) weights is one
 point of a fixed codebook, with one parity bit over 8 signs for iq2_xxs / iq2_xs / iq3_xxs, so a
-weight's possible values depend on the rest of its group; :func:`block_grid` refuses them.
+weight's possible values depend on the rest of its group; :func:`block_grid` refuses them, and
+:func:`lattice_grid` / :func:`with_points` are their counterparts, a group of 8 weights at a time.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from quant.gguf._klayout import (pack_2bit, pack_high_bits, pack_nibbles_64, pac
                                  unpack_scales_q3)
 from quant.gguf._codec import get_codec
 from quant.gguf._iquants import _LatticeCodec, unpack_iq4xs_scales
+from quant.gguf._lattice import LatticeSpec, round_groups
 from quant.gguf._legacy import IQ4_NL_VALUES, _fifth_bits, _nibbles
 from quant.gguf._search import Nearest, table_levels, uniform_levels
 from quant.gguf._table import block_type
 
-__all__ = ["Grid", "block_grid", "with_levels"]
+__all__ = ["Grid", "LatticeGrid", "block_grid", "lattice_grid", "with_levels", "with_points"]
 
 
 @dataclass(frozen=True)
@@ -169,3 +171,50 @@ def with_levels(name: str, data: torch.Tensor, levels: torch.Tensor) -> torch.Te
     out = data.clone()
     out[:, a:b] = pack(levels)
     return out
+
+
+# --- the lattice types: a group of 8 weights at a time -------------------------------------------
+
+@dataclass(frozen=True)
+class LatticeGrid:
+    """Per weight ``(N, 256)``: its sub-block's scale ``db``; a group of 8 weights is rounded together
+    onto the type's codebook (:func:`~quant.gguf._lattice.round_groups`), its signs beside it."""
+
+    scale: torch.Tensor
+    spec: LatticeSpec
+
+    def round(self, x: torch.Tensor, db: torch.Tensor, w: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(M, 8)`` weights at scales ``db (M,)`` -> indices ``(M, 8 / n)``, sign bits and values ``(M, 8)``."""
+        return round_groups(x, db, w, self.spec)
+
+
+def _lattice_codec(name: str) -> _LatticeCodec:
+    codec = get_codec(name)
+    if not isinstance(codec, _LatticeCodec):
+        raise ValueError(f"{name} is not a lattice type (those are iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s): "
+                         "use block_grid / with_levels")
+    return codec
+
+
+def lattice_grid(name: str, data: torch.Tensor) -> LatticeGrid:
+    """The sub-block scale of every weight of the ``(N, block_bytes)`` lattice blocks ``data``."""
+    codec = _lattice_codec(name)
+    ls, _, _ = codec.unpack(data[:, 2:])
+    db = codec.spec.sub_scale(f16_values(data[:, :2]).unsqueeze(-1), ls.float())  # (N, n_sub), the decoder's
+    return LatticeGrid(_per_weight(db, codec.spec.sub).contiguous(), codec.spec)
+
+
+def with_points(name: str, data: torch.Tensor, idx: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """``data`` with codebook indices ``idx (N, 256 / n)`` and sign bits ``neg (N, 256)`` in place of its own,
+    ``d`` and the sub-block scales untouched (where the type stores 7 sign bits per 8, the groups of 8
+    must hold an even number of negatives)."""
+    codec = _lattice_codec(name)
+    n = codec.group
+    if tuple(idx.shape) != (data.shape[0], 256 // n) or tuple(neg.shape) != (data.shape[0], 256):
+        raise ValueError(f"idx must be ({data.shape[0]}, {256 // n}) and neg ({data.shape[0]}, 256), got "
+                         f"{tuple(idx.shape)} and {tuple(neg.shape)}")
+    if codec.spec.parity and bool((neg.view(-1, 8).sum(-1) % 2).any()):
+        raise ValueError(f"{name} stores an even number of negatives per 8 weights; some groups have an odd one")
+    ls, _, _ = codec.unpack(data[:, 2:])
+    return torch.cat([data[:, :2], *codec.pack(None, ls, idx.long(), neg.bool())], dim=1)

@@ -36,7 +36,7 @@ import torch
 
 from quant.gguf._search import fit_scale, fp16, refine_scale, table_levels
 
-__all__ = ["Lattice", "LatticeSpec", "lattice", "ksigns", "encode_lattice"]
+__all__ = ["Lattice", "LatticeSpec", "lattice", "ksigns", "encode_lattice", "round_groups"]
 
 QK = 256
 MAX_SHORTLIST = 64
@@ -211,6 +211,62 @@ class _Fit:
                     torch.where(b, other.num, self.num), torch.where(b, other.den, self.den))
 
 
+def _signed_points(lat: Lattice, parity: bool, q: torch.Tensor, dbw: torch.Tensor, a: torch.Tensor,
+                   neg: torch.Tensor, odd: torch.Tensor | None, w: torch.Tensor | None, shortlist: int | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each group's codebook point and the signs, for magnitudes ``q = |x| / db`` ``(S, L)`` (``L`` a multiple
+    of 8) with the scales ``dbw`` per weight: indices ``(S, L / n)``, sign bits and the signed magnitudes ``|x|``
+    (negative where a weight takes the wrong sign), all ``(S, L)``. ``odd``: ``(S, L / 8)`` groups of 8 with
+    an odd number of negatives (where ``parity``)."""
+    s, length, n = q.shape[0], q.shape[1], lat.dim
+    li = lat.level_index(q)  # (S, L)
+    sa = a
+    if parity:
+        # Each odd group flips the weight that loses least: rounded to the smallest level on the
+        # wrong side instead of its nearest level on its own side.
+        lv = lat.levels
+        cost = ((q + lv[0]).square_() - (q - lv[li]).square_()).mul_(dbw.square())
+        if w is not None:
+            cost.mul_(w)
+        j = cost.view(s, -1, 8).argmin(-1, keepdim=True)  # (S, L / 8, 1)
+        flip = torch.zeros(s, length // 8, 8, dtype=torch.bool, device=q.device)
+        flip = flip.scatter_(-1, j, odd.unsqueeze(-1)).view(s, length)
+        q, sa, neg = torch.where(flip, -q, q), torch.where(flip, -sa, sa), neg ^ flip
+        li = li.masked_fill(flip, 0)  # a negative q: the lowest level
+    idx = lat.nearest(q.view(-1, n), None if w is None else w.view(-1, n), shortlist,
+                      cell=lat.cells(li.view(-1, n))).view(s, length // n)
+    return idx, neg, sa
+
+
+def round_groups(x: torch.Tensor, db: torch.Tensor, w: torch.Tensor | None, spec: LatticeSpec
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groups of 8 weights rounded onto the codebook with their sub-block scales fixed (error feedback).
+
+    The same choice as the encoder's last step (:func:`encode_lattice` with the stored scales): the
+    weights' own signs, the parity fixed where it costs least, the exact nearest point under ``w``.
+
+    Args:
+        x: ``(M, 8)`` weights, one group of 8 per row (the sign parity spans 8; iq3's points take 4).
+        db: ``(M,)`` each group's sub-block scale (``>= 0``; 0 gives the value 0).
+        w: ``(M, 8)`` importance of each weight's error, or None (uniform).
+        spec: the type's :class:`LatticeSpec`.
+
+    Returns:
+        Codebook indices ``(M, 8 / n)``, sign bits ``(M, 8)`` (True: negative) and the values ``(M, 8)``.
+    """
+    if x.dim() != 2 or x.shape[1] != 8 or tuple(db.shape) != (x.shape[0],):
+        raise ValueError(f"round_groups takes x (M, 8) and db (M,), got {tuple(x.shape)} and {tuple(db.shape)}")
+    lat = lattice(spec.grid).to(x.device)
+    x, w = x.contiguous(), None if w is None else w.float().expand_as(x).contiguous()
+    a, neg = x.abs(), x < 0
+    dbw = db.unsqueeze(-1).expand_as(x)
+    q = torch.where(dbw > 0, a / torch.where(dbw > 0, dbw, 1.0), 0.0)
+    odd = (neg.sum(-1, keepdim=True) % 2) == 1 if spec.parity else None
+    idx, neg, _ = _signed_points(lat, spec.parity, q, dbw, a, neg, odd, w, FINAL_SHORTLIST)
+    g = lat.points.index_select(0, idx.view(-1)).view_as(x)
+    return idx, neg, torch.where(neg, -g, g) * dbw
+
+
 class _Assigner:
     """The nearest points and their signs for given sub-block scales."""
 
@@ -227,25 +283,11 @@ class _Assigner:
 
     def __call__(self, db: torch.Tensor, shortlist: int | None) -> _Fit:
         """The fit for sub-block scales ``db (S, n_sub)``, points from :meth:`Lattice.nearest`."""
-        s, sub, lat, n = self.s, self.sub, self.lat, self.lat.dim
+        s, sub, lat = self.s, self.sub, self.lat
         dbw = db.repeat_interleave(sub, dim=1)  # (S, 256)
         q = torch.where(dbw > 0, self.a / torch.where(dbw > 0, dbw, 1.0), 0.0)
-        li = lat.level_index(q)  # (S, 256)
-        neg, sa = self.neg, self.a
-        if self.spec.parity:
-            # Each odd group flips the weight that loses least: rounded to the smallest level on the
-            # wrong side instead of its nearest level on its own side.
-            lv = lat.levels
-            cost = ((q + lv[0]).square_() - (q - lv[li]).square_()).mul_(dbw.square())
-            if self.w is not None:
-                cost.mul_(self.w)
-            j = cost.view(s, -1, 8).argmin(-1, keepdim=True)  # (S, 32, 1)
-            flip = torch.zeros(s, QK // 8, 8, dtype=torch.bool, device=q.device)
-            flip = flip.scatter_(-1, j, self.odd.unsqueeze(-1)).view(s, QK)
-            q, sa, neg = torch.where(flip, -q, q), torch.where(flip, -sa, sa), neg ^ flip
-            li = li.masked_fill(flip, 0)  # a negative q: the lowest level
-        idx = lat.nearest(q.view(-1, n), None if self.w is None else self.w.view(-1, n), shortlist,
-                          cell=lat.cells(li.view(-1, n))).view(s, QK // n)
+        idx, neg, sa = _signed_points(lat, self.spec.parity, q, dbw, self.a, self.neg,
+                                      self.odd if self.spec.parity else None, self.w, shortlist)
         g = lat.points.index_select(0, idx.view(-1)).view(s, QK)
         w3 = None if self.w is None else self.w.view(s, -1, sub)
         num = _wsum((sa * g).view(s, -1, sub), w3)  # (S, n_sub)
