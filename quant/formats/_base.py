@@ -135,6 +135,11 @@ class Format(abc.ABC):
         """Whether quantizing ``setting`` reads the calibration data (so it must be collected)."""
         return bool(self.calibration)
 
+    def feeds_errors(self, setting: QuantSetting) -> bool:
+        """Whether ``setting``'s rounding errors follow the input Hessian's correlations (error feedback:
+        ``gptq``, a GGUF type with option ``gptq``), so a loss estimate must use the full Hessian form."""
+        return self.error_feedback
+
     def validate(self, setting: QuantSetting) -> None:
         """Raises ``ValueError`` naming the problem if this format cannot honour ``setting``."""
         lo, hi = self.bits_range

@@ -12,6 +12,13 @@ Calibration: ``quant.quantize(w, setting, hessian=H)`` weighs each weight's erro
 column's energy ``H[j, j]`` (the diagonal of ``H = X^T X``: llama.cpp's importance matrix), so the
 scales are chosen where the layer's output error is made. Without ``H`` (or with option
 ``imatrix: false``) every weight counts alike.
+
+Option ``gptq`` (``"q4_k+gptq"`` in ``--formats``): GPTQ's error feedback onto the type's own grid
+(:mod:`quant.formats._gguf_feedback`): the blocks' scales are fixed by that plain encoding, then the
+codes are chosen column by column with the whole Hessian ``H``, each column's error pushed onto the
+columns not yet quantized. The bytes are the same kind of blocks (only the codes differ), so the
+file is a plain GGUF. ``act_order`` and ``damp`` as the ``gptq`` format has them. Without ``H`` the
+plain encoding is returned.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from typing import Any
 import torch
 
 from quant.formats._base import Format, register_format
+from quant.formats._gguf_feedback import gptq_blocks
 from quant.formats._options import FormatOptions
 from quant.gguf import BLOCK_TYPES, BlockType, dequantize_blocks, quantize_blocks
 from quant.packed import PackedTensor
+from quant.primitives import one_thread
 from quant.settings import QuantSetting
 
 __all__ = ["GGUFBlockFormat", "GGUFOptions"]
@@ -37,9 +46,22 @@ class GGUFOptions(FormatOptions):
 
     Attributes:
         imatrix: weigh the encoder's error by the calibration Hessian's diagonal when one is given.
+        gptq: choose the codes by GPTQ's error feedback with the calibration Hessian, the scales fixed.
+        act_order: with ``gptq``, quantize columns by decreasing Hessian diagonal.
+        damp: with ``gptq``, fraction of the mean Hessian diagonal added to it for stability, in (0, 1].
     """
 
     imatrix: bool = True
+    gptq: bool = False
+    act_order: bool = False
+    damp: float = 0.01
+
+    def check(self) -> None:
+        if not 0.0 < self.damp <= 1.0:
+            raise ValueError(f"option 'damp' must be in (0, 1] (a fraction of the mean Hessian diagonal "
+                             f"added for stability), got {self.damp!r}")
+        if not self.gptq and (self.act_order or self.damp != 0.01):
+            raise ValueError("options 'act_order' and 'damp' tune the error feedback: they need 'gptq': true")
 
 
 class GGUFBlockFormat(Format):
@@ -56,7 +78,11 @@ class GGUFBlockFormat(Format):
         return self.block_type.qtype
 
     def uses_calibration(self, setting: QuantSetting) -> bool:
-        return self.options_of(setting).imatrix
+        opts = self.options_of(setting)
+        return opts.imatrix or opts.gptq
+
+    def feeds_errors(self, setting: QuantSetting) -> bool:
+        return self.options_of(setting).gptq
 
     def check_shape(self, shape: tuple[int, int], setting: QuantSetting) -> None:
         bt = self.block_type
@@ -78,14 +104,19 @@ class GGUFBlockFormat(Format):
         self.check_shape(shape, setting)
         bt = self.block_type
         importance = None
+        opts = self.options_of(setting)
         h = calibration.get("hessian")
-        if h is not None and self.options_of(setting).imatrix:
-            if tuple(h.shape) != (shape[1], shape[1]):
-                raise ValueError(f"hessian must be ({shape[1]}, {shape[1]}) for a weight of shape {shape}, "
-                                 f"got {tuple(h.shape)}")
+        if h is not None and tuple(h.shape) != (shape[1], shape[1]):
+            raise ValueError(f"hessian must be ({shape[1]}, {shape[1]}) for a weight of shape {shape}, "
+                             f"got {tuple(h.shape)}")
+        if h is not None and opts.imatrix:
             energy = torch.diagonal(h).float().clamp(min=0)  # (in,): each input column's sum of x_j^2
             importance = energy.expand(shape[0], -1).reshape(-1, bt.block)
-        blocks = quantize_blocks(bt.name, weight.float().reshape(-1, bt.block), importance)
+        if h is not None and opts.gptq:
+            with one_thread():  # the same codes whatever the caller's thread count (see one_thread)
+                blocks = gptq_blocks(bt.name, weight.detach(), h.detach(), importance, opts.damp, opts.act_order)
+        else:
+            blocks = quantize_blocks(bt.name, weight.float().reshape(-1, bt.block), importance)
         return PackedTensor(setting=setting, shape=shape, buffers={"blocks": blocks.view(shape[0], -1)})
 
     def decode(self, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
