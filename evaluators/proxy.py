@@ -188,7 +188,7 @@ def proxy_sensitivity(model: nn.Module, tokens: np.ndarray | torch.Tensor, setti
             for s, packed in zip(fits, quant.quantize_calibrated_many(m, w, fits, hessians or {})):
                 err = packed.dequantize() - w.float()  # (out, in)
                 rows = (fisher[m] * err.square()).sum(1)  # each output row's diagonal-Fisher form
-                if m in correlated and quant.get_format(s.format).error_feedback:
+                if m in correlated and quant.get_format(s.format).feeds_errors(s):
                     rows *= _correlation(err, hessians[m])
                 pairs[m][s.key()] = 0.5 * float(rows.sum()), packed.nbytes
     table = ProxyTable(units, settings)

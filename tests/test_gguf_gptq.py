@@ -129,3 +129,18 @@ def test_lattice_groups_round_back_onto_their_own_points(name: str) -> None:
     assert torch.equal(get_codec(name).dequantize_blocks(rewritten), deq)
     _, idx0, neg0 = get_codec(name).unpack(data[:, 2:])
     assert torch.equal(with_points(name, data, idx0, neg0), data)
+
+
+def test_the_gguf_space_offers_every_type_plainly_and_with_gptq() -> None:
+    from search.request import SearchRequest
+    from search.space import SearchSpace
+
+    formats = SearchRequest(budget="3bpw", formats=["gguf"]).formats
+    assert formats == list(BLOCK_TYPES) + [f"{n}+act_order+gptq" for n in BLOCK_TYPES]  # 19 -> 38
+    matrices = {"model.layers.0.self_attn.q_proj": (576, 576), "model.layers.0.mlp.down_proj": (576, 1536)}
+    space = SearchSpace(matrices, formats=tuple(formats), granularity="matrix")
+    # 576-wide rows take the six 32-weight types, 1536-wide ones all 19: each twice.
+    assert space.levels("model.layers.0.self_attn.q_proj") == 12 and space.levels("model.layers.0.mlp.down_proj") == 38
+    ladder = space.ladders["model.layers.0.mlp.down_proj"]
+    assert [s.format for s in ladder[:2]] == ["tq1_0", "tq1_0"] and ladder[1].options == {"act_order": True, "gptq": True}
+    assert quant.needs_hessians(space.settings())
