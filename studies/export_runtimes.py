@@ -11,10 +11,14 @@ the matrix's shape its ``shape``, both written by ``quant.Policy``.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from studies.llamacpp_kv import llamacpp_cache_types
@@ -152,14 +156,28 @@ def _to_gptqmodel(doc: Mapping[str, Any]) -> RuntimeExport:
 _LLAMA_MODULES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                   "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
-# Code bits -> the GGML type that stores that many bits per weight (K-quants, super-blocks of 256).
+# Code bits -> the GGML type that stores that many bits per weight (K-quants, super-blocks of 256), for
+# formats that fix no type of their own.
 _GGML_BY_BITS = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0"}
-# Each type's own sub-block: its scale granularity, fixed by the type.
-_GGML_BLOCK = {"q2_k": 16, "q3_k": 16, "q4_k": 32, "q5_k": 32, "q6_k": 16, "q8_0": 32, "tq1_0": 256,
-               "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q8_1": 32, "tq2_0": 256, "iq4_nl": 32}
-# Weights per block of each type: a row must be whole blocks (k-quant super-blocks and ternary blocks: 256).
-# A format that fixes the type and groups by this block is the type's own geometry (no group note).
-_GGML_ROW_BLOCK = {t: 256 if t.endswith("_k") or t.startswith("tq") else 32 for t in _GGML_BLOCK}
+
+
+@functools.cache
+def _ggml_types() -> Mapping[str, Any]:
+    """quant's table of llama.cpp's block types (``quant/gguf/_table.py``'s ``BLOCK_TYPES``), the one source
+    of their geometry (weights per block and per scale, nominal bits).
+
+    The file is loaded alone: importing it as ``quant.gguf._table`` would run the ``quant`` package,
+    which imports torch, and nothing here may (the table itself imports only gguf-py's constants).
+    """
+    spec = importlib.util.find_spec("quant")  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("studies.export_runtimes needs the quant package beside it for llama.cpp's block types")
+    path = Path(next(iter(spec.submodule_search_locations))) / "gguf" / "_table.py"
+    module_spec = importlib.util.spec_from_file_location("studies._ggml_table", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module  # dataclasses resolve their module by name
+    module_spec.loader.exec_module(module)
+    return module.BLOCK_TYPES
 
 
 def llamacpp_name(name: str) -> str | None:
@@ -186,15 +204,15 @@ def _to_llamacpp(doc: Mapping[str, Any]) -> RuntimeExport:
             notes.append(f"{name}: no GGUF tensor name known for it; left to llama-quantize's default type")
             continue
         eff = code_bits(s)
-        fixed = _fixed_type(s, "llamacpp")
+        fixed = _fixed_type(s, "llamacpp")  # a GGUF format's own type (its +gptq variant too: the same bytes)
         ggml = fixed or _GGML_BY_BITS[_nearest(eff, tuple(_GGML_BY_BITS))]
         group = "per channel" if s.get("group_size") is None else f"group {s.get('group_size')}"
-        block = _GGML_BLOCK.get(ggml)
-        row_block = _GGML_ROW_BLOCK.get(ggml)
+        bt = _ggml_types().get(ggml)
+        block, row_block = (bt.sub_block, bt.block) if bt else (None, None)
         own = {block, row_block if fixed else None} - {None}
         what = _approximations(
             s, fmt=None if _native(s, "llamacpp") else ggml,
-            bits=ggml[1] if fixed is None and float(int(ggml[1])) != eff else None,
+            bits=str(bt.bits) if fixed is None and float(bt.bits) != eff else None,
             group=f"{group} -> {ggml}'s blocks of {block}" if own and s.get("group_size") not in own else None)
         if what:
             notes.append(f"{name} ({target}): {what}")
@@ -206,9 +224,9 @@ def _to_llamacpp(doc: Mapping[str, Any]) -> RuntimeExport:
                          f"of {ggml}; llama-quantize falls back to another type for it")
         lines.append(f"{target}={ggml}")
     if unknown_rows:
-        notes.append(f"K-quant types need rows of a multiple of 256 weights and {unknown_rows} matrix shape(s) are "
-                     "unknown (the policy has no 'shape' for them); llama-quantize falls back to another type "
-                     "for tensors that are not")
+        notes.append(f"256-weight types (k-quants, i-quants, ternary) need rows of a multiple of 256 weights and "
+                     f"{unknown_rows} matrix shape(s) are unknown (the policy has no 'shape' for them); "
+                     "llama-quantize falls back to another type for tensors that are not")
     cache = llamacpp_cache_types(doc)  # the kv section: one global cache type per role
     return RuntimeExport("\n".join(lines) + "\n", notes + (cache.notes if cache else []), skipped,
                          cache.flags if cache else [])

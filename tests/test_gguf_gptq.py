@@ -142,5 +142,31 @@ def test_the_gguf_space_offers_every_type_plainly_and_with_gptq() -> None:
     # 576-wide rows take the six 32-weight types, 1536-wide ones all 19: each twice.
     assert space.levels("model.layers.0.self_attn.q_proj") == 12 and space.levels("model.layers.0.mlp.down_proj") == 38
     ladder = space.ladders["model.layers.0.mlp.down_proj"]
-    assert [s.format for s in ladder[:2]] == ["tq1_0", "tq1_0"] and ladder[1].options == {"act_order": True, "gptq": True}
+    assert [s.format for s in ladder[:2]] == ["tq1_0", "tq1_0"]
+    assert ladder[1].options == {"act_order": True, "gptq": True}
     assert quant.needs_hessians(space.settings())
+
+
+def test_the_llamacpp_export_knows_every_type_and_maps_gptq_to_its_plain_type() -> None:
+    from studies.export_runtimes import export_runtime
+
+    gptq = {"gptq": True, "act_order": True}
+    settings = {"model.layers.0.self_attn.q_proj": {"format": "iq2_xxs", "options": gptq},
+                "model.layers.0.self_attn.k_proj": {"format": "q4_k", "options": {"gptq": True}},
+                "model.layers.0.self_attn.v_proj": {"format": "iq4_xs"},
+                "model.layers.0.mlp.down_proj": {"format": "iq3_s"},
+                "model.layers.0.mlp.up_proj": {"format": "rtn", "bits": 3, "group_size": 64}}
+    shapes = dict.fromkeys(settings, (512, 512)) | {"model.layers.0.mlp.down_proj": (512, 576)}
+    policy = quant.Policy.from_dict({"format_version": 1, "matrices": settings})
+    policy.shapes = shapes
+    out = export_runtime(policy.to_dict(), "llamacpp")
+    pairs = dict(line.split("=") for line in out.text.split())
+    assert pairs == {"blk.0.attn_q.weight": "iq2_xxs", "blk.0.attn_k.weight": "q4_k", "blk.0.attn_v.weight": "iq4_xs",
+                     "blk.0.ffn_down.weight": "iq3_s", "blk.0.ffn_up.weight": "q3_k"}
+    # Only what llama.cpp changes is noted: the 576-wide rows iq3_s cannot hold, rtn's group 64 in
+    # q3_k's sub-blocks of 16 (rtn is llama.cpp's own kind of quantizer: no format note).
+    assert out.approximations == [
+        "model.layers.0.mlp.down_proj (blk.0.ffn_down.weight): rows of 576 weights are not whole 256-weight blocks "
+        "of iq3_s; llama-quantize falls back to another type for it",
+        "model.layers.0.mlp.up_proj (blk.0.ffn_up.weight): group 64 -> q3_k's blocks of 16",
+    ]

@@ -1,4 +1,8 @@
-"""The GGML block types we encode: geometry as data, read from gguf-py's own table."""
+"""The GGML block types we encode: geometry as data, read from gguf-py's own table.
+
+Pure data, no torch: ``studies/export_runtimes.py`` (which must not import torch) loads this file
+alone for the geometry of llama.cpp's types, so it imports nothing but gguf-py's constants.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ class BlockType:
         block_bytes: bytes per block in the file.
         bits: the whole bits a :class:`~quant.settings.QuantSetting` names it by (the ternary
             types say 2, like the ``ternary`` format); the true rate is :attr:`bits_per_weight`.
+        sub_block: weights per scale (a k-quant's or i-quant's sub-block; the block itself for the
+            legacy and ternary types), as ggml-common.h lays it out.
     """
 
     name: str
@@ -27,6 +33,7 @@ class BlockType:
     block: int
     block_bytes: int
     bits: int
+    sub_block: int
 
     @property
     def bits_per_weight(self) -> float:
@@ -40,17 +47,19 @@ class BlockType:
         return row_length // self.block * self.block_bytes
 
 
-def _make(name: str, bits: int) -> BlockType:
+def _make(name: str, bits: int, sub_block: int | None) -> BlockType:
     qtype = GGMLQuantizationType[name.upper()]
     block, block_bytes = GGML_QUANT_SIZES[qtype]
-    return BlockType(name, qtype, block, block_bytes, bits)
+    return BlockType(name, qtype, block, block_bytes, bits, sub_block or block)
 
 
-# Name -> nominal bits; everything else comes from GGML_QUANT_SIZES.
-BLOCK_TYPES: dict[str, BlockType] = {n: _make(n, b) for n, b in [
-    ("q8_0", 8), ("q4_0", 4), ("q4_1", 4), ("q5_0", 5), ("q5_1", 5), ("iq4_nl", 4),
-    ("q2_k", 2), ("q3_k", 3), ("q4_k", 4), ("q5_k", 5), ("q6_k", 6), ("tq1_0", 2), ("tq2_0", 2),
-    ("iq4_xs", 4), ("iq3_s", 3), ("iq3_xxs", 3), ("iq2_s", 2), ("iq2_xs", 2), ("iq2_xxs", 2),
+# Name -> nominal bits and weights per sub-block scale (None: one scale per block); the rest comes from
+# GGML_QUANT_SIZES.
+BLOCK_TYPES: dict[str, BlockType] = {n: _make(n, b, sub) for n, b, sub in [
+    ("q8_0", 8, None), ("q4_0", 4, None), ("q4_1", 4, None), ("q5_0", 5, None), ("q5_1", 5, None),
+    ("iq4_nl", 4, None), ("q2_k", 2, 16), ("q3_k", 3, 16), ("q4_k", 4, 32), ("q5_k", 5, 32), ("q6_k", 6, 16),
+    ("tq1_0", 2, None), ("tq2_0", 2, None), ("iq4_xs", 4, 32), ("iq3_s", 3, 32), ("iq3_xxs", 3, 32),
+    ("iq2_s", 2, 16), ("iq2_xs", 2, 16), ("iq2_xxs", 2, 32),
 ]}
 
 
