@@ -14,7 +14,7 @@ Prints requests per second, p50 / p99 latency, errors, the searches that ran dur
 memory. Goals (issues 6 and 22): no errors, p99 < 200 ms; memory growth over the soak within 10 %.
 Writes the printed table to ``--out`` as well.
 
-    python benchmarks/service_load.py [--clients 16] [--seconds 20] [--trials 1000] [--soak 50]
+    python benchmarks/service_load.py [--clients 16] [--seconds 60] [--trials 1000] [--soak 50]
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _run_tiny(client: httpx.Client, name: str, corpus: str, timeout: float = 600
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--soak", type=int, default=50, help="tiny searches one after another (0: none)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "service_load.txt"))
