@@ -171,3 +171,39 @@ def test_export_gguf_of_a_study_refuses_foreign_formats_and_maps_them_with_neare
     ours = score_like_llamacpp(loaded.model, packed_model, read_base_tokens(base))
     theirs = score(cpp, out, base)
     assert ours.kl > 0.01 and abs(theirs.kl - ours.kl) <= 0.01 + 0.05 * ours.kl, (ours, theirs)
+
+
+def test_llamacpp_runs_every_iquant_and_gptq_grid_at_the_kl_we_measure(cpp, smollm2, base, tmp_path):
+    """Each i-quant (and GPTQ-fed codes on their grids) in the real llama.cpp: SmolLM2's 1536-wide
+    ``down_proj`` rows are the only ones a 256-weight super-block fits, so its 30 take the six i-quants in
+    turn, plain and with gptq; every other matrix is q8_0 so the KL is theirs."""
+    import evaluators
+    import quant
+    from evaluators.llamacpp import read_base_tokens, score, score_like_llamacpp, source_gguf
+    from quant.gguf_file import write_gguf
+
+    loaded, tokens = smollm2
+    weights = _weights(loaded.model)
+    iquants = ["iq4_xs", "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"]
+    downs = [name for name in weights if name.endswith("down_proj")]
+    settings = {name: quant.QuantSetting.from_dict({"format": "q8_0"}) for name in weights}
+    for i, name in enumerate(downs):
+        gptq = {"options": {"gptq": True, "act_order": True}} if i % 2 else {}
+        settings[name] = quant.QuantSetting.from_dict({"format": iquants[i % len(iquants)], **gptq})
+    assert {settings[n].format for n in downs} == set(iquants)
+    hessians = evaluators.calibration_hessians(loaded.model, tokens, downs)
+    packed_model = copy.deepcopy(loaded.model)
+    packed = quant.apply_policy(packed_model, quant.Policy(settings),
+                                quantizer=lambda name, w, s: quant.quantize(w, s, hessian=hessians.get(name)))
+    out = tmp_path / "iquants.gguf"
+    write_gguf(out, source_gguf("smollm2-135m"), weights, packed)
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    for i in range(len(downs)):
+        t = tensors[f"blk.{i}.ffn_down.weight"]
+        assert t.tensor_type.name.lower() == iquants[i % len(iquants)]
+        assert t.n_bytes == packed[f"model.layers.{i}.mlp.down_proj"].nbytes
+    ours = score_like_llamacpp(loaded.model, packed_model, read_base_tokens(base))
+    theirs = score(cpp, out, base)
+    assert ours.kl > 0.02  # the 2-bit types really quantize
+    assert abs(theirs.kl - ours.kl) <= 0.01 + 0.05 * ours.kl, (ours, theirs)
+    assert abs(theirs.top1 - ours.top1) <= 0.05
