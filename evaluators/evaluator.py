@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -54,12 +55,17 @@ def reference_logprobs(model: nn.Module, tokens: TokenSets, batch_size: int = 2,
 
 @torch.inference_mode()
 def calibration_hessians(model: nn.Module, tokens: TokenSets, names: Iterable[str],
-                         batch_size: int = 2) -> dict[str, torch.Tensor]:
+                         batch_size: int = 2, *, max_bytes: int | None = None,
+                         spill_to: Path | None = None) -> dict[str, torch.Tensor]:
     """Input Hessians of the weight matrices ``names`` over the calibration windows (disjoint from
     the evaluation windows); ``{}`` without calibration windows (gptq then runs data-free, as rtn).
 
     A tied embedding gets its LM head's Hessian: the table is GPTQ'd for the head's inputs (as a
     lookup table it sees no input activations at all).
+
+    With ``spill_to``, they are collected in groups of at most ``max_bytes`` (one calibration pass per
+    group) and each group moved to files in that folder (:func:`evaluators.spill.spill`) before the next
+    is collected: a process then holds at most one group in its own memory. The values are the same.
     """
     ids = torch.from_numpy(tokens.calib).to(_device(model))
     if not len(ids):
@@ -67,11 +73,25 @@ def calibration_hessians(model: nn.Module, tokens: TokenSets, names: Iterable[st
         return {}
     names = set(names)
     tied = {head: name for head, name in quant.find_matrices(model)[1].items() if name in names}
-    hessians = quant.collect_hessians(model, [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)],
-                                      [*names, *tied])
-    for head, name in tied.items():
-        if head in hessians:
-            hessians[name] = hessians.pop(head)
+    batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    if spill_to is None:
+        groups = [sorted(names)]
+    else:
+        from evaluators.proxy import hessian_groups
+
+        shapes = quant.weight_matrices(model)
+        groups = hessian_groups(shapes, sorted(n for n in names if n in shapes), max_bytes)
+    hessians: dict[str, torch.Tensor] = {}
+    for group in groups:
+        part = quant.collect_hessians(model, batches, [*group, *(h for h, n in tied.items() if n in group)])
+        for head, name in tied.items():
+            if head in part:
+                part[name] = part.pop(head)
+        if spill_to is not None:
+            from evaluators.spill import spill
+
+            part = spill(part, spill_to)
+        hessians.update(part)
     return hessians
 
 
@@ -181,7 +201,23 @@ class Evaluator:
         """Collects the input Hessians once, on the float model, when ``settings`` first need them."""
         if self.hessians is None and quant.needs_hessians(settings):
             self.restore_float()
-            self.hessians = calibration_hessians(self.model, self.tokens, self.matrices, self.batch_size)
+            self.hessians = calibration_hessians(self.model, self.tokens, self.matrices, self.batch_size,
+                                                 **self._hessian_room())
+
+    def _hessian_room(self) -> dict[str, Any]:
+        """Where the Hessians go: in memory, or (beyond a quarter of the memory available) a group at a
+        time into files the kernel may page out (10 GB on a 1.5B model, beside two float copies of it)."""
+        import psutil
+
+        from evaluators.models import cache_dir
+
+        total = sum(4 * w ** 2 for _, w in self.matrices.values())
+        room = psutil.virtual_memory().available // 4
+        if total <= room:
+            return {}
+        log.info("gptq's input Hessians (%.1f GB) are kept in files, %.1f GB collected at a time", total / 1e9,
+                 room / 1e9)
+        return {"max_bytes": room, "spill_to": cache_dir() / "spill"}
 
     def _quantize(self, name: str, weight: torch.Tensor, setting: quant.QuantSetting) -> quant.PackedTensor:
         return self.cache.get(name, weight, setting, self.hessians or {})

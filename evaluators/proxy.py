@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,11 @@ import quant
 from evaluators.kv_attention import has_kv
 from quant.modules import as_matrix
 
-__all__ = ["ProxyTable", "fisher_diagonal", "proxy_sensitivity"]
+__all__ = ["HessianSource", "ProxyTable", "fisher_diagonal", "hessian_groups", "proxy_sensitivity"]
+
+# Input Hessians for the calibrated formats: all of them, or a function that collects those of the
+# matrices it is given (one calibration pass per call), so that only a group is held at a time.
+HessianSource = Union[Mapping[str, torch.Tensor], Callable[[Sequence[str]], Mapping[str, torch.Tensor]]]
 
 
 @dataclass
@@ -89,17 +93,34 @@ def fisher_diagonal(model: nn.Module, tokens: np.ndarray | torch.Tensor, names: 
     modules = dict(model.named_modules())
     names = list(quant.weight_matrices(model) if names is None else names)
     params = {n: modules[n].weight for n in names}
-    grad_state = {p: p.requires_grad for p in model.parameters()}
+    grad_state = {p: (p.requires_grad, p.grad) for p in model.parameters()}
     fisher = {n: torch.zeros_like(as_matrix(modules[n], p), dtype=torch.float32) for n, p in params.items()}
     # Labels are drawn on the CPU whatever the model's device: the same draws, so the same Fisher, on a GPU.
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     positions = 0
+
+    # Each gradient is squared into its accumulator as soon as backward has it whole, and freed: the
+    # gradients of all matrices never exist at once (as many bytes as the model, 7 GB on a 1.5B model).
+    # A parameter several names share (a tied head) is accumulated once per name, as before.
+    owners: dict[nn.Parameter, list[str]] = {}
+    for n, p in params.items():
+        owners.setdefault(p, []).append(n)
+
+    def accumulate(p: torch.Tensor) -> None:
+        for n in owners[p]:
+            g = as_matrix(modules[n], p.grad).float()  # the parameter's layout -> (out, in)
+            fisher[n].addcmul_(g, g)
+        p.grad = None
+
+    handles = []
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        for p in params.values():
+            p.grad = None
+        for p in owners:
             p.requires_grad_(True)
+            handles.append(p.register_post_accumulate_grad_hook(accumulate))
         with torch.enable_grad():
             # One window per backward: more (and smaller) squared gradients average out more noise
             # for the same compute.
@@ -110,14 +131,15 @@ def fisher_diagonal(model: nn.Module, tokens: np.ndarray | torch.Tensor, names: 
                     labels = torch.multinomial(logprobs.exp().reshape(-1, logprobs.shape[-1]).cpu(), 1,
                                                generator=generator).to(device)  # (T-1, 1)
                 nll = -logprobs.reshape(-1, logprobs.shape[-1]).gather(1, labels).sum()
-                grads = torch.autograd.grad(nll, list(params.values()))
-                for n, g in zip(params, grads):
-                    g = as_matrix(modules[n], g).float()  # the parameter's layout -> (out, in)
-                    fisher[n].addcmul_(g, g)
+                del logits, logprobs
+                nll.backward()
                 positions += labels.numel()
     finally:
-        for p, state in grad_state.items():
+        for h in handles:
+            h.remove()
+        for p, (state, grad) in grad_state.items():
             p.requires_grad_(state)
+            p.grad = grad
     for f in fisher.values():
         f.div_(positions)
     return fisher
@@ -140,9 +162,48 @@ def _correlation(err: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return full / diag.clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def hessian_groups(shapes: Mapping[str, tuple[int, int]], names: Sequence[str], max_bytes: int | None) -> list[list[str]]:
+    """``names`` in order, cut into runs whose float32 input Hessians (``in x in`` each) take at most
+    ``max_bytes`` together (a matrix larger than that alone); one group when ``max_bytes`` is ``None``."""
+    groups: list[list[str]] = [[]]
+    held = 0
+    for m in names:
+        size = 4 * shapes[m][1] ** 2
+        if max_bytes is not None and groups[-1] and held + size > max_bytes:
+            groups.append([])
+            held = 0
+        groups[-1].append(m)
+        held += size
+    return groups
+
+
+_LARGE = 1 << 26  # elements: a matrix this large (a large vocabulary's embedding or head) is predicted last
+
+
+def _quantize_batches(name: str, settings: list[quant.QuantSetting],
+                      hessians: Mapping[str, torch.Tensor]) -> list[list[quant.QuantSetting]]:
+    """``settings`` as :func:`quant.quantize_calibrated_many` runs them: those one error-feedback pass
+    quantizes together (same format, group and options, Hessian at hand) in one batch, the others alone.
+    Each batch is the same call, so the same packed tensors, as all at once; only one batch is held."""
+    together: dict[tuple, list[quant.QuantSetting]] = {}
+    batches: list[list[quant.QuantSetting]] = []
+    for s in settings:
+        fmt = quant.get_format(s.format)
+        if name in hessians and quant.needs_hessians([s]) and hasattr(fmt, "quantize_many"):
+            key = (s.format, s.group_size, fmt.options_of(s))
+            if key not in together:
+                together[key] = []
+                batches.append(together[key])
+            together[key].append(s)
+        else:
+            batches.append([s])
+    return batches
+
+
 def proxy_sensitivity(model: nn.Module, tokens: np.ndarray | torch.Tensor, settings: Iterable[quant.QuantSetting],
                       *, units: Mapping[str, list[str]] | None = None,
-                      hessians: Mapping[str, torch.Tensor] | None = None, seed: int = 0) -> ProxyTable:
+                      hessians: HessianSource | None = None, seed: int = 0,
+                      hessian_bytes: int | None = None) -> ProxyTable:
     """The predicted single-unit KL ``1/2 sum F_ii (w_q - w)^2`` and exact packed bytes of every (unit, setting).
 
     ``w_q`` is the real quantized weight (``quant.quantize_calibrated(...).dequantize()``), so a
@@ -153,11 +214,19 @@ def proxy_sensitivity(model: nn.Module, tokens: np.ndarray | torch.Tensor, setti
         tokens: ``(B, T)`` calibration windows for the Fisher (a few suffice: see the benchmark).
         settings: the settings of the search space.
         units: unit name -> matrices quantized together (default: every matrix alone).
-        hessians: input Hessians for the calibrated formats (``evaluators.calibration_hessians``);
-            needed only when a setting takes them (gptq), which otherwise runs data-free. The prediction
+        hessians: input Hessians for the calibrated formats (``evaluators.calibration_hessians``), or a
+            function ``names -> Hessians`` called for one group of matrices at a time (each group's freed
+            before the next is collected); needed only when a setting takes them (gptq), which otherwise
+            runs data-free. The prediction
             of a format with error feedback (gptq) is corrected by the inputs' correlations
             (:func:`_correlation`); the others' errors do not follow them (measured: rtn unchanged).
         seed: seeds the Fisher's label draws.
+        hessian_bytes: with a function for ``hessians``, the most bytes of Hessians held at once
+            (:func:`hessian_groups`; default: all in one group).
+
+    Each matrix's Fisher is freed once its pairs are predicted. The numbers do not depend on the
+    grouping: every Hessian is summed over the same batches in the same order, whichever others are
+    collected beside it.
 
     Returns:
         A :class:`ProxyTable`.
@@ -178,19 +247,31 @@ def proxy_sensitivity(model: nn.Module, tokens: np.ndarray | torch.Tensor, setti
     weights = quant.float_weights(model)  # (out, in), as quantize and the search's workers take them
     # A lookup table's inputs are one-hot (no correlations); a tied one's Hessian is its LM head's use only.
     modules = dict(model.named_modules())
-    correlated = {m for m in names if m in (hessians or {}) and not isinstance(modules[m], nn.Embedding)}
+    lazy = callable(hessians)
+    # The largest matrices (embedding, head) last: quantizing one at every setting takes a few times its
+    # float size, and by then the other matrices' Fisher is freed.
+    order = sorted(dict.fromkeys(names), key=lambda m: matrices[m][0] * matrices[m][1] > _LARGE)
+    groups = hessian_groups(matrices, order, hessian_bytes) if lazy else [order]
     # Per matrix, every setting its rows fit (gptq's bit-widths in one pass): predicted KL and bytes.
     pairs: dict[str, dict[str, tuple[float, int]]] = {}
-    with torch.inference_mode():
-        for m in dict.fromkeys(names):
-            w, fits = weights[m], [s for s in settings if s.fits(matrices[m])]
-            pairs[m] = {}
-            for s, packed in zip(fits, quant.quantize_calibrated_many(m, w, fits, hessians or {})):
-                err = packed.dequantize() - w.float()  # (out, in)
-                rows = (fisher[m] * err.square()).sum(1)  # each output row's diagonal-Fisher form
-                if m in correlated and quant.get_format(s.format).feeds_errors(s):
-                    rows *= _correlation(err, hessians[m])
-                pairs[m][s.key()] = 0.5 * float(rows.sum()), packed.nbytes
+    for group in groups:
+        held = (hessians(group) if quant.needs_hessians(settings) else {}) if lazy else (hessians or {})
+        correlated = {m for m in group if m in held and not isinstance(modules[m], nn.Embedding)}
+        with torch.inference_mode():
+            for m in group:
+                w, fits = weights[m], [s for s in settings if s.fits(matrices[m])]
+                pairs[m] = {}
+                f = fisher.pop(m)
+                for batch in _quantize_batches(m, fits, held):  # the packed tensors of one batch at a time
+                    for s, packed in zip(batch, quant.quantize_calibrated_many(m, w, batch, held)):
+                        err = packed.dequantize() - w.float()  # (out, in)
+                        rows = (f * err.square()).sum(1)  # each output row's diagonal-Fisher form
+                        if m in correlated and quant.get_format(s.format).feeds_errors(s):
+                            rows *= _correlation(err, held[m])
+                        pairs[m][s.key()] = 0.5 * float(rows.sum()), packed.nbytes
+                        del packed, err, rows
+                del f
+        del held
     table = ProxyTable(units, settings)
     for unit, members in units.items():
         # A setting some member's rows do not fit (a llama.cpp type's block) has no pair for the unit.

@@ -156,12 +156,23 @@ def _budget(text: str, space: SearchSpace) -> int:
 def run_search(cfg: SearchConfig) -> dict[str, Any]:
     """Runs (or resumes) a search until the study has ``request.trials`` finished trials.
 
+    Each phase (load, reference, sensitivity proxy, workers start, seeds, trials) is logged as it starts
+    with the driver's estimated peak, and refused before it starts when that does not fit
+    (:class:`search.memory.Phases`).
+
     Returns a summary: trials run now, complete (in total), failed and pruned now, seconds.
     """
+    phases = Phases(cfg.request.memory_limit_bytes)
+    try:
+        return _run_search(cfg, phases)
+    finally:
+        phases.end()
+
+
+def _run_search(cfg: SearchConfig, phases: Phases) -> dict[str, Any]:
     request = cfg.request
     device = _device(request, cfg.ray_address)
     data = request.data_config(device)  # --dtype auto is resolved for the workers' device
-    phases = Phases(request.memory_limit_bytes)
     phases.start("load", _load_estimate(request.model, data.dtype),
                  f"loading {request.model} in {data.dtype} (the float reference)",
                  "load it in half precision (--dtype bfloat16) or free memory")
@@ -252,7 +263,6 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
             if progress is not None:
                 progress.close()
             workers.close()
-            phases.end()
         return progress.summary()
 
 
@@ -308,6 +318,98 @@ def _device(request: SearchRequest, ray_address: str | None) -> str:
     return resolve_device(request.device, torch.cuda.device_count(), request.split_model)
 
 
+# The float32 folders the embedded aliases are converted to (evaluators.models).
+_ALIAS_FLOAT_BYTES = {"smollm2-135m": 538_000_000, "qwen2.5-coder-1.5b": 7_108_000_000}
+
+
+def _load_estimate(name: str, dtype: str) -> int:
+    """The driver once ``name`` is loaded in ``dtype``: its files' parameters at that dtype (a local folder
+    or a converted alias; 0 when they are not on disk yet) beside the process."""
+    import json
+    from pathlib import Path
+
+    from evaluators import cache_dir
+
+    folder = Path(name) if Path(name).is_dir() else cache_dir() / "models" / name
+    files = list(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:  # an alias's first use converts its GGUF: two float32 copies at once
+        return DRIVER_PROCESS_BYTES + 2 * _ALIAS_FLOAT_BYTES.get(name, 0)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        saved = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    except (OSError, ValueError):
+        saved = "float32"
+    saved_bytes = 2 if saved in ("bfloat16", "float16") else 4
+    elem = 2 if dtype in ("bfloat16", "float16") else 4
+    return DRIVER_PROCESS_BYTES + sum(f.stat().st_size for f in files) * elem // saved_bytes
+
+
+def _free(loaded: Any) -> None:
+    """Drops the driver's model before the workers load theirs, and says so if something still holds it."""
+    import gc
+    import weakref
+
+    ref = weakref.ref(loaded.model)
+    loaded.model = None
+    gc.collect()
+    if ref() is not None:
+        log.warning("the driver's model is still referenced after the proxy: its memory is not freed")
+
+
+@dataclass
+class _DriverPlan:
+    """The driver's estimated peak (total resident bytes) in each phase, the Hessian memory the proxy may
+    hold at once, and what one worker holds."""
+
+    reference: int
+    proxy: int
+    proxy_what: str
+    hessian_bytes: int | None
+    workers_driver: int
+    worker_what: str
+    hint: str
+
+    @classmethod
+    def of(cls, request: SearchRequest, model: Any, tokens: Any, space: SearchSpace, topk: int | None,
+           phases: Phases) -> "_DriverPlan":
+        """Estimates every phase now (the model loaded) and refuses up front those that cannot fit."""
+        import quant
+        from search.memory import GB, MARGIN_BYTES, rss as _rss
+
+        size = ModelSize.of(model)
+        rss, free = _rss(), phases.available()
+        seq_len = tokens.seq_len
+        reference = reference_nbytes(tokens.eval.shape[0], seq_len - 1, size.vocab, topk)
+        settings = space.settings()
+        gptq = quant.needs_hessians(settings) and len(tokens.calib) > 0
+        gptq_bits = len({s.bits for s in settings if quant.needs_hessians([s])}) if gptq else 0
+        hint = ("use --dtype bfloat16 (half the model), fewer --eval-seqs or --calib-seqs, --formats without gptq "
+                "(no input Hessians), --reference-topk 512, or free memory")
+        fisher, pairs, largest = proxy_bytes(size, seq_len, gptq_bits)
+        base = rss + reference
+        hessian_bytes = None
+        proxy = base + max(fisher, pairs, largest)
+        if request.sensitivity and request.sensitivity_method != "measured" and gptq:
+            room = free + rss - base - pairs - MARGIN_BYTES
+            least = size.largest_hessian
+            if room < least:
+                raise UserError(
+                    f"the sensitivity proxy needs about {(base + pairs + least) / GB:.1f} GB in the driver (the "
+                    f"model {size.param_bytes / GB:.1f} GB, the Fisher {pairs / GB:.1f} GB, gptq's largest input "
+                    f"Hessian {least / GB:.2f} GB) but {(free + rss) / GB:.1f} GB is available; {hint}")
+            # Half the room at most, in groups: the machine's other processes keep some; the second half
+            # would save only calibration passes (one forward over the calibration windows per group).
+            hessian_bytes = min(size.hessian_bytes, max(least, room // 2))
+            proxy = max(proxy, base + pairs + hessian_bytes)
+        groups = -(-size.hessian_bytes // hessian_bytes) if hessian_bytes else 0
+        what = (f"diagonal Fisher of {size.matrix_numel / 1e6:.0f}M weights over {len(tokens.calib) or len(tokens.eval)} "
+                f"windows" + (f", gptq's input Hessians ({size.hessian_bytes / GB:.1f} GB) in {groups} calibration "
+                              f"pass(es)" if hessian_bytes else ""))
+        return cls(reference=base + reference_pass_bytes(size, seq_len), proxy=proxy, proxy_what=what,
+                   hessian_bytes=hessian_bytes, workers_driver=max(DRIVER_PROCESS_BYTES, rss - size.param_bytes)
+                   + reference, worker_what="the workers load their own model", hint=hint)
+
+
 def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str,
                   topk: int | None, local: bool = True) -> tuple[WorkerSize, int]:
     """Refuses up front a search whose workers (with ``--workers`` unset: one) cannot fit in host memory,
@@ -316,10 +418,12 @@ def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str,
 
     Per worker: a Ray worker process (:data:`~search.placement.WORKER_PROCESS_BYTES`), the float model, a
     float copy of its matrices, their decoded weights (cached for speed) and a batch of logits, in host memory on the CPU; on a GPU only the model
-    passes through host memory. Once: the driver's model and the reference (the driver's, and the
-    object store's copy that the workers share).
+    passes through host memory. Once: the driver (its model is freed before the workers start) and the
+    reference (the driver's, and the object store's copy that the workers share).
     """
     import psutil
+
+    from search.memory import rss as _rss
 
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = int(model.config.vocab_size)
@@ -328,8 +432,12 @@ def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str,
     size = WorkerSize(params, reference, CPU_BATCH * window_logits, window_logits, int(tokens.eval.shape[0]),
                       block_bytes(model))
     per_worker = WORKER_PROCESS_BYTES + (params if device == "cuda" else 3 * params + size.batch_bytes)
-    limit = request.memory_limit_bytes or psutil.virtual_memory().available
-    fit = fit_in_host(request.workers, per_worker, params + 2 * reference, limit,
+    if request.memory_limit_bytes:
+        limit, driver = request.memory_limit_bytes, DRIVER_PROCESS_BYTES
+    else:  # what is free now and what the driver gives back (its model) when the workers start
+        rss = _rss()
+        limit, driver = psutil.virtual_memory().available + rss, max(DRIVER_PROCESS_BYTES, rss - params)
+    fit = fit_in_host(request.workers, per_worker, driver + 2 * reference, limit,
                       "" if topk else ", or --reference-topk 512")
     # A local Ray's workers are this machine's processes: never more than its cores (each takes one).
     return size, min(fit, os.cpu_count() or 1) if local else fit

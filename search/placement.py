@@ -94,7 +94,8 @@ class WorkerPlan:
 
 def fit_in_host(requested: int | None, per_worker: int, shared: int, limit: int, hint: str = "") -> int:
     """How many workers fit in ``limit`` bytes of host memory, each holding ``per_worker`` besides the
-    ``shared`` bytes held once (the driver's model, the reference and its object-store copy).
+    ``shared`` bytes held once (the driver, which has freed its model by then, the reference and its
+    object-store copy).
 
     Raises:
         UserError: the ``requested`` workers (or, automatic, a single one) do not fit; says the estimate.
@@ -103,7 +104,7 @@ def fit_in_host(requested: int | None, per_worker: int, shared: int, limit: int,
     estimate = n * per_worker + shared
     if estimate > limit:
         raise UserError(f"this search needs about {estimate / GIB:.2f} GiB ({n} workers x {per_worker / GIB:.2f} "
-                        f"GiB (a process and its model copies) + {shared / GIB:.2f} GiB for the driver's model and the reference) but "
+                        f"GiB (a process and its model copies) + {shared / GIB:.2f} GiB for the driver and the reference) but "
                         f"{limit / GIB:.2f} GiB is available; use fewer --workers or --eval-seqs{hint}")
     return max(1, (limit - shared) // max(per_worker, 1))
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from search.request import MeasureRequest
 
 __all__ = ["KV_PROXY_VERSION", "PROXY_VERSION", "SensitivityTable", "measure_on_workers", "measure_pair",
-           "measure_sensitivity", "predict_proxy", "proxy_table", "run_sensitivity"]
+           "measure_sensitivity", "predict_on_model", "predict_proxy", "proxy_table", "run_sensitivity"]
 
 log = logging.getLogger(__name__)
 UNFIT_BYTES = 1 << 62  # the bytes of a (unit, setting) pair that cannot exist
@@ -289,34 +289,54 @@ def _parts(space: Any) -> dict[str, tuple[dict[str, list[Any]], dict[str, list[s
     return parts
 
 
-def predict_proxy(evaluator: Evaluator, space: Any, kinds: Iterable[str] = ("weights", "kv")) -> dict[str, tuple]:
+def predict_proxy(evaluator: Evaluator, space: Any, kinds: Iterable[str] = ("weights", "kv"), *,
+                  hessian_bytes: int | None = None) -> dict[str, tuple]:
     """The proxy's predictions of ``kinds`` on ``evaluator``'s model and calibration windows (the
     evaluation windows when there are none): ``{kind: (kl, bytes, seconds)}``, tables keyed by unit and
-    setting key."""
+    setting key. The evaluator's Hessians are used when it holds them (a worker that ran gptq trials);
+    else they are collected for the proxy alone, ``hessian_bytes`` at a time (:func:`predict_on_model`)."""
+    evaluator.restore_float()
+    return predict_on_model(evaluator.model, evaluator.tokens, space, kinds, hessians=evaluator.hessians,
+                            hessian_bytes=hessian_bytes, batch_size=evaluator.batch_size)
+
+
+def predict_on_model(model: Any, tokens: Any, space: Any, kinds: Iterable[str] = ("weights", "kv"), *,
+                     hessians: Any = None, hessian_bytes: int | None = None, batch_size: int = 2) -> dict[str, tuple]:
+    """:func:`predict_proxy` on a float ``model`` and its :class:`~evaluators.TokenSets`, with no
+    :class:`~evaluators.Evaluator` (which keeps a float copy of every matrix: the driver needs none).
+
+    Without ``hessians``, those gptq needs are collected group by group, at most ``hessian_bytes`` held
+    at once (one calibration pass per group; the 28 ``down_proj`` Hessians of a 1.5B model alone are
+    9 GB), with the same numbers as all at once.
+    """
+    from evaluators import calibration_hessians
     from evaluators.proxy import proxy_sensitivity
 
-    evaluator.restore_float()
-    calib = evaluator.tokens.calib if len(evaluator.tokens.calib) else evaluator.tokens.eval
+    calib = tokens.calib if len(tokens.calib) else tokens.eval
     out = {}
     if "weights" in kinds:
         settings = space.settings()
-        hessians = None
-        if quant.needs_hessians(settings):
-            evaluator.calibrate(settings)
-            hessians = evaluator.hessians
-        pt = proxy_sensitivity(evaluator.model, calib, settings, units=space.units, hessians=hessians)
+        source = hessians
+        if source is None and quant.needs_hessians(settings):
+            if len(tokens.calib):
+                def source(names: Any) -> Any:
+                    return calibration_hessians(model, tokens, names, batch_size)
+            else:
+                source = calibration_hessians(model, tokens, [], batch_size)  # {} (it says why): gptq as rtn
+        pt = proxy_sensitivity(model, calib, settings, units=space.units, hessians=source,
+                               hessian_bytes=hessian_bytes)
         out["weights"] = pt.kl, pt.nbytes, pt.seconds
     if "kv" in kinds and space.kv:
-        out["kv"] = _kv_proxy(evaluator, calib, space)
+        out["kv"] = _kv_proxy(model, calib, space)
     return out
 
 
-def _kv_proxy(evaluator: Evaluator, calib: Any, space: Any) -> tuple[dict, dict, float]:
+def _kv_proxy(model: Any, calib: Any, space: Any) -> tuple[dict, dict, float]:
     from evaluators.kv_proxy import kv_proxy_sensitivity
 
     roles = {role: list(dict.fromkeys(s for u, (_, r) in space.kv.units.items() if r == role
                                       for s in space.kv.ladders[u] if not s.is_float)) for role in ("k", "v")}
-    pt = kv_proxy_sensitivity(evaluator.model, calib, roles)
+    pt = kv_proxy_sensitivity(model, calib, roles)
     keys = {s.key(): s for ss in roles.values() for s in ss}
     nbytes = {u: {k: space.unit_nbytes(u, keys[k]) for k in row} for u, row in pt.kl.items()}
     return pt.kl, nbytes, pt.seconds
