@@ -26,7 +26,7 @@ from evaluators.reference import TAIL_SAMPLES, resolve_topk
 from quant.kv import kv_from_dict
 from search.budget import parse_budget
 from search.dispatch import Dispatcher
-from search.placement import CPU_BATCH, WORKER_PROCESS_BYTES, WorkerSize, fit_in_host, resolve_device
+from search.placement import CPU_BATCH, PACKED_CACHE_BYTES, WORKER_PROCESS_BYTES, WorkerSize, fit_in_host, resolve_device
 from search.fidelity import FirstBatchGate
 from search.memory import DRIVER_PROCESS_BYTES, ModelSize, Phases, proxy_bytes, reference_pass_bytes
 from search.progress import Progress
@@ -219,9 +219,9 @@ def _run_search(cfg: SearchConfig, phases: Phases) -> dict[str, Any]:
         # "auto" here is a cluster's device, resolved by the dispatcher: a worker there is as near as the driver.
         on_workers = cfg.on_workers if cfg.on_workers is not None else device != "cpu"
         if not on_workers:  # else the first worker computes it (see Dispatcher)
-            phases.start("reference", plan.reference, f"the {data.dtype} model's log-probs on {len(tokens.eval)} "
-                         f"evaluation windows ({'top-%d' % topk if topk else 'full'}); every trial's KL is to "
-                         f"this {data.dtype} float model, whatever it quantizes", plan.hint)
+            phases.start("reference", plan.reference, f"log-probs of the unquantized model, in {data.dtype}, on "
+                         f"{len(tokens.eval)} evaluation windows ({'top-%d' % topk if topk else 'full'}): every "
+                         "trial's KL is to it, whatever the trial quantizes", plan.hint)
             reference = reference_logprobs(loaded.model, tokens, topk=topk)
         if proxied and not on_workers:
             phases.start("sensitivity proxy", plan.proxy, plan.proxy_what, plan.hint)
@@ -386,7 +386,8 @@ class _DriverPlan:
         hint = ("use --dtype bfloat16 (half the model), fewer --eval-seqs or --calib-seqs, --formats without gptq "
                 "(no input Hessians), --reference-topk 512, or free memory")
         fisher, pairs, largest = proxy_bytes(size, seq_len, gptq_bits)
-        base = rss + reference
+        # A float32 checkpoint is mapped, not read: its pages count once the passes touch them.
+        base = max(rss, DRIVER_PROCESS_BYTES + size.param_bytes) + reference
         hessian_bytes = None
         proxy = base + max(fisher, pairs, largest)
         if request.sensitivity and request.sensitivity_method != "measured" and gptq:
@@ -394,16 +395,16 @@ class _DriverPlan:
             least = size.largest_hessian
             if room < least:
                 raise UserError(
-                    f"the sensitivity proxy needs about {(base + pairs + least) / GB:.1f} GB in the driver (the "
-                    f"model {size.param_bytes / GB:.1f} GB, the Fisher {pairs / GB:.1f} GB, gptq's largest input "
-                    f"Hessian {least / GB:.2f} GB) but {(free + rss) / GB:.1f} GB is available; {hint}")
-            # Half the room at most, in groups: the machine's other processes keep some; the second half
+                    f"the sensitivity proxy needs about {(base + pairs + least) / GB:.1f} GiB in the driver (the "
+                    f"model {size.param_bytes / GB:.1f} GiB, the Fisher {pairs / GB:.1f} GiB, gptq's largest input "
+                    f"Hessian {least / GB:.2f} GiB) but {(free + rss) / GB:.1f} GiB is available; {hint}")
+            # A third of the room at most, in groups: the machine's other processes keep the rest; more
             # would save only calibration passes (one forward over the calibration windows per group).
-            hessian_bytes = min(size.hessian_bytes, max(least, room // 2))
+            hessian_bytes = min(size.hessian_bytes, max(least, room // 3))
             proxy = max(proxy, base + pairs + hessian_bytes)
         groups = -(-size.hessian_bytes // hessian_bytes) if hessian_bytes else 0
         what = (f"diagonal Fisher of {size.matrix_numel / 1e6:.0f}M weights over {len(tokens.calib) or len(tokens.eval)} "
-                f"windows" + (f", gptq's input Hessians ({size.hessian_bytes / GB:.1f} GB) in {groups} calibration "
+                f"windows" + (f", gptq's input Hessians ({size.hessian_bytes / GB:.1f} GiB) in {groups} calibration "
                               f"pass(es)" if hessian_bytes else ""))
         return cls(reference=base + reference_pass_bytes(size, seq_len), proxy=proxy, proxy_what=what,
                    hessian_bytes=hessian_bytes, workers_driver=max(DRIVER_PROCESS_BYTES, rss - size.param_bytes)
@@ -416,9 +417,11 @@ def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str,
     saying the estimate; returns what one worker holds (for its GPU share and batch) and how many
     workers host memory holds (the automatic count's bound, see :func:`search.placement.plan_workers`).
 
-    Per worker: a Ray worker process (:data:`~search.placement.WORKER_PROCESS_BYTES`), the float model, a
-    float copy of its matrices, their decoded weights (cached for speed) and a batch of logits, in host memory on the CPU; on a GPU only the model
-    passes through host memory. Once: the driver (its model is freed before the workers start) and the
+    Per worker: a Ray worker process (:data:`~search.placement.WORKER_PROCESS_BYTES`), a float copy of the
+    model's matrices, their decoded weights (cached for speed; the loaded parameters they replace are
+    freed), the packed-matrix cache (:data:`~search.placement.PACKED_CACHE_BYTES` at most) and a batch
+    of logits, in host memory on the CPU; on a GPU only the model passes through host memory. gptq's
+    Hessians beyond a quarter of the free memory go to files (:meth:`evaluators.Evaluator.calibrate`). Once: the driver (its model is freed before the workers start) and the
     reference (the driver's, and the object store's copy that the workers share).
     """
     import psutil
@@ -431,7 +434,10 @@ def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str,
     window_logits = tokens.seq_len * vocab * 4 * 3  # logits, log-probs, reference slice
     size = WorkerSize(params, reference, CPU_BATCH * window_logits, window_logits, int(tokens.eval.shape[0]),
                       block_bytes(model))
-    per_worker = WORKER_PROCESS_BYTES + (params if device == "cuda" else 3 * params + size.batch_bytes)
+    # On the CPU a worker keeps a float copy of the matrices and their decoded weights (the model's own
+    # parameters are replaced as the first policy quantizes them) and its packed-matrix cache.
+    per_worker = WORKER_PROCESS_BYTES + (params if device == "cuda" else
+                                         2 * params + min(params, PACKED_CACHE_BYTES) + size.batch_bytes)
     if request.memory_limit_bytes:
         limit, driver = request.memory_limit_bytes, DRIVER_PROCESS_BYTES
     else:  # what is free now and what the driver gives back (its model) when the workers start

@@ -28,7 +28,7 @@ log = logging.getLogger("search.driver")  # the driver's voice (see search.progr
 # reason for a refusal): shown without -v, whatever level the command line sets for the rest.
 if log.level == logging.NOTSET:
     log.setLevel(logging.INFO)
-GB = 1e9
+GB = 2 ** 30  # the unit of every figure logged (GiB, as the workers' estimate says)
 # The driver before it loads a model (Python, torch, transformers, Optuna, SQLAlchemy): about 0.8 GB
 # resident, measured here.
 DRIVER_PROCESS_BYTES = 900 * 2 ** 20
@@ -145,12 +145,12 @@ class Phases:
         self.end()
         held, free = rss(), self.available()
         need = max(0, estimate - held)
-        log.info("phase %s: %s; driver about %.1f GB at its peak (%.1f GB now, %.1f GB available)", name, what,
+        log.info("phase %s: %s; driver about %.1f GiB at its peak (%.1f GiB now, %.1f GiB available)", name, what,
                  estimate / GB, held / GB, free / GB)
         if need + MARGIN_BYTES > free:
-            raise UserError(f"phase {name} ({what}) needs about {estimate / GB:.1f} GB in the driver, "
-                            f"{need / GB:.1f} GB more than the {held / GB:.1f} GB it holds, but {free / GB:.1f} GB is "
-                            f"available (keeping {MARGIN_BYTES / GB:.1f} GB free)" + (f"; {hint}" if hint else ""))
+            raise UserError(f"phase {name} ({what}) needs about {estimate / GB:.1f} GiB in the driver, "
+                            f"{need / GB:.1f} GiB more than the {held / GB:.1f} GiB it holds, but {free / GB:.1f} GiB is "
+                            f"available (keeping {MARGIN_BYTES / GB:.1f} GiB free)" + (f"; {hint}" if hint else ""))
         self._name, self._estimate, self._t0, self._peak = name, estimate, time.perf_counter(), held
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, name="phase-memory", daemon=True)
@@ -166,7 +166,7 @@ class Phases:
         self._peak = max(self._peak, rss())
         seconds = time.perf_counter() - self._t0
         self.peaks[self._name] = (self._estimate, self._peak, seconds)
-        log.info("phase %s done in %.1f s: driver peak %.2f GB (estimated %.2f GB)", self._name, seconds,
+        log.info("phase %s done in %.1f s: driver peak %.2f GiB (estimated %.2f GiB)", self._name, seconds,
                  self._peak / GB, self._estimate / GB)
         self._name = None
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from evaluators import UserError
 
-__all__ = ["CPU_BATCH", "DEVICES", "WORKER_PROCESS_BYTES", "Device", "GPU_HEADROOM", "WORKERS_PER_GPU", "WorkerPlan", "WorkerSize",
+__all__ = ["CPU_BATCH", "DEVICES", "PACKED_CACHE_BYTES", "WORKER_PROCESS_BYTES", "Device", "GPU_HEADROOM", "WORKERS_PER_GPU", "WorkerPlan", "WorkerSize",
            "actor_options", "fit_in_host", "plan_workers", "resolve_device", "split_memory"]
 
 Device = typing.Literal["auto", "cpu", "cuda"]
@@ -32,6 +32,8 @@ GIB = 2 ** 30
 # A Ray worker process before it loads anything (Python, torch, Ray's core worker): measured here, about
 # 200 MB resident each, and counted in every worker's host memory.
 WORKER_PROCESS_BYTES = 200 * 2 ** 20
+# The packed matrices a worker's evaluator keeps between trials (its ``cache_bytes`` default).
+PACKED_CACHE_BYTES = 2 << 30
 
 
 def resolve_device(requested: str, gpus: float, split: bool = False) -> str:

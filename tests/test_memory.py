@@ -56,9 +56,9 @@ def test_hessian_groups_cut_in_order_under_the_budget():
 def test_a_phase_that_cannot_fit_is_refused_before_it_starts_saying_the_numbers(caplog):
     phases = Phases(limit=2 * GB)
     with caplog.at_level(logging.INFO, logger="search.driver"):
-        with pytest.raises(UserError, match=r"phase sensitivity proxy .* needs about 30\.0 GB.*--dtype bfloat16"):
-            phases.start("sensitivity proxy", 30 * GB, "the Fisher", "use --dtype bfloat16")
-    assert "phase sensitivity proxy: the Fisher; driver about 30.0 GB" in caplog.text
+        with pytest.raises(UserError, match=r"phase sensitivity proxy .* needs about 30\.0 GiB.*--dtype bfloat16"):
+            phases.start("sensitivity proxy", 30 * 2 ** 30, "the Fisher", "use --dtype bfloat16")
+    assert "phase sensitivity proxy: the Fisher; driver about 30.0 GiB" in caplog.text
     phases.start("seeds", 0, "nothing")  # what it holds already fits
     phases.end()
     estimate, peak, seconds = phases.peaks["seeds"]

@@ -101,7 +101,7 @@ def test_mismatched_or_malformed_policy_file_is_refused(searched, tmp_path, caps
 
 def test_search_that_cannot_fit_in_memory_is_refused_with_the_estimate(corpus, tmp_path, capsys) -> None:
     argv = ["search", "--model", "tiny-random-llama", "--dataset", corpus, "--seq-len", "64", "--budget", "4bpw",
-            "--workers", "4", "--memory-limit", "1MB", "--storage", f"sqlite:///{tmp_path}/m.db"]
+            "--workers", "2", "--memory-limit", "1MB", "--storage", f"sqlite:///{tmp_path}/m.db"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "needs about" in err and "GiB is available" in err
