@@ -173,6 +173,100 @@ def test_export_gguf_of_a_study_refuses_foreign_formats_and_maps_them_with_neare
     assert ours.kl > 0.01 and abs(theirs.kl - ours.kl) <= 0.01 + 0.05 * ours.kl, (ours, theirs)
 
 
+# Tiny random Hugging Face folders of the architectures people convert, each with a real BPE tokenizer
+# (the embedded model's: llama.cpp's converter recognises its pre-tokenizer): 256-wide rows, so every
+# llama.cpp type fits, and weights drawn wide enough (0.08) that their next-token distributions are
+# peaked and quantization shows in the KL.
+_TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, max_position_embeddings=256, initializer_range=0.08)
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_TINY, tie_word_embeddings=True)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_TINY, tie_word_embeddings=False)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_TINY, sliding_window=64, tie_word_embeddings=True)),
+}
+
+
+def _tiny_folder(arch: str, folder: Path) -> Path:
+    """A tiny random ``arch`` saved with the embedded model's tokenizer, built from a fixed seed."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from evaluators import cache_dir, load_model
+
+    load_model("smollm2-135m")  # its float folder (and tokenizer) in the cache
+    tokenizer = AutoTokenizer.from_pretrained(cache_dir() / "models" / "smollm2-135m")
+    config_name, model_name, kwargs = TINY_ARCHS[arch]
+    config = getattr(transformers, config_name)(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id, **kwargs)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = getattr(transformers, model_name)(config).float().eval()
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", list(TINY_ARCHS))
+def test_a_searched_tiny_model_exports_to_gguf_and_llamacpp_scores_it_as_we_stored(cpp, arch, tmp_path):
+    """A Hugging Face folder of each architecture: searched briefly over llama.cpp's types, its point
+    exported with ``export --format gguf`` (llama.cpp's own converter makes the float file, which needs
+    sentencepiece for Llama and Qwen2), and the real ``llama-perplexity --kl-divergence`` scores it at the
+    KL our search stored for it, within llama.cpp's activation noise (it quantizes activations to 8 bits)."""
+    import subprocess
+    import sys
+
+    from evaluators.context import DataConfig
+    from evaluators.llamacpp import read_base_tokens, score, score_like_llamacpp, source_gguf
+    from quant import Policy, apply_policy
+    from studies import Store
+
+    folder = _tiny_folder(arch, tmp_path / arch)
+    db = f"sqlite:///{tmp_path}/s.db"
+    cli = [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())"]
+    data = ["--eval-seqs", "4", "--seq-len", "128", "--calib-seqs", "2"]
+    def run(*args: str) -> None:
+        done = subprocess.run([*cli, *args, "--storage", db], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    # llama.cpp's k-quants and legacy types (the i-quants' encoder fails in the proxy on a strided
+    # importance, quant/gguf/_lattice.py: `w.view` of an expanded Hessian diagonal; put "gguf" back when fixed).
+    types = "q2_k,q3_k,q4_k,q5_k,q6_k,q4_0,q5_0,q8_0"
+    run("search", "--model", str(folder), "--formats", types, "--granularity", "matrix", "--budget", "4.5bpw",
+        "--trials", "3", "--workers", "1", *data, "--study", "s")
+    store = Store(db)
+    trials = store.trials_frame(store.get_study("s"))
+    best = trials[trials["state"] == "complete"].sort_values("bytes").iloc[0]  # the most quantized point
+    out = tmp_path / f"{arch}.gguf"
+    run("export", "s", "--trial", str(int(best["trial"])), "--format", "gguf", "--out", str(out))
+    assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if len(t.shape) == 2} - {"F32", "F16"}
+
+    # llama.cpp's base: the float file's log-probs over the text of our evaluation windows.
+    loaded, tokens = DataConfig(model=str(folder), seq_len=128, n_eval=4, n_calib=2).load()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = tmp_path / "eval.txt"
+    text.write_text("".join(tok.decode(w) for w in tokens.eval))
+    from evaluators.llamacpp import save_base
+
+    base = tmp_path / f"{arch}.kld"
+    save_base(cpp, source_gguf(str(folder), cpp), text, base, n_ctx=128, chunks=len(tokens.eval))
+    assert score(cpp, source_gguf(str(folder), cpp), base).kl < 1e-3  # the converter's float file is the model
+
+    policy = Policy.from_dict(store.trial(store.get_study("s"), int(best["trial"])).policy)
+    packed = copy.deepcopy(loaded.model)
+    apply_policy(packed, policy)
+    ours = score_like_llamacpp(loaded.model, packed, read_base_tokens(base))
+    theirs = score(cpp, out, base)
+    assert best["kl"] > 1e-3 and ours.kl > 1e-3, (best["kl"], ours)  # a real quantization
+    assert abs(theirs.kl - ours.kl) <= 0.01 + 0.1 * ours.kl, (arch, ours, theirs)
+    # The stored KL (all positions of our windows) against llama.cpp's (the second half of its chunks).
+    assert abs(theirs.kl - best["kl"]) <= 0.02 + 0.35 * best["kl"], (arch, float(best["kl"]), theirs)
+
+
 def test_llamacpp_runs_every_iquant_and_gptq_grid_at_the_kl_we_measure(cpp, smollm2, base, tmp_path):
     """Each i-quant (and GPTQ-fed codes on their grids) in the real llama.cpp: SmolLM2's 1536-wide
     ``down_proj`` rows are the only ones a 256-weight super-block fits, so its 30 take the six i-quants in
