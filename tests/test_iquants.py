@@ -219,3 +219,15 @@ def test_iq4_xs_has_a_per_weight_grid() -> None:
     data = data.reshape(-1, 136)
     grid = block_grid("iq4_xs", data)
     assert torch.equal(grid.value(grid.round(deq.reshape(-1, 256))), deq.reshape(-1, 256))
+
+
+@pytest.mark.parametrize("name", ["iq4_xs", "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"])
+def test_a_matrix_of_one_block_per_row_takes_its_hessian(name) -> None:
+    # Each row is one 256-weight super-block: the input columns' energy broadcast over the rows is then a
+    # stride-0 view, which the lattice codecs' .view refused ("view size is not compatible").
+    import quant
+
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(16, 256, generator=gen), torch.randn(64, 256, generator=gen)
+    packed = quant.quantize(w, {"format": name}, hessian=x.T @ x)
+    assert packed.nbytes == 16 * block_type(name).block_bytes

@@ -231,10 +231,7 @@ def test_a_searched_tiny_model_exports_to_gguf_and_llamacpp_scores_it_as_we_stor
         done = subprocess.run([*cli, *args, "--storage", db], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    # llama.cpp's k-quants and legacy types (the i-quants' encoder fails in the proxy on a strided
-    # importance, quant/gguf/_lattice.py: `w.view` of an expanded Hessian diagonal; put "gguf" back when fixed).
-    types = "q2_k,q3_k,q4_k,q5_k,q6_k,q4_0,q5_0,q8_0"
-    run("search", "--model", str(folder), "--formats", types, "--granularity", "matrix", "--budget", "4.5bpw",
+    run("search", "--model", str(folder), "--formats", "gguf", "--granularity", "matrix", "--budget", "4.5bpw",
         "--trials", "3", "--workers", "1", *data, "--study", "s")
     store = Store(db)
     trials = store.trials_frame(store.get_study("s"))

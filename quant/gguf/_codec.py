@@ -66,7 +66,9 @@ def _importance(w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if tuple(w.shape) != tuple(x.shape):
         raise ValueError(f"importance must have the blocks' shape {tuple(x.shape)}, got {tuple(w.shape)}")
-    w = w.float()
+    # Contiguous: a row's importance broadcast over a matrix whose rows are one block each is a stride-0 view,
+    # and the codecs reshape it with .view (a 256-wide matrix in an i-quant failed so).
+    w = w.float().contiguous()
     if not torch.isfinite(w).all() or (w < 0).any():
         raise ValueError("importance must be finite and >= 0 (e.g. the Hessian diagonal, sum of x_j^2)")
     # A block whose inputs never fire cannot matter; weigh it uniformly rather than not at all.
