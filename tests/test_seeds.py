@@ -2,6 +2,7 @@
 the sensitivity table is stored and reused rather than recomputed."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -93,7 +94,10 @@ def test_solved_policies_fit_their_budgets(evaluator) -> None:
     table = measure_sensitivity(evaluator, space.settings(), progress=False)
     budget = int(space.numel * 4.0 / 8)
     seeds = solved_policies(table, space, budget, n_budgets=4)
-    assert {label.split(":")[0] for label, _, _ in seeds} == {"dp", "greedy"}
+    methods = {label.split(":")[0] for label, _, _ in seeds}
+    # Greedy's allocation is kept only where it differs from DP's (on this tiny model they may all agree).
+    assert "dp" in methods and methods <= {"dp", "greedy"}
+    assert len({json.dumps(p.to_dict()["matrices"], sort_keys=True) for _, p, _ in seeds}) == len(seeds)
     for label, policy, predicted in seeds:
         bpw = float(label.split(":")[1].removesuffix("bpw"))
         assert space.nbytes(policy) == predicted <= bpw * space.numel / 8 + 1
