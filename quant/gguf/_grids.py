@@ -214,6 +214,8 @@ def with_points(name: str, data: torch.Tensor, idx: torch.Tensor, neg: torch.Ten
     if tuple(idx.shape) != (data.shape[0], 256 // n) or tuple(neg.shape) != (data.shape[0], 256):
         raise ValueError(f"idx must be ({data.shape[0]}, {256 // n}) and neg ({data.shape[0]}, 256), got "
                          f"{tuple(idx.shape)} and {tuple(neg.shape)}")
+    # Contiguous: a matrix of one block per row hands them in as transposed views.
+    idx, neg = idx.contiguous(), neg.contiguous()
     if codec.spec.parity and bool((neg.view(-1, 8).sum(-1) % 2).any()):
         raise ValueError(f"{name} stores an even number of negatives per 8 weights; some groups have an odd one")
     ls, _, _ = codec.unpack(data[:, 2:])
