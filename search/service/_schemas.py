@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evaluators.models import MODEL_ALIASES
-from search.request import STUDY_NAME, SearchRequest
+from search.request import SearchRequest
 from search.at_budget import REFINE_TRIALS
 from studies.export import EXPORT_FORMATS
 
