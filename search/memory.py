@@ -147,7 +147,7 @@ class Phases:
         need = max(0, estimate - held)
         log.info("phase %s: %s; driver about %.1f GiB at its peak (%.1f GiB now, %.1f GiB available)", name, what,
                  estimate / GB, held / GB, free / GB)
-        if need + MARGIN_BYTES > free:
+        if need and need + MARGIN_BYTES > free:  # a phase that needs nothing more than it holds always fits
             raise UserError(f"phase {name} ({what}) needs about {estimate / GB:.1f} GiB in the driver, "
                             f"{need / GB:.1f} GiB more than the {held / GB:.1f} GiB it holds, but {free / GB:.1f} GiB is "
                             f"available (keeping {MARGIN_BYTES / GB:.1f} GiB free)" + (f"; {hint}" if hint else ""))

@@ -3,7 +3,8 @@
 Two drivers on one study each count the trials they finished towards the target (two resumes to 6
 trials left 10), and each takes the other's running trials for a crash's leftovers. The lock lives
 where the study does: a file lock beside a SQLite database, a session advisory lock on PostgreSQL;
-both go away with the process that holds them, however it ends.
+both go away with the process that holds them, however it ends. A PostgreSQL restart ends the
+session and so the lock: a search that rides out the outage (the driver retries) runs on unlocked.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def study_lock(storage: str, study: str) -> Iterator[None]:
                 try:
                     yield
                 finally:
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    try:
+                        conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    except sqlalchemy.exc.DBAPIError:
+                        pass  # the session died (a database restart): its lock went with it
         finally:
             engine.dispose()
         return

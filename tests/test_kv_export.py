@@ -14,6 +14,7 @@ from evaluators.kv_attention import attention_modules
 from quant import KVSetting, Policy, QuantSetting
 from quant.kv import FLOAT_KV, layer_kv_bytes
 from search.cli import main
+from studies import Store
 from studies.export_runtimes import export_runtime
 from studies.llamacpp_kv import llamacpp_cache_types
 from tests.test_export_runtimes import _doc
@@ -142,6 +143,7 @@ def test_cli_export_prints_the_flags_to_run_llamacpp_with(tmp_path, capsys, monk
     doc = {**_doc(), "kv": _kv((TURBO4, TURBO4), (TURBO4, TURBO4))}
     monkeypatch.setattr("studies.export_policy", lambda store, name, trial=None, budget_bytes=None: doc)
     out = tmp_path / "types.txt"
+    Store(f"sqlite:///{tmp_path}/e.db")  # an existing database (the export only reads; the study is stubbed)
     assert main(["export", "s", "--storage", f"sqlite:///{tmp_path}/e.db", "--trial", "3", "--format", "llamacpp",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -160,7 +162,7 @@ def test_the_gguf_export_prints_the_flags_beside_the_file(tmp_path, capsys, monk
                     kv={n: (KVSetting("turbo", 3), KVSetting("rtn_token", 8)) for n in names})
     doc = policy.to_dict()
     # llama.cpp needs a GGUF of the model (the slow tests build it): here the file's writing is stubbed.
-    monkeypatch.setattr(search.cli_policy, "pack_policy", lambda p, label, remap=None: (evaluator.loaded, {}, {}))
+    monkeypatch.setattr(search.cli_policy, "pack_policy", lambda p, label, remap=None, trust_remote_code=False: (evaluator.loaded, {}, {}))
     monkeypatch.setattr("evaluators.llamacpp.source_gguf", lambda name: tmp_path / "source.gguf")
     monkeypatch.setattr(cli_gguf, "write_gguf", lambda *a, **k: [])
     assert cli_gguf.write_gguf_export(doc, str(tmp_path / "m.gguf")) == 0
