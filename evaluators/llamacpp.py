@@ -29,7 +29,7 @@ from torch import nn
 
 from evaluators.errors import UserError
 from evaluators.metrics import MetricSums
-from evaluators.models import cache_dir, smollm2_gguf
+from evaluators.models import cache_dir, qwen_coder_folder, smollm2_gguf
 
 __all__ = ["LLAMACPP_VERSION", "LlamaCpp", "LlamaScore", "llamacpp", "read_base_tokens", "save_base", "score",
            "score_like_llamacpp", "source_gguf", "converted_key"]
@@ -128,6 +128,7 @@ class LlamaScore:
     kl: float
     ppl: float
     top1: float  # "Same top p": the share of positions whose argmax agrees with the base's
+    kl_p999: float | None = None  # the 99.9th percentile of the positions' KL (llama-perplexity's only)
 
 
 def read_base_tokens(base: Path) -> np.ndarray:
@@ -152,7 +153,8 @@ def _parse_score(out: str) -> LlamaScore:
             raise RuntimeError(f"llama-perplexity printed no {label!r} line:\n{out[-3000:]}")
         return float(match.group(1))
 
-    return LlamaScore(kl=value("Mean    KLD"), ppl=value("Mean PPL(Q)"), top1=value("Same top p") / 100.0)
+    return LlamaScore(kl=value("Mean    KLD"), ppl=value("Mean PPL(Q)"), top1=value("Same top p") / 100.0,
+                      kl_p999=value("99.9%   KLD"))
 
 
 def save_base(cpp: LlamaCpp, float_gguf: Path, text_file: Path, base: Path, *, n_ctx: int, chunks: int,
@@ -213,9 +215,9 @@ def source_gguf(model_name: str, cpp: LlamaCpp | None = None) -> Path:
     """
     if model_name == "smollm2-135m":
         return smollm2_gguf()
-    folder = Path(model_name)
+    folder = qwen_coder_folder() if model_name == "qwen2.5-coder-1.5b" else Path(model_name)
     if not (folder / "config.json").exists():
-        raise UserError(f"a GGUF export needs a local Hugging Face model folder (or smollm2-135m); {model_name!r} "
+        raise UserError(f"a GGUF export needs a local Hugging Face model folder (or an alias); {model_name!r} "
                         "is neither: download it, then pass its folder as --model")
     cpp = cpp or llamacpp()
     out = cache_dir() / "gguf" / f"{folder.name}-{converted_key(folder)}-f32.gguf"

