@@ -49,8 +49,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return _print_front(cfg.storage, request.study_name, "table")
 
 
-@command("sensitivity", "KL per (weight matrix, setting) with only that matrix quantized; stored and reused by "
-         "later studies", request_args(MeasureRequest), arg("--storage", default=None, help=STORAGE_HELP),
+@command("sensitivity", "KL per (weight matrix, setting) with only that matrix quantized, predicted by the "
+         "one-pass proxy as a search does by default (--sensitivity-method measured: one forward per pair); "
+         "stored and reused by later studies", request_args(MeasureRequest), arg("--storage", default=None, help=STORAGE_HELP),
          arg("--top", type=int, default=10, help="print the N most sensitive matrices"))
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from search.sensitivity import run_sensitivity
@@ -61,7 +62,9 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
     pairs = table.computed + table.reused
     per = f", {table.seconds / table.computed:.3f} s per pair" if table.computed else ""
     print(f"sensitivity of {request.model}: {len(table.units)} units ({request.granularity}) x "
-          f"{len(table.settings)} settings = {pairs} pairs; measured {table.computed} in {table.seconds:.1f} s"
+          f"{len(table.settings)} settings = {pairs} pairs; "
+          f"{'measured' if request.sensitivity_method == 'measured' else 'predicted by the proxy'} "
+          f"{table.computed} in {table.seconds:.1f} s"
           f"{per}; reused {table.reused} from {redact_url(_storage(args))}")
     print("most sensitive at their cheapest setting (KL with only that unit quantized):")
     for name, kl in table.most_sensitive(args.top):

@@ -28,12 +28,13 @@ from search.budget import parse_budget
 from search.dispatch import Dispatcher
 from search.placement import CPU_BATCH, PACKED_CACHE_BYTES, WORKER_PROCESS_BYTES, WorkerSize, fit_in_host, resolve_device
 from search.fidelity import FirstBatchGate
-from search.memory import DRIVER_PROCESS_BYTES, ModelSize, Phases, proxy_bytes, reference_pass_bytes
+from search.memory import DRIVER_PROCESS_BYTES, DriverPlan, Phases
 from search.progress import Progress
 from search.record import RETRY_ON, Job, reconcile, record_failure, record_result
 from search.request import SearchRequest
 from search.resume import open_study, optuna_storage
 from search.seeds import enqueue_uniform_seeds
+from search.sensitivity import proxy_on_model
 from search.space import SearchSpace
 from studies import DEFAULT_STORAGE, Store
 from studies.locks import study_lock
@@ -71,21 +72,6 @@ class SearchConfig:
     @property
     def stopped(self) -> bool:
         return self.stop is not None and self.stop.is_set()
-
-
-def _proxy(store: Store, loaded: Any, tokens: Any, space: SearchSpace, hessian_bytes: int | None) -> Any:
-    """The proxy's table, predicted here on the driver's float model (no evaluator: it would keep a float
-    copy of every matrix), gptq's Hessians ``hessian_bytes`` at a time, or read from the store."""
-    from search.sensitivity import predict_on_model, proxy_table
-
-    def predict(kinds: list[str]) -> dict[str, Any]:
-        return predict_on_model(loaded.model, tokens, space, kinds, hessian_bytes=hessian_bytes)
-
-    table = proxy_table(None, space, store=store, model_fingerprint=loaded.fingerprint,
-                        data_fingerprint=tokens.fingerprint, predict=predict)
-    log.info("sensitivity proxy: %d pairs predicted in %.1f s, %d reused", table.computed, table.seconds,
-             table.reused)
-    return table
 
 
 def _proxy_on_worker(cfg: SearchConfig, store: Store, workers: Dispatcher, fingerprints: tuple[str, str],
@@ -189,7 +175,8 @@ def _run_search(cfg: SearchConfig, phases: Phases) -> dict[str, Any]:
     topk = resolve_topk(request.reference_topk, len(tokens.eval), tokens.seq_len - 1,
                         int(loaded.model.config.vocab_size))
     size, host_workers = _check_memory(request, loaded.model, tokens, device, topk, local=_local(cfg.ray_address))
-    plan = _DriverPlan.of(request, loaded.model, tokens, space, topk, phases)
+    plan = DriverPlan.of(loaded.model, tokens, space, topk, phases,
+                         proxied=request.sensitivity and request.sensitivity_method != "measured")
     if cfg.stopped:
         return Progress.nothing_to_do(0, 0)
     store = Store(cfg.storage)  # only now: bad input above leaves the storage untouched
@@ -225,7 +212,7 @@ def _run_search(cfg: SearchConfig, phases: Phases) -> dict[str, Any]:
             reference = reference_logprobs(loaded.model, tokens, topk=topk)
         if proxied and not on_workers:
             phases.start("sensitivity proxy", plan.proxy, plan.proxy_what, plan.hint)
-            table = _proxy(store, loaded, tokens, space, plan.hessian_bytes)
+            table = proxy_on_model(store, loaded, tokens, space, plan.hessian_bytes)
         phases.end()
         fingerprints = (loaded.fingerprint, tokens.fingerprint)
         _free(loaded)  # the workers load their own copies
@@ -354,61 +341,6 @@ def _free(loaded: Any) -> None:
     gc.collect()
     if ref() is not None:
         log.warning("the driver's model is still referenced after the proxy: its memory is not freed")
-
-
-@dataclass
-class _DriverPlan:
-    """The driver's estimated peak (total resident bytes) in each phase, the Hessian memory the proxy may
-    hold at once, and what one worker holds."""
-
-    reference: int
-    proxy: int
-    proxy_what: str
-    hessian_bytes: int | None
-    workers_driver: int
-    worker_what: str
-    hint: str
-
-    @classmethod
-    def of(cls, request: SearchRequest, model: Any, tokens: Any, space: SearchSpace, topk: int | None,
-           phases: Phases) -> "_DriverPlan":
-        """Estimates every phase now (the model loaded) and refuses up front those that cannot fit."""
-        import quant
-        from search.memory import GB, MARGIN_BYTES, rss as _rss
-
-        size = ModelSize.of(model)
-        rss, free = _rss(), phases.available()
-        seq_len = tokens.seq_len
-        reference = reference_nbytes(tokens.eval.shape[0], seq_len - 1, size.vocab, topk)
-        settings = space.settings()
-        gptq = quant.needs_hessians(settings) and len(tokens.calib) > 0
-        gptq_bits = len({s.bits for s in settings if quant.needs_hessians([s])}) if gptq else 0
-        hint = ("use --dtype bfloat16 (half the model), fewer --eval-seqs or --calib-seqs, --formats without gptq "
-                "(no input Hessians), --reference-topk 512, or free memory")
-        fisher, pairs, largest = proxy_bytes(size, seq_len, gptq_bits)
-        # A float32 checkpoint is mapped, not read: its pages count once the passes touch them.
-        base = max(rss, DRIVER_PROCESS_BYTES + size.param_bytes) + reference
-        hessian_bytes = None
-        proxy = base + max(fisher, pairs, largest)
-        if request.sensitivity and request.sensitivity_method != "measured" and gptq:
-            room = free + rss - base - pairs - MARGIN_BYTES
-            least = size.largest_hessian
-            if room < least:
-                raise UserError(
-                    f"the sensitivity proxy needs about {(base + pairs + least) / GB:.1f} GiB in the driver (the "
-                    f"model {size.param_bytes / GB:.1f} GiB, the Fisher {pairs / GB:.1f} GiB, gptq's largest input "
-                    f"Hessian {least / GB:.2f} GiB) but {(free + rss) / GB:.1f} GiB is available; {hint}")
-            # A third of the room at most, in groups: the machine's other processes keep the rest; more
-            # would save only calibration passes (one forward over the calibration windows per group).
-            hessian_bytes = min(size.hessian_bytes, max(least, room // 3))
-            proxy = max(proxy, base + pairs + hessian_bytes)
-        groups = -(-size.hessian_bytes // hessian_bytes) if hessian_bytes else 0
-        what = (f"diagonal Fisher of {size.matrix_numel / 1e6:.0f}M weights over {len(tokens.calib) or len(tokens.eval)} "
-                f"windows" + (f", gptq's input Hessians ({size.hessian_bytes / GB:.1f} GiB) in {groups} calibration "
-                              f"pass(es)" if hessian_bytes else ""))
-        return cls(reference=base + reference_pass_bytes(size, seq_len), proxy=proxy, proxy_what=what,
-                   hessian_bytes=hessian_bytes, workers_driver=max(DRIVER_PROCESS_BYTES, rss - size.param_bytes)
-                   + reference, worker_what="the workers load their own model", hint=hint)
 
 
 def _check_memory(request: SearchRequest, model: Any, tokens: Any, device: str,

@@ -21,7 +21,7 @@ from typing import Any
 
 from evaluators import UserError
 
-__all__ = ["DRIVER_PROCESS_BYTES", "GB", "MARGIN_BYTES", "ModelSize", "Phases", "proxy_bytes", "reference_pass_bytes", "rss"]
+__all__ = ["DRIVER_PROCESS_BYTES", "DriverPlan", "GB", "MARGIN_BYTES", "ModelSize", "Phases", "proxy_bytes", "reference_pass_bytes", "rss"]
 
 log = logging.getLogger("search.driver")  # the driver's voice (see search.progress)
 # The phases and their memory are what a user of a large model needs to see (minutes each, and the
@@ -173,3 +173,61 @@ class Phases:
     def _sample(self) -> None:
         while not self._stop.wait(self._sample_seconds):
             self._peak = max(self._peak, rss())
+
+
+@dataclass
+class DriverPlan:
+    """The driver's estimated peak (total resident bytes) in each phase, the Hessian memory the proxy may
+    hold at once, and what one worker holds."""
+
+    reference: int
+    proxy: int
+    proxy_what: str
+    hessian_bytes: int | None
+    workers_driver: int
+    worker_what: str
+    hint: str
+
+    @classmethod
+    def of(cls, model: Any, tokens: Any, space: Any, topk: int | None, phases: "Phases", *, proxied: bool,
+           reference: bool = True) -> "DriverPlan":
+        """Estimates every phase now (the model loaded) and refuses up front those that cannot fit.
+
+        ``proxied``: the driver predicts the sensitivity proxy; ``reference``: it holds the float model's
+        log-probs (``topk`` of them per position, or all) while it does."""
+        import quant
+        from evaluators import reference_nbytes
+
+        size = ModelSize.of(model)
+        rss_now, free = rss(), phases.available()
+        seq_len = tokens.seq_len
+        held = reference_nbytes(tokens.eval.shape[0], seq_len - 1, size.vocab, topk) if reference else 0
+        settings = space.settings()
+        gptq = quant.needs_hessians(settings) and len(tokens.calib) > 0
+        gptq_bits = len({s.bits for s in settings if quant.needs_hessians([s])}) if gptq else 0
+        hint = ("use --dtype bfloat16 (half the model), fewer --eval-seqs or --calib-seqs, --formats without gptq "
+                "(no input Hessians), --reference-topk 512, or free memory")
+        fisher, pairs, largest = proxy_bytes(size, seq_len, gptq_bits)
+        # A float32 checkpoint is mapped, not read: its pages count once the passes touch them.
+        base = max(rss_now, DRIVER_PROCESS_BYTES + size.param_bytes) + held
+        hessian_bytes = None
+        proxy = base + max(fisher, pairs, largest)
+        if proxied and gptq:
+            room = free + rss_now - base - pairs - MARGIN_BYTES
+            least = size.largest_hessian
+            if room < least:
+                raise UserError(
+                    f"the sensitivity proxy needs about {(base + pairs + least) / GB:.1f} GiB in the driver (the "
+                    f"model {size.param_bytes / GB:.1f} GiB, the Fisher {pairs / GB:.1f} GiB, gptq's largest input "
+                    f"Hessian {least / GB:.2f} GiB) but {(free + rss_now) / GB:.1f} GiB is available; {hint}")
+            # A third of the room at most, in groups: the machine's other processes keep the rest; more
+            # would save only calibration passes (one forward over the calibration windows per group).
+            hessian_bytes = min(size.hessian_bytes, max(least, room // 3))
+            proxy = max(proxy, base + pairs + hessian_bytes)
+        groups = -(-size.hessian_bytes // hessian_bytes) if hessian_bytes else 0
+        what = (f"diagonal Fisher of {size.matrix_numel / 1e6:.0f}M weights over {len(tokens.calib) or len(tokens.eval)} "
+                f"windows" + (f", gptq's input Hessians ({size.hessian_bytes / GB:.1f} GiB) in {groups} calibration "
+                              f"pass(es)" if hessian_bytes else ""))
+        return cls(reference=base + reference_pass_bytes(size, seq_len), proxy=proxy, proxy_what=what,
+                   hessian_bytes=hessian_bytes, workers_driver=max(DRIVER_PROCESS_BYTES, rss_now - size.param_bytes)
+                   + held, worker_what="the workers load their own model", hint=hint)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evaluators.context import DataConfig
 from evaluators.errors import UserError
@@ -108,6 +108,10 @@ class MeasureRequest(BaseModel):
                                                    "(block: each layer's attention and MLP)")
     sensitivity_seqs: int | None = Field(None, ge=1, le=1 << 20, description="measure sensitivity on the first N "
                                          "evaluation windows only (default: all)")
+    sensitivity_method: str = Field("proxy", description="proxy: predicted from one backward pass per "
+                                    "calibration window (diagonal Fisher, gptq's corrected by its inputs' "
+                                    "correlations) and quantizing every setting once; measured: one forward per "
+                                    "unit and setting, on the workers; both stored, reused by later studies")
 
     @field_validator("model")
     @classmethod
@@ -132,6 +136,13 @@ class MeasureRequest(BaseModel):
     @classmethod
     def _granularity(cls, v: str) -> str:
         return _refuse(check_granularity, v)
+
+    @field_validator("sensitivity_method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in SENSITIVITY_METHODS:
+            raise ValueError(f"unknown sensitivity method {v!r}; choose one of {', '.join(SENSITIVITY_METHODS)}")
+        return v
 
     @model_validator(mode="after")
     def _settings(self) -> "MeasureRequest":
@@ -178,10 +189,6 @@ class SearchRequest(MeasureRequest):
                                                           "the hopeless ones there (default: on for the evo sampler)")
     sensitivity: bool = Field(True, description="score every unit at every setting first, enqueue DP/greedy "
                                                 "seeds solved from it and guide evo by it (see --sensitivity-method)")
-    sensitivity_method: str = Field("proxy", description="proxy: predicted from one backward pass per "
-                                    "calibration window (diagonal Fisher, gptq's corrected by its inputs' "
-                                    "correlations) and quantizing every setting once; measured: one forward per "
-                                    "unit and setting, on the workers; both stored, reused by later studies")
     reference_topk: int | None = Field(None, ge=0, le=1 << 24, description="compare with the float model's K "
                                        "most likely words per position, the rest's mass and 64 words drawn from the "
                                        "rest (8K+516 bytes a position instead of 4 x vocabulary; SmolLM2 at K=512: KL "
@@ -220,13 +227,11 @@ class SearchRequest(MeasureRequest):
         # The form only: what a bpw budget means in bytes is known once the model is loaded.
         return v if v is None else _refuse(lambda text: parse_budget(text, 8), v)
 
-    @field_validator("sampler", "sensitivity_method")
+    @field_validator("sampler")
     @classmethod
-    def _known(cls, v: str, info: ValidationInfo) -> str:
-        known, what = {"sampler": (SAMPLERS, "sampler"),
-                       "sensitivity_method": (SENSITIVITY_METHODS, "sensitivity method")}[info.field_name]
-        if v not in known:
-            raise ValueError(f"unknown {what} {v!r}; choose one of {', '.join(known)}")
+    def _sampler(cls, v: str) -> str:
+        if v not in SAMPLERS:
+            raise ValueError(f"unknown sampler {v!r}; choose one of {', '.join(SAMPLERS)}")
         return v
 
     @model_validator(mode="after")

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from search.request import MeasureRequest
 
 __all__ = ["KV_PROXY_VERSION", "PROXY_VERSION", "SensitivityTable", "measure_on_workers", "measure_pair",
-           "measure_sensitivity", "predict_on_model", "predict_proxy", "proxy_table", "run_sensitivity"]
+           "measure_sensitivity", "predict_on_model", "predict_proxy", "proxy_on_model", "proxy_table",
+           "run_sensitivity"]
 
 log = logging.getLogger(__name__)
 UNFIT_BYTES = 1 << 62  # the bytes of a (unit, setting) pair that cannot exist
@@ -223,16 +224,43 @@ def measure_on_workers(workers: Any, space: Any, n_eval: int, *, store: Store | 
 
 
 def run_sensitivity(request: MeasureRequest, storage: str, *, progress: bool = True) -> SensitivityTable:
-    """Loads the request's model and data, then measures (or reuses) the table for its space's settings.
+    """What ``turboquant sensitivity`` runs: the table a search with the same options starts from, by the
+    request's method (the proxy's prediction by default, or one forward per pair), reused from the store
+    where it holds it and stored.
 
-    The request was validated when it was built, so bad options never reach the storage or the loading."""
+    The proxy runs in this process, its memory planned and a phase that cannot fit refused up front, as
+    a search's driver does (:class:`search.memory.DriverPlan`). The request was validated when it was
+    built, so bad options never reach the storage or the loading."""
+    from search.memory import DriverPlan, Phases
+
     store = Store(storage)
     loaded, tokens = request.data_config().load()
     space = request.space(quant.weight_matrices(loaded.model))
-    evaluator = Evaluator(loaded, tokens)
-    return measure_sensitivity(evaluator, space.settings(), units=space.units, store=store,
-                               model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
-                               windows=request.sensitivity_seqs, progress=progress)
+    if request.sensitivity_method == "measured":
+        return measure_sensitivity(Evaluator(loaded, tokens), space.settings(), units=space.units, store=store,
+                                   model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
+                                   windows=request.sensitivity_seqs, progress=progress)
+    phases = Phases()
+    try:
+        plan = DriverPlan.of(loaded.model, tokens, space, None, phases, proxied=True, reference=False)
+        phases.start("sensitivity proxy", plan.proxy, plan.proxy_what, plan.hint)
+        return proxy_on_model(store, loaded, tokens, space, plan.hessian_bytes)
+    finally:
+        phases.end()
+
+
+def proxy_on_model(store: Store | None, loaded: Any, tokens: Any, space: Any, hessian_bytes: int | None
+                   ) -> SensitivityTable:
+    """The proxy's table, predicted in this process on the float model (no evaluator: it would keep a float
+    copy of every matrix), gptq's Hessians ``hessian_bytes`` at a time, or read from the store."""
+    def predict(kinds: list[str]) -> dict[str, Any]:
+        return predict_on_model(loaded.model, tokens, space, kinds, hessian_bytes=hessian_bytes)
+
+    table = proxy_table(None, space, store=store, model_fingerprint=loaded.fingerprint,
+                        data_fingerprint=tokens.fingerprint, predict=predict)
+    logging.getLogger("search.driver").info("sensitivity proxy: %d pairs predicted in %.1f s, %d reused",
+                                            table.computed, table.seconds, table.reused)
+    return table
 
 
 PROXY_VERSION = "proxy-v1"  # part of the stored rows' data key: a new formula never reuses old predictions
