@@ -1,4 +1,5 @@
-"""Measuring a packed checkpoint: reload it and score it against the float model it came from."""
+"""Policies and checkpoints from files: their provenance checked, a policy quantized as the search did
+(:func:`pack_policy`), a packed checkpoint reloaded and scored against the float model it came from."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import torch
 import quant
 from evaluators.context import DataConfig, measured_on
 from evaluators.errors import UserError
-from evaluators.evaluator import reference_logprobs
+from evaluators.evaluator import calibration_hessians, reference_logprobs
 from evaluators.kv_attention import install_kv, kv_figures
 from evaluators.metrics import MetricSums
+from evaluators.models import load_model
 
-__all__ = ["checked_provenance", "evaluate_checkpoint"]
+__all__ = ["checked_provenance", "evaluate_checkpoint", "pack_policy"]
 
 REMOTE_CODE_FLAG = "--trust-remote-code"
 
@@ -89,3 +91,41 @@ def evaluate_checkpoint(folder: str | Path, *, batch_size: int = 2, dataset: str
     kv = kv_figures(ckpt.model, ckpt.policy.kv, tokens.seq_len) if ckpt.policy.kv else {}
     return {**sums.result(), "bytes": ckpt.nbytes, "bpw": 8.0 * ckpt.nbytes / numel, "windows": len(ids),
             "seq_len": tokens.seq_len, **kv}, ckpt
+
+
+def pack_policy(policy: quant.Policy, label: str, *, remap: Any = None, trust_remote_code: bool = False
+                ) -> tuple[Any, dict[str, quant.PackedTensor], dict[str, Any]]:
+    """Loads the policy's model and quantizes it in place as the search did (calibrated formats on the
+    calibration windows its provenance names).
+
+    Args:
+        remap: ``(policy, shapes) -> policy`` applied once the model's matrix shapes are known.
+        trust_remote_code: whether the model may run its own code: the command line's flag, never the
+            policy's provenance (one asking for it without the flag is refused).
+
+    Returns:
+        The loaded model, the packed tensors by matrix, and the float weights from before quantizing.
+    """
+    provenance = checked_provenance(policy.meta, label, trust_remote_code=trust_remote_code).get("provenance")
+    model_name = provenance.get("model") if isinstance(provenance, dict) else policy.meta.get("model")
+    if not model_name:
+        raise UserError(f"{label} names no model; export it with turboquant export")
+    if not isinstance(model_name, str):
+        raise UserError(f"{label}: its model must be a name (a string), got {model_name!r:.40}")
+    hessians = {}
+    if quant.needs_hessians(policy.settings.values()):  # gptq: the calibration windows the search used
+        if not isinstance(provenance, dict):
+            raise UserError(f"{label} uses a calibrated format but has no provenance naming its calibration data")
+        loaded, tokens = DataConfig.from_dict(provenance).load()
+        hessians = calibration_hessians(loaded.model, tokens, quant.weight_matrices(loaded.model))
+    else:
+        loaded = load_model(model_name, trust_remote_code=trust_remote_code)
+    if remap is not None:
+        policy = remap(policy, quant.weight_matrices(loaded.model))
+    weights = {n: w.clone() for n, w in quant.float_weights(loaded.model).items()}
+    try:
+        packed = quant.apply_policy(loaded.model, policy,
+                                    quantizer=lambda n, w, s: quant.quantize_calibrated(n, w, s, hessians))
+    except quant.PolicyError as exc:
+        raise UserError(f"{label} does not fit model {model_name}: {exc}") from None
+    return loaded, packed, weights

@@ -64,14 +64,10 @@ def model_fingerprint(model: nn.Module, folder: Path | None = None, *, tag: str 
 
     Args:
         tag: what else identifies the model beyond its tensors and files (a built-in tokenizer's name).
-        cache: where answers are kept (default: ``fingerprints/`` in :func:`~evaluators.models.cache_dir`).
+        cache: where answers for a ``folder`` are kept (``None``: computed every time).
     """
-    if folder is None:
-        return _compute(model, None, tag)
-    if cache is None:
-        from evaluators.models import cache_dir
-
-        cache = cache_dir() / "fingerprints"
+    if folder is None or cache is None:
+        return _compute(model, folder, tag)
     entry = cache / f"{_identity(folder)}-{hashlib.sha256(tag.encode()).hexdigest()[:8]}"
     try:
         return entry.read_text().strip()

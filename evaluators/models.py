@@ -320,6 +320,6 @@ def _hf_model(name: str, *, trust_remote_code: bool, alias: str | None = None,
     folder = path if is_local else hub_folder(name)  # the weights' content, cached by the files' identity
     # The tag keys the fingerprint's cache (by the files' identity) apart for each dtype.
     tag = ("" if folder is not None else f"hub:{name}") + _dtype_tag(dtype)
-    fingerprint = model_fingerprint(model, folder, tag=tag)
+    fingerprint = model_fingerprint(model, folder, tag=tag, cache=cache_dir() / "fingerprints")
     return LoadedModel(alias or name, model.eval(), _hf_tokenizer_encode(tokenizer), fingerprint,
                        _bos_token_id(tokenizer))

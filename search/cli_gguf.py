@@ -63,7 +63,7 @@ def write_gguf_export(doc: dict[str, Any], out: str, *, nearest: bool = False, t
     export never sets it), never the study's provenance."""
     from evaluators.llamacpp import source_gguf
     from quant.checkpoint import replace_atomically
-    from search.cli_policy import pack_policy
+    from evaluators.checkpoint import pack_policy
 
     policy = quant.Policy.from_dict(doc)
     foreign = [n for n, s in policy.settings.items() if not _runs_in_llamacpp(s)]

@@ -11,9 +11,9 @@ from typing import Any
 
 import quant
 import studies
-from evaluators import METRIC_NAMES, Evaluator, UserError, calibration_hessians, load_model
-from evaluators.checkpoint import REMOTE_CODE_FLAG, checked_provenance
-from evaluators.context import DataConfig, measured_on
+from evaluators import METRIC_NAMES, Evaluator, UserError
+from evaluators.checkpoint import REMOTE_CODE_FLAG, checked_provenance, pack_policy
+from evaluators.context import measured_on
 from search.at_budget import REFINE_TRIALS, point_at_budget
 from search.budget import parse_budget
 from search.cli_args import STORAGE_HELP, arg, command, storage_url
@@ -208,44 +208,6 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(packed)} packed matrices, {nbytes:,} packed bytes; {size:,} bytes on disk "
           f"with float tensors and metadata")
     return 0
-
-
-def pack_policy(policy: quant.Policy, label: str, *, remap: Any = None, trust_remote_code: bool = False
-                ) -> tuple[Any, dict[str, quant.PackedTensor], dict[str, Any]]:
-    """Loads the policy's model and quantizes it in place as the search did (calibrated formats on the
-    calibration windows its provenance names).
-
-    Args:
-        remap: ``(policy, shapes) -> policy`` applied once the model's matrix shapes are known.
-        trust_remote_code: whether the model may run its own code: the command line's flag, never the
-            policy's provenance (one asking for it without the flag is refused).
-
-    Returns:
-        The loaded model, the packed tensors by matrix, and the float weights from before quantizing.
-    """
-    provenance = checked_provenance(policy.meta, label, trust_remote_code=trust_remote_code).get("provenance")
-    model_name = provenance.get("model") if isinstance(provenance, dict) else policy.meta.get("model")
-    if not model_name:
-        raise UserError(f"{label} names no model; export it with turboquant export")
-    if not isinstance(model_name, str):
-        raise UserError(f"{label}: its model must be a name (a string), got {model_name!r:.40}")
-    hessians = {}
-    if quant.needs_hessians(policy.settings.values()):  # gptq: the calibration windows the search used
-        if not isinstance(provenance, dict):
-            raise UserError(f"{label} uses a calibrated format but has no provenance naming its calibration data")
-        loaded, tokens = DataConfig.from_dict(provenance).load()
-        hessians = calibration_hessians(loaded.model, tokens, quant.weight_matrices(loaded.model))
-    else:
-        loaded = load_model(model_name, trust_remote_code=trust_remote_code)
-    if remap is not None:
-        policy = remap(policy, quant.weight_matrices(loaded.model))
-    weights = {n: w.clone() for n, w in quant.float_weights(loaded.model).items()}
-    try:
-        packed = quant.apply_policy(loaded.model, policy,
-                                    quantizer=lambda n, w, s: quant.quantize_calibrated(n, w, s, hessians))
-    except quant.PolicyError as exc:
-        raise UserError(f"{label} does not fit model {model_name}: {exc}") from None
-    return loaded, packed, weights
 
 
 @command("show", "a policy per layer: each matrix's bits and group size (table, optional bit map)",

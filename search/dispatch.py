@@ -8,30 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from evaluators import UserError
 from search.placement import WorkerSize, plan_workers, resolve_device
-from search.record import Job
+from search.record import Job, Task
 from search.workers import TrialWorker, gpu_memory, init_ray
 
-__all__ = ["Dispatcher", "Task"]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Task:
-    """Work for a worker slot other than a trial: the worker's ``method`` called with ``args``
-    (e.g. ``measure_pairs`` for the sensitivity table); retried on a new worker as a trial is."""
-
-    worker: int
-    method: str
-    args: tuple[Any, ...]
-    attempts: int = 1
 
 
 def _node_gpus() -> tuple[int, ...]:

@@ -77,7 +77,7 @@ class SearchConfig:
 def _proxy_on_worker(cfg: SearchConfig, store: Store, workers: Dispatcher, fingerprints: tuple[str, str],
                      space: SearchSpace) -> Any:
     """The proxy's table, read from the store or predicted by one worker on its device."""
-    from search.dispatch import Task
+    from search.record import Task
     from search.sensitivity import proxy_table
 
     def predict(kinds: list[str]) -> dict[str, Any]:

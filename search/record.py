@@ -1,4 +1,5 @@
-"""Writing a trial's outcome twice, store first: the study store (the record) and Optuna (the sampler).
+"""What is out with a worker (a trial's :class:`Job`, another :class:`Task`), and a trial's outcome
+written twice, store first: the study store (the record) and Optuna (the sampler).
 
 A crash between the two loses nothing: each result is stored before it is told to Optuna, and
 :func:`reconcile` at the next start tells Optuna what the store already holds.
@@ -17,7 +18,7 @@ from optuna.trial import TrialState
 from studies import Store, TrialResult
 from studies.retry import DB_ERRORS, with_db_retry
 
-__all__ = ["Job", "RETRY_ON", "record_result", "record_failure", "reconcile"]
+__all__ = ["Job", "RETRY_ON", "Task", "record_result", "record_failure", "reconcile"]
 
 log = logging.getLogger(__name__)
 # Optuna wraps database failures in its own error; both mean "try again shortly".
@@ -43,6 +44,17 @@ class Job:
     def seed(self) -> str | None:
         """How an enqueued trial was made (e.g. ``uniform:rtn:4:32``, ``dp:3.00bpw``); None if sampled."""
         return self.trial.user_attrs.get("seed")
+
+
+@dataclass
+class Task:
+    """Work for a worker slot other than a trial: the worker's ``method`` called with ``args``
+    (e.g. ``measure_pairs`` for the sensitivity table); retried on a new worker as a trial is."""
+
+    worker: int
+    method: str
+    args: tuple[Any, ...]
+    attempts: int = 1
 
 
 def record_result(study: optuna.Study, store: Store, row: Any, job: Job, result: TrialResult) -> None:

@@ -191,7 +191,7 @@ def measure_on_workers(workers: Any, space: Any, n_eval: int, *, store: Store | 
     table resumes where it stopped. A worker that dies is replaced and its chunk run again (the
     dispatcher's retries); a chunk that fails stops the table with the reason.
     """
-    from search.dispatch import Task
+    from search.record import Task
 
     per_unit: dict[str, list[Any]] = {}
     units: dict[str, list[str]] = {}

@@ -152,8 +152,8 @@ def test_cli_export_prints_the_flags_to_run_llamacpp_with(tmp_path, capsys, monk
 
 
 def test_the_gguf_export_prints_the_flags_beside_the_file(tmp_path, capsys, monkeypatch, evaluator) -> None:
+    import evaluators.checkpoint
     import search.cli_gguf as cli_gguf
-    import search.cli_policy
 
     names = list(attention_modules(evaluator.model))
     settings = {n: QuantSetting.from_dict({"format": "q8_0"}) for n in evaluator.matrices}
@@ -162,7 +162,7 @@ def test_the_gguf_export_prints_the_flags_beside_the_file(tmp_path, capsys, monk
                     kv={n: (KVSetting("turbo", 3), KVSetting("rtn_token", 8)) for n in names})
     doc = policy.to_dict()
     # llama.cpp needs a GGUF of the model (the slow tests build it): here the file's writing is stubbed.
-    monkeypatch.setattr(search.cli_policy, "pack_policy", lambda p, label, remap=None, trust_remote_code=False: (evaluator.loaded, {}, {}))
+    monkeypatch.setattr(evaluators.checkpoint, "pack_policy", lambda p, label, remap=None, trust_remote_code=False: (evaluator.loaded, {}, {}))
     monkeypatch.setattr("evaluators.llamacpp.source_gguf", lambda name: tmp_path / "source.gguf")
     monkeypatch.setattr(cli_gguf, "write_gguf", lambda *a, **k: [])
     assert cli_gguf.write_gguf_export(doc, str(tmp_path / "m.gguf")) == 0

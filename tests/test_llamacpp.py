@@ -258,7 +258,7 @@ def test_a_searched_tiny_model_exports_to_gguf_and_llamacpp_scores_it_as_we_stor
     from evaluators.context import DataConfig
     from evaluators.llamacpp import read_base_tokens, score, score_like_llamacpp, source_gguf
     from quant import Policy
-    from search.cli_policy import pack_policy
+    from evaluators.checkpoint import pack_policy
     from studies import Store, export_policy
 
     folder = _tiny_folder(arch, tmp_path / arch)
