@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import quant
-import studies
 from evaluators import METRIC_NAMES, Evaluator, UserError
 from evaluators.checkpoint import REMOTE_CODE_FLAG, checked_provenance, pack_policy
 from evaluators.context import measured_on
-from search.at_budget import REFINE_TRIALS, point_at_budget
-from search.budget import parse_budget
+from search.at_budget import REFINE_TRIALS
 from search.cli_args import STORAGE_HELP, arg, command, storage_url
+from search.exporters import EXPORTERS, ExportOptions, export_point
 from search.show import bit_map, summary_text
-from studies.export import EXPORT_FORMATS
 
 __all__: list[str] = []  # registers its subcommands in search.cli_args.COMMANDS
 
@@ -62,14 +60,6 @@ def load_policy(path: str) -> quant.Policy:
                                 f"matrices, each a flat setting)") from None
 
 
-def _write_text(out: str, text: str) -> None:
-    """Writes ``out`` whole or not at all (a temporary file renamed over it)."""
-    from quant.checkpoint import replace_atomically
-
-    with replace_atomically(out) as tmp:
-        tmp.write_text(text)
-
-
 def _export_which(p) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=int)
@@ -77,12 +67,11 @@ def _export_which(p) -> None:
                        "no point using 99 %% of it, --refine-trials more trials are run at it first")
 
 
-@command("export", "write the policy of a chosen front point", arg("study"),
+@command("export", "write a chosen front point as a file (or folder) a runtime reads", arg("study"),
          arg("--storage", default=None, help=STORAGE_HELP),
-         _export_which, arg("--out", required=True, help="file to write"),
-         arg("--format", default="json", choices=EXPORT_FORMATS, help="json (TurboQuant policy), gptqmodel "
-             "(dynamic overrides), llamacpp (--tensor-type-file), torchao (FqnToConfig JSON), gguf (the whole "
-             "model as a GGUF file llama.cpp runs, with exactly the searched weights)"),
+         _export_which, arg("--out", required=True, help="file (a checkpoint: folder) to write"),
+         arg("--format", default="json", choices=tuple(EXPORTERS),
+             help="; ".join(f"{name}: {e.help}" for name, e in EXPORTERS.items())),
          arg("--nearest", action="store_true", help="gguf: map formats llama.cpp cannot run to the nearest "
              "llama.cpp type that fits (each change printed); without it such a policy is refused"),
          arg("--refine-trials", type=int, default=REFINE_TRIALS, help="with --budget: trials run at that budget "
@@ -91,49 +80,11 @@ def _export_which(p) -> None:
          arg("--workers", type=int, default=None, help="Ray workers for those trials (default: as a search)"),
          arg("--ray-address", default=None, help="join this Ray cluster for them (default: local Ray)"), _TRUST)
 def _cmd_export(args: argparse.Namespace) -> int:
-    storage = storage_url(args.storage)
-    if Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a folder; give the file to write")
-    store = studies.Store(storage, create=False)  # a missing SQLite file is refused, not created empty
-    trial, budget = args.trial, None
-    if args.budget is not None:
-        budget = parse_budget(args.budget, store.get_study(args.study).numel)
-        if args.refine_trials < 0:
-            raise UserError(f"--refine-trials must be 0 or more, got {args.refine_trials}")
-        if args.refine_trials:
-            trial = point_at_budget(storage, args.study, budget, trials=args.refine_trials, workers=args.workers,
-                                    ray_address=args.ray_address, trust_remote_code=args.trust_remote_code)
-            budget = budget if trial is None else None
-    doc = studies.export_policy(store, args.study, trial=trial, budget_bytes=budget)
-    if args.format == "gguf":
-        from search.cli_gguf import write_gguf_export
-
-        return write_gguf_export(doc, args.out, nearest=args.nearest, trust_remote_code=args.trust_remote_code)
-    if args.format != "json":
-        return _write_runtime_export(doc, args.format, args.out)
-    _write_text(args.out, json.dumps(doc, indent=2))
-    m = doc["metrics"]
-    print(f"wrote {args.out}: trial {doc['provenance']['trial']}, {m['bytes']:,} bytes ({m['bpw']:.3f} bpw), "
-          f"KL {m['kl']:.5f}, ppl {m['ppl']:.3f}")
-    return 0
-
-
-def _write_runtime_export(doc: dict, fmt: str, out: str) -> int:
-    from studies.export_runtimes import export_runtime
-
-    try:
-        # Through quant: a trial stored before policy entries carried their runtime mapping gets it now.
-        result = export_runtime(quant.Policy.from_dict(doc).to_dict(), fmt)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    _write_text(out, result.text)
-    m = doc["metrics"]
-    print(f"wrote {out} ({fmt}): trial {doc['provenance']['trial']}, measured {m['bpw']:.3f} bpw, KL {m['kl']:.5f} "
-          f"in TurboQuant; {len(result.approximations)} approximation(s) for {fmt}:")
-    for line in result.approximations:
-        print(f"  ~ {line}")
-    if result.flags:  # the KV cache types: llama.cpp takes them on the command line, not in the file
-        print(f"run it with llama-cli / llama-server {' '.join(result.flags)}")
+    exported = export_point(storage_url(args.storage), args.study, args.format, Path(args.out), trial=args.trial,
+                            budget=args.budget, refine_trials=args.refine_trials, workers=args.workers,
+                            ray_address=args.ray_address,
+                            options=ExportOptions(nearest=args.nearest, trust_remote_code=args.trust_remote_code))
+    print("\n".join(exported.lines))
     return 0
 
 

@@ -6,12 +6,8 @@ from typing import Any
 
 from studies.store import NotFoundError, Store, StoreError
 
-__all__ = ["export_policy", "EXPORT_FORMATS"]
+__all__ = ["export_policy"]
 
-# What a chosen point can be exported as: TurboQuant's policy (json) or a runtime's configuration
-# (studies.export_runtimes).
-# gguf is a whole model file, written by quant from the packed tensors (search.cli_gguf).
-EXPORT_FORMATS = ("json", "gptqmodel", "llamacpp", "torchao", "gguf")
 
 
 def export_policy(store: Store, study_name: str, *, trial: int | None = None,

@@ -241,6 +241,7 @@ NAMED = {  # name: (method, path, JSON changes to the body / raw bytes / None, s
     "export trial and budget": ("post", "/studies/big/export", {"trial": 1, "budget": "3bpw"}, 422, "exactly one"),
     "export budget NaN": ("post", "/studies/big/export", {"budget": "nanbpw"}, 422, "malformed budget"),
     "export format unknown": ("post", "/studies/big/export", {"trial": 1, "format": "onnx"}, 422, "onnx"),
+    "export as a folder": ("post", "/studies/big/export", {"trial": 1, "format": "checkpoint"}, 422, "checkpoint"),
     "export refine trials absurd": ("post", "/studies/big/export", {"budget": "3bpw", "refine_trials": 10**9}, 422,
                                     "less than or equal to 1000"),
     "export of a failed trial": ("post", "/studies/big/export", {"trial": 40}, 404, "no complete trial 40"),

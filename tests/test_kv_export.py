@@ -151,9 +151,10 @@ def test_cli_export_prints_the_flags_to_run_llamacpp_with(tmp_path, capsys, monk
     assert "~ KV keys turbo4 (2 layers) -> q4_0" in printed and "cache-type" not in out.read_text()
 
 
-def test_the_gguf_export_prints_the_flags_beside_the_file(tmp_path, capsys, monkeypatch, evaluator) -> None:
+def test_the_gguf_export_prints_the_flags_beside_the_file(tmp_path, monkeypatch, evaluator) -> None:
     import evaluators.checkpoint
-    import search.cli_gguf as cli_gguf
+    import search.exporters.gguf as gguf_export
+    from search.exporters import ExportOptions
 
     names = list(attention_modules(evaluator.model))
     settings = {n: QuantSetting.from_dict({"format": "q8_0"}) for n in evaluator.matrices}
@@ -164,10 +165,11 @@ def test_the_gguf_export_prints_the_flags_beside_the_file(tmp_path, capsys, monk
     # llama.cpp needs a GGUF of the model (the slow tests build it): here the file's writing is stubbed.
     monkeypatch.setattr(evaluators.checkpoint, "pack_policy", lambda p, label, remap=None, trust_remote_code=False: (evaluator.loaded, {}, {}))
     monkeypatch.setattr("evaluators.llamacpp.source_gguf", lambda name: tmp_path / "source.gguf")
-    monkeypatch.setattr(cli_gguf, "write_gguf", lambda *a, **k: [])
-    assert cli_gguf.write_gguf_export(doc, str(tmp_path / "m.gguf")) == 0
-    printed = capsys.readouterr().out
+    monkeypatch.setattr(gguf_export, "write_gguf", lambda *a, **k: [])
+    exported = gguf_export.GGUF().write(doc, tmp_path / "m.gguf", ExportOptions())
+    assert exported.flags == ["--cache-type-k", "q4_0", "--cache-type-v", "q8_0"] and len(exported.approximations) == 3
+    printed = "\n".join(exported.lines)
     assert "run it with llama-cli / llama-server --cache-type-k q4_0 --cache-type-v q8_0 (3 approximation(s)" in printed
     assert "~ KV keys turbo3 (2 layers) -> q4_0: no rotated Lloyd-Max codebook" in printed
-    mapped, _ = cli_gguf.nearest_gguf(policy, {})
+    mapped, _ = gguf_export.nearest_gguf(policy, {})
     assert mapped.kv == policy.kv  # --nearest changes weights only

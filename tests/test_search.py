@@ -65,6 +65,24 @@ def test_exported_policy_reproduces_its_kl(searched, tmp_path, capsys) -> None:
     assert measured["bytes"] == doc["metrics"]["bytes"]
 
 
+def test_a_point_exported_as_a_checkpoint_holds_the_weights_measured(searched, tmp_path, capsys) -> None:
+    import quant
+    from studies import Store
+
+    storage, _ = searched
+    store = Store(storage)
+    best = store.front(store.get_study("t")).iloc[-1]
+    out = tmp_path / "ckpt"
+    assert main(["export", "t", "--storage", storage, "--trial", str(int(best["trial"])), "--format", "checkpoint",
+                 "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    packed, _, _ = quant.read_packed_tensors(out)
+    assert sum(p.nbytes for p in packed.values()) == int(best["bytes"])  # the bytes the search counted
+    assert main(["eval", str(out), "--json"]) == 0  # the folder, scored on the data the search measured on
+    measured = json.loads(capsys.readouterr().out)
+    assert abs(measured["kl"] - float(best["kl"])) < 1e-4
+
+
 @pytest.mark.parametrize("argv, message", [
     (["search", "--model", "nope-model", "--budget", "3bpw"], "unknown model 'nope-model'"),
     (["search", "--model", "tiny-random-llama", "--budget", "3bitz"], "malformed budget '3bitz'"),

@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -22,12 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from evaluators.errors import UserError
-from search.budget import parse_budget
 from search.plots import front_png
 from search.service._jobs import AlreadyRunning, Jobs, NotRunning, progress
 from search.service._limits import ServiceLimits, vet
 from search.service._schemas import ExportRequest, StudyRequest
-from studies import NotFoundError, Store, StoreError, export_policy
+from studies import NotFoundError, Store, StoreError
 
 __all__ = ["create_app"]
 
@@ -136,32 +136,25 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
 
     @app.post("/studies/{study}/export", dependencies=api)
     def export(study: str, req: ExportRequest) -> Any:
-        """The policy of a front point (``format`` json), or its form for another runtime."""
-        row = store.get_study(study)
-        trial, budget = req.trial, None if req.budget is None else parse_budget(req.budget, row.numel)
-        if budget is not None and req.refine_trials:  # a budget the study has no point at: trials run at it now
-            from search.at_budget import point_at_budget
+        """The policy of a front point (``format`` json), its configuration for another runtime, or its GGUF file."""
+        import tempfile
 
-            trial = point_at_budget(storage, study, budget, trials=req.refine_trials, ray_address=ray_address,
-                                    trust_remote_code=limits.allow_remote_code,
+        from search.exporters import EXPORTERS, ExportOptions, export_point
+
+        with tempfile.TemporaryDirectory() as tmp:  # the server keeps no files of its own
+            exported = export_point(storage, study, req.format, Path(tmp) / "export", trial=req.trial,
+                                    budget=req.budget, refine_trials=req.refine_trials, ray_address=ray_address,
+                                    options=ExportOptions(nearest=req.nearest,
+                                                          trust_remote_code=limits.allow_remote_code),
                                     progress=False)
-            budget = budget if trial is None else None
-        doc = export_policy(store, study, trial=trial, budget_bytes=budget)  # NotFoundError: 404
-        if req.format == "json":
-            return doc
-        if req.format == "gguf":  # the whole model file, built in a temporary folder and returned
-            from search.cli_gguf import gguf_file_bytes
-
-            return Response(gguf_file_bytes(doc, nearest=req.nearest), media_type="application/octet-stream",
-                            headers={"Content-Disposition": f'attachment; filename="{study}-{doc["provenance"]["trial"]}.gguf"'})
-        import quant
-        from studies.export_runtimes import export_runtime
-
-        # Through quant: a trial stored before policy entries carried their runtime mapping gets it now.
-        result = export_runtime(quant.Policy.from_dict(doc).to_dict(), req.format)
-        return {"format": req.format, "text": result.text, "approximations": result.approximations,
-                "skipped": result.skipped, "flags": result.flags, "trial": doc["provenance"]["trial"],
-                "metrics": doc["metrics"]}
+            if req.format == "json":
+                return json.loads(exported.path.read_text())
+            if req.format == "gguf":
+                return Response(exported.path.read_bytes(), media_type=EXPORTERS[req.format].media_type,
+                                headers={"Content-Disposition": f'attachment; filename="{study}-{exported.trial}.gguf"'})
+            return {"format": req.format, "text": exported.path.read_text(), "approximations": exported.approximations,
+                    "skipped": exported.skipped, "flags": exported.flags, "trial": exported.trial,
+                    "metrics": exported.metrics}
 
     @app.get("/static/plotly.min.js", include_in_schema=False)
     def plotly_js() -> FileResponse:

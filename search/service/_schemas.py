@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from evaluators.models import MODEL_ALIASES
 from search.request import SearchRequest
 from search.at_budget import REFINE_TRIALS
-from studies.export import EXPORT_FORMATS
+from search.exporters import file_formats
 
 __all__ = ["HUB_ID", "StudyRequest", "ExportRequest"]
 
@@ -43,7 +43,7 @@ class ExportRequest(BaseModel):
 
     trial: int | None = Field(None, ge=0, le=2**31 - 1)  # the store's trial numbers are 32-bit integers
     budget: str | None = None
-    format: Literal[EXPORT_FORMATS] = "json"
+    format: Literal[file_formats()] = "json"  # a folder (a checkpoint) is the command line's
     nearest: bool = False  # gguf: map formats llama.cpp cannot run to the nearest type (else refused)
     # With a budget the study has no point using 99 % of: trials run at it first (0: stored points only).
     refine_trials: int = Field(REFINE_TRIALS, ge=0, le=1000)
