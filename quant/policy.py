@@ -1,7 +1,7 @@
 """The policy: every weight matrix of a model mapped to its setting, as versioned JSON.
 
 Each entry of ``matrices`` is a setting (``format``, ``bits``, ``group_size``, ``options``)
-plus what quant knows about it for readers without torch (``studies``, ``search.show``):
+plus what quant knows about it for readers without torch (``studies``, ``app.show``):
 ``shape`` (``[out, in]``, when the policy knows it) and ``runtime`` (the format's
 :class:`~quant.formats.RuntimeMapping`: code bits, symmetry, runtime types). Both are
 optional on reading, so documents written before them load; ``runtime`` is derived and

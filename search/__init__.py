@@ -1,9 +1,9 @@
-"""Proposing and dispatching policies: search space, samplers, Ray workers, driver and CLI."""
+"""The search engine: search space, samplers, Ray workers, driver, sensitivity, seeds and exporters."""
 
 from search.quiet import quiet_dependencies
 
 # First: the imports below reach transformers, which imports torchao and its start-up noise (see
-# search.quiet); the command line and the service enter through this package.
+# search.quiet); every process (the command line, the service, a Ray worker) imports this package first.
 quiet_dependencies()
 
 from search.budget import parse_budget  # noqa: E402

@@ -2,7 +2,7 @@
 
 Every option of ``turboquant search`` (and of ``turboquant sensitivity``, which measures on the
 same model, data and space) is a field here, with its default, bounds and help stated once: the
-CLI's flags are generated from these fields (:mod:`search.cli_args`), the API's ``POST /studies``
+CLI's flags are generated from these fields (:mod:`app.cli_args`), the API's ``POST /studies``
 body is this model, and the driver reads it. Adding an option is adding a field.
 """
 

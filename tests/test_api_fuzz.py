@@ -105,7 +105,7 @@ def api(tmp_path_factory):
     """A real server on loopback over a SQLite store holding one study of 40 synthetic trials."""
     import uvicorn
 
-    from search.service import create_app
+    from app.service import create_app
 
     path = str(tmp_path_factory.mktemp("fuzz") / "f.db")
     store = Store(f"sqlite:///{path}")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from search.at_budget import FILL, point_at_budget
-from search.cli import main
+from app.cli import main
 from search.sensitivity import PROXY_VERSION
 from studies import Store
 

@@ -113,7 +113,7 @@ def _tree(root: Path) -> dict[str, str]:
 
 
 def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    from search.cli import main
+    from app.cli import main
 
     try:
         code = main(argv)
@@ -462,10 +462,10 @@ def test_group_size_that_does_not_divide_is_padded_and_counted() -> None:
 def test_cli_flags_and_api_fields_are_the_request_fields() -> None:
     """One schema: ``turboquant search``'s flags and ``POST /studies``' fields are SearchRequest's fields,
     with its defaults; comma lists and switches map onto its types."""
-    from search.cli import _parser
-    from search.cli_args import request_from_args
+    from app.cli import _parser
+    from app.cli_args import request_from_args
     from search.request import SearchRequest
-    from search.service import StudyRequest
+    from app.service import StudyRequest
 
     parser = _parser()
     search = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["search"]
@@ -493,8 +493,8 @@ def test_remote_code_is_allowed_by_the_flag_only(workdir, capsys) -> None:
 def test_repeated_list_entries_count_once_and_a_list_of_millions_is_refused_at_once(capsys) -> None:
     import time
 
-    from search.cli import _parser
-    from search.cli_args import request_from_args
+    from app.cli import _parser
+    from app.cli_args import request_from_args
     from search.request import SearchRequest
 
     parser = _parser()

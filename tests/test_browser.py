@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from search.cli import main
+from app.cli import main
 from studies import Store, export_policy
 from tests.serving import ServiceProcess
 

@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 
 import quant
-from search.cli import main
+from app.cli import main
 from studies import Store, export_policy
 
 

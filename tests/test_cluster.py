@@ -47,7 +47,7 @@ def service(cluster, postgres, tmp_path_factory, corpus):
 
 
 def _cli(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import yaml
 from sqlalchemy.engine import make_url
 
-from search.cli import _parser
-from search.cli_args import STORAGE_ENV
+from app.cli import _parser
+from app.cli_args import STORAGE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_secrets_must_be_given_and_the_database_is_not_published() -> None:
 
 def test_serve_refuses_every_interface_without_a_token(monkeypatch, capsys) -> None:
     """What makes the image's CMD safe: without TURBOQUANT_TOKEN the container does not start serving."""
-    from search.cli import main
+    from app.cli import main
 
     monkeypatch.delenv("TURBOQUANT_TOKEN", raising=False)
     dockerfile = (ROOT / "Dockerfile").read_text()

@@ -14,7 +14,7 @@ from studies import Store
 def test_two_searches_and_a_reader_share_one_sqlite_file(corpus, tmp_path) -> None:
     storage = f"sqlite:///{tmp_path}/shared.db"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    procs = [subprocess.Popen([sys.executable, "-m", "search.cli", "search", "--model", "tiny-random-llama",
+    procs = [subprocess.Popen([sys.executable, "-m", "app.cli", "search", "--model", "tiny-random-llama",
                                "--dataset", corpus, "--seq-len", "64", "--eval-seqs", "4", "--budget", "4.5bpw",
                                "--workers", "1", "--trials", "20", "--storage", storage, "--study", name],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

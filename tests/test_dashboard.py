@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from search.cli import main
+from app.cli import main
 from studies import Store
 from tests.serving import free_port
 

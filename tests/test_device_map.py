@@ -141,8 +141,8 @@ def test_split_model_is_refused_on_the_cpu_before_loading_and_parsed_from_the_co
     with pytest.raises(UserError, match="--split-model"):
         run_search(SearchConfig(request, storage=f"sqlite:///{tmp_path}/s.db", progress=False))
     assert SearchRequest(budget="3bpw").split_model is False
-    from search.cli import _parser
-    from search.cli_args import request_from_args
+    from app.cli import _parser
+    from app.cli_args import request_from_args
 
     args = _parser().parse_args(["search", "--budget", "3bpw", "--split-model"])
     assert request_from_args(SearchRequest, args).split_model is True

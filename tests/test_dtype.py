@@ -88,7 +88,7 @@ def test_a_bfloat16_search_is_reloaded_in_bfloat16_by_eval_and_resumed_only_so(c
                                                                                 capsys) -> None:
     import json
 
-    from search.cli import main
+    from app.cli import main
     from studies import Store
 
     storage = f"sqlite:///{tmp_path / 'd.db'}"

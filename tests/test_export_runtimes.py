@@ -190,7 +190,7 @@ class _Toy(quant.Format):
 
 def test_a_new_format_needs_no_edit_outside_its_file(monkeypatch) -> None:
     from quant.formats import _base
-    from search.show import bit_map, summary_text
+    from app.show import bit_map, summary_text
 
     monkeypatch.setitem(_base._REGISTRY._items, "toy", _Toy())  # registered for this test only
     doc = quant.Policy.from_dict({"format_version": 1, "matrices": {
@@ -222,7 +222,7 @@ def test_studies_never_import_torch() -> None:
 
 
 def test_cli_export_format_writes_file_and_reports_approximations(tmp_path, capsys, monkeypatch) -> None:
-    import search.cli as cli
+    import app.cli as cli
 
     # A trial stored before entries carried their runtime mapping: the CLI passes it through quant.
     monkeypatch.setattr("studies.export_policy", lambda store, name, trial=None, budget_bytes=None: _raw_doc())

@@ -127,7 +127,7 @@ def test_trial_whose_worker_always_dies_is_failed_after_max_retries(corpus, loca
 
 def test_driver_sigkill_then_resume_keeps_every_finished_trial(corpus, tmp_path) -> None:
     storage = f"sqlite:///{tmp_path}/k.db"
-    argv = [sys.executable, "-m", "search.cli", "search", "--model", "tiny-random-llama", "--dataset", corpus,
+    argv = [sys.executable, "-m", "app.cli", "search", "--model", "tiny-random-llama", "--dataset", corpus,
             "--seq-len", "256", "--eval-seqs", "32", "--calib-seqs", "2", "--budget", "4.5bpw",
             "--workers", "2", "--storage", storage, "--study", "k"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}

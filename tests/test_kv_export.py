@@ -13,7 +13,7 @@ from evaluators.checkpoint import evaluate_checkpoint
 from evaluators.kv_attention import attention_modules
 from quant import KVSetting, Policy, QuantSetting
 from quant.kv import FLOAT_KV, layer_kv_bytes
-from search.cli import main
+from app.cli import main
 from studies import Store
 from studies.export_runtimes import export_runtime
 from studies.llamacpp_kv import llamacpp_cache_types

@@ -11,7 +11,7 @@ import quant
 from evaluators.errors import UserError
 from evaluators.kv_attention import attention_modules
 from quant.kv import FLOAT_KV, KVSetting, kv_unit, pack_kv
-from search.cli import main
+from app.cli import main
 from search.kv_space import KVSpace, kv_candidates
 from search.request import SearchRequest
 from search.space import SearchSpace

@@ -146,7 +146,7 @@ def test_export_gguf_of_a_study_refuses_foreign_formats_and_maps_them_with_neare
     from evaluators.llamacpp import score
 
     db = f"sqlite:///{tmp_path}/s.db"
-    cli = [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())"]
+    cli = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
     subprocess.run([*cli, "search", "--model", "smollm2-135m", "--budget", "5.0bpw", "--bits", "4", "--groups", "32",
                     "--trials", "1", "--workers", "1", "--eval-seqs", "1", "--seq-len", "64", "--calib-seqs", "0",
                     "--storage", db, "--study", "s"], check=True, capture_output=True, text=True)
@@ -263,7 +263,7 @@ def test_a_searched_tiny_model_exports_to_gguf_and_llamacpp_scores_it_as_we_stor
 
     folder = _tiny_folder(arch, tmp_path / arch)
     db = f"sqlite:///{tmp_path}/s.db"
-    cli = [sys.executable, "-c", "import sys; from search.cli import main; sys.exit(main())"]
+    cli = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
     data = ["--eval-seqs", "4", "--seq-len", "128", "--calib-seqs", "2"]
     def run(*args: str) -> None:
         done = subprocess.run([*cli, *args, "--storage", db], capture_output=True, text=True)

@@ -2,7 +2,7 @@
 
 import json
 
-from search.cli import main
+from app.cli import main
 from studies import Store
 
 

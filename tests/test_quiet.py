@@ -56,7 +56,7 @@ def test_the_filters_drop_exactly_the_known_noise() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="without torchao there is no noise to hide")
 def test_a_plain_search_prints_its_front_and_real_warnings_only(corpus: str, tmp_path: Path) -> None:
     # A budget above the 16-bit size: the search's own warning must still show.
-    cmd = [sys.executable, "-m", "search.cli", "search", "--model", "tiny-random-llama", "--dataset", corpus,
+    cmd = [sys.executable, "-m", "app.cli", "search", "--model", "tiny-random-llama", "--dataset", corpus,
            "--budget", "17bpw", "--trials", "1", "--workers", "1", "--seq-len", "64", "--eval-seqs", "2",
            "--calib-seqs", "2", "--storage", f"sqlite:///{tmp_path / 'q.db'}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],

@@ -192,7 +192,7 @@ def test_rest_mass_is_resolved_when_little_is_left() -> None:
 def test_search_with_a_topk_reference_measures_with_it_and_resumes_only_with_it(corpus, local_ray, tmp_path,
                                                                                   capsys) -> None:
     from evaluators.context import DataConfig
-    from search.cli import main
+    from app.cli import main
     from studies import Store
 
     storage = f"sqlite:///{tmp_path}/k.db"

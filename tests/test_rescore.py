@@ -11,7 +11,7 @@ import pytest
 
 import search.rescore
 from evaluators.context import DataConfig, OtherText
-from search.cli import main
+from app.cli import main
 from search.rescore import order_agreement
 from studies import Store, export_policy
 

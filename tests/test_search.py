@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from search.cli import main
+from app.cli import main
 from studies import Store
 
 

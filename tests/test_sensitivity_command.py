@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import quant
-from search.cli import main
+from app.cli import main
 from search.request import MeasureRequest
 from search.sensitivity import predict_on_model, run_sensitivity
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from search.service import ServiceLimits
+from app.service import ServiceLimits
 from studies import Store, export_policy
 
 TOKEN = "s3cret-token"
@@ -38,7 +38,7 @@ def offered(tmp_path_factory, corpus) -> ServiceLimits:
 def server(tmp_path_factory, local_ray, offered):
     import uvicorn
 
-    from search.service import create_app
+    from app.service import create_app
 
     storage = f"sqlite:///{tmp_path_factory.mktemp('svc') / 's.db'}"
     port = _free_port()
@@ -214,7 +214,7 @@ def test_a_kv_study_through_the_api_carries_its_cache_bytes(searched, corpus) ->
 def test_cli_front_plot_writes_png_and_html_of_the_same_points(searched, tmp_path, capsys) -> None:
     import json as _json
 
-    from search.cli import main
+    from app.cli import main
 
     _, storage = searched
     capsys.readouterr()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from search.cli import main
+from app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_a_local_ray_started_from_a_short_lived_thread_outlives_it() -> None:
 def app(tmp_path, local_ray, corpus):
     from fastapi.testclient import TestClient
 
-    from search.service import ServiceLimits, create_app
+    from app.service import ServiceLimits, create_app
 
     storage = f"sqlite:///{tmp_path / 'q.db'}"
     application = create_app(storage, limits=ServiceLimits(data_dir=Path(corpus).parent, max_running=1))
@@ -238,7 +238,7 @@ def test_a_huge_request_body_is_refused_before_it_is_parsed(tmp_path) -> None:
     # A bits list of 8M entries blocked the service's event loop for a minute while it was parsed.
     from fastapi.testclient import TestClient
 
-    from search.service import create_app
+    from app.service import create_app
 
     huge = b'{"study": "x", "budget": "3bpw", "bits": [' + b"4," * 4_000_000 + b"4]}"
     with TestClient(create_app(f"sqlite:///{tmp_path / 'h.db'}")) as client:

@@ -11,8 +11,8 @@ import pytest
 import quant
 from evaluators import load_model
 from quant.policy import weight_matrices
-from search.cli import main
-from search.show import bit_map
+from app.cli import main
+from app.show import bit_map
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SETTINGS = [  # cycled over the matrices so that neighbours differ in bits, group and format

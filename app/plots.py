@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.show import BitMap
+from app.show import BitMap
 
 __all__ = ["bits_png", "front_png", "front_html", "write_bits_plot", "write_front_plot"]
 

@@ -23,10 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from evaluators.errors import UserError
-from search.plots import front_png
-from search.service._jobs import AlreadyRunning, Jobs, NotRunning, progress
-from search.service._limits import ServiceLimits, vet
-from search.service._schemas import ExportRequest, StudyRequest
+from app.plots import front_png
+from app.service._jobs import AlreadyRunning, Jobs, NotRunning, progress
+from app.service._limits import ServiceLimits, vet
+from app.service._schemas import ExportRequest, StudyRequest
 from studies import NotFoundError, Store, StoreError
 
 __all__ = ["create_app"]
@@ -50,7 +50,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def _page() -> str:
-    return (resources.files("search.service") / "templates" / "index.html").read_text(encoding="utf-8")
+    return (resources.files("app.service") / "templates" / "index.html").read_text(encoding="utf-8")
 
 
 def create_app(storage: str, *, token: str | None = None, ray_address: str | None = None,

@@ -1,7 +1,7 @@
 """A policy laid out per layer: which setting each weight matrix of each transformer layer gets.
 
 ``turboquant show policy.json`` prints it as a table; ``--plot bits.png`` draws the same
-grid as a heatmap of code bits (:func:`search.plots.bits_png`). Works on the policy
+grid as a heatmap of code bits (:func:`app.plots.bits_png`). Works on the policy
 document alone, so it needs neither the model nor torch: each entry's code bits are its
 ``runtime`` object, written by ``quant.Policy``, so no format is known here by name.
 """

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 
-from search.service._app import create_app
-from search.service._limits import ServiceLimits
-from search.service._schemas import ExportRequest, StudyRequest
+from app.service._app import create_app
+from app.service._limits import ServiceLimits
+from app.service._schemas import ExportRequest, StudyRequest
 
 __all__ = ["StudyRequest", "ExportRequest", "ServiceLimits", "create_app", "serve"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from evaluators import UserError
 from evaluators.data import DEFAULT_CORPUS
 from evaluators.models import MODEL_ALIASES, check_model_name
-from search.service._schemas import HUB_ID, StudyRequest
+from app.service._schemas import HUB_ID, StudyRequest
 
 __all__ = ["ServiceLimits", "vet"]
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evaluators.errors import UserError
-from search.service._schemas import StudyRequest
+from app.service._schemas import StudyRequest
 from studies import Store, StoreError
 
 __all__ = ["Job", "Jobs", "AlreadyRunning", "NotRunning", "progress"]
 
-log = logging.getLogger("search.service")
+log = logging.getLogger("app.service")
 
 
 class AlreadyRunning(Exception):

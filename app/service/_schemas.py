@@ -29,7 +29,7 @@ class StudyRequest(SearchRequest):
     def _model(cls, v: str) -> str:
         # Replaces the CLI's check, which looks at this machine's disk (its answers would tell a token holder
         # which files exist): over the API a model is an alias, a hub id or a name under the operator's
-        # --models-dir, resolved by search.service._limits.vet; never a path.
+        # --models-dir, resolved by app.service._limits.vet; never a path.
         if v not in MODEL_ALIASES and not HUB_ID.match(v):
             raise ValueError(f"model {v!r}: over the API a model is an alias ({', '.join(MODEL_ALIASES)}), a hub id "
                              "(org/name) or a folder the service offers, not a path")

@@ -14,11 +14,11 @@ from evaluators import METRIC_NAMES, Evaluator, UserError
 from evaluators.checkpoint import REMOTE_CODE_FLAG, checked_provenance, pack_policy
 from evaluators.context import measured_on
 from search.at_budget import REFINE_TRIALS
-from search.cli_args import STORAGE_HELP, arg, command, storage_url
+from app.cli_args import STORAGE_HELP, arg, command, storage_url
 from search.exporters import EXPORTERS, ExportOptions, export_point
-from search.show import bit_map, summary_text
+from app.show import bit_map, summary_text
 
-__all__: list[str] = []  # registers its subcommands in search.cli_args.COMMANDS
+__all__: list[str] = []  # registers its subcommands in app.cli_args.COMMANDS
 
 # A policy is tens of kB (a 70B model's: about 1 MB); anything far larger is not one, and is not read whole.
 MAX_POLICY_BYTES = 64 << 20
@@ -169,7 +169,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     try:
         text = summary_text(doc, args.policy)
         if args.plot:  # before printing anything: a bad --plot name fails alone
-            from search.plots import write_bits_plot
+            from app.plots import write_bits_plot
 
             write_bits_plot(bit_map(doc["matrices"]), f"{Path(args.policy).name}: bits per matrix", args.plot)
     except ValueError as exc:
