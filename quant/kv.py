@@ -37,16 +37,48 @@ from quant.formats import get_format
 from quant.packed import PackedTensor
 from quant.settings import QuantSetting
 
-__all__ = ["KVSetting", "KVPair", "PackedKV", "AttentionInfo", "KV_FORMATS", "KV_BITS", "CHANNEL_GROUPS",
+__all__ = ["KVSetting", "KVFormat", "KVPair", "PackedKV", "AttentionInfo", "KV_FORMATS", "KV_BITS", "CHANNEL_GROUPS",
            "pack_kv", "unpack_kv", "quantize_kv", "kv_bytes", "layer_kv_bytes", "kv_settings",
            "FLOAT_KV", "check_pair", "kv_to_dict", "kv_from_dict", "KV_ROLES", "kv_unit", "split_kv_unit"]
 
-KV_FORMATS = ("turbo", "rtn_token", "rtn_channel", "float")
 KV_BITS = (2, 3, 4, 8, 16)
 CHANNEL_GROUPS = (32, 64, 128, 256)  # tokens per scale of rtn_channel: rtn's group sizes
 DEFAULT_CHANNEL_GROUP = 128  # 0.25 bit of scale and offset per element, as turbo's one fp16 scale per 64 dims
 _TURBO_GROUPS = (32, 64, 128, 256)  # the Hadamard transform needs a power of two
 _KEYS = ("format", "bits", "qjl", "group")
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """One way a cache holds keys or values: a weight format applied to a 2-D view of the tensor.
+
+    Attributes:
+        name: the setting's ``format``.
+        weight_format: the weight format that packs the view (``None``: kept in 16-bit, unquantized).
+        per_channel: the view's rows are channels and its groups run over tokens (whole groups of tokens
+            are quantized, the rest kept as it came); else its rows are the tokens' head vectors.
+        qjl: may spend one of its bits on the QJL sketch of the residual (keys only, :func:`check_pair`).
+        keys_only: offered for keys only (per-channel scales are KIVI's answer to the keys' channel outliers).
+    """
+
+    name: str
+    weight_format: str | None
+    per_channel: bool = False
+    qjl: bool = False
+    keys_only: bool = False
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight_format is None
+
+
+# The KV cache formats, by name: the one place that says what each one is.
+KV_FORMATS: dict[str, KVFormat] = {f.name: f for f in (
+    KVFormat("turbo", "turbo", qjl=True),  # a rotation, then Lloyd-Max codes of the head vector
+    KVFormat("rtn_token", "rtn"),  # min/max per head vector
+    KVFormat("rtn_channel", "rtn", per_channel=True, keys_only=True),  # min/max per channel over a group of tokens
+    KVFormat("float", None),
+)}
 
 
 @dataclass(frozen=True)
@@ -71,18 +103,18 @@ class KVSetting:
     group: int | None = None
 
     def __post_init__(self) -> None:
-        if self.format not in KV_FORMATS:
-            raise ValueError(f"KV format must be one of {KV_FORMATS}, got {self.format!r}")
+        if not isinstance(self.format, str) or self.format not in KV_FORMATS:
+            raise ValueError(f"KV format must be one of {tuple(KV_FORMATS)}, got {self.format!r}")
         if isinstance(self.bits, bool) or self.bits not in KV_BITS:
             raise ValueError(f"KV bits must be one of {KV_BITS}, got {self.bits!r}")
-        if (self.bits == 16) != (self.format == "float"):
+        if (self.bits == 16) != self.is_float:
             raise ValueError(f"bits 16 means an unquantized cache: write {{'format': 'float', 'bits': 16}} "
                              f"(got format {self.format!r} with bits {self.bits})")
         if not isinstance(self.qjl, bool):
             raise ValueError(f"KV qjl must be a boolean, got {self.qjl!r}")
-        if self.qjl and self.format != "turbo":
+        if self.qjl and not self.kind.qjl:
             raise ValueError(f"qjl is a residual of the turbo codebook; format {self.format!r} has none")
-        if self.format == "rtn_channel":
+        if self.kind.per_channel:
             if self.group is None:
                 object.__setattr__(self, "group", DEFAULT_CHANNEL_GROUP)  # frozen: set once, here
             elif isinstance(self.group, bool) or self.group not in CHANNEL_GROUPS:
@@ -93,8 +125,13 @@ class KVSetting:
                              f"takes none (got {self.group!r})")
 
     @property
+    def kind(self) -> KVFormat:
+        """The setting's format (:data:`KV_FORMATS`)."""
+        return KV_FORMATS[self.format]
+
+    @property
     def is_float(self) -> bool:
-        return self.format == "float"
+        return self.kind.is_float
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "bits": self.bits, "qjl": self.qjl, "group": self.group}
@@ -174,28 +211,28 @@ def _turbo_group(head_dim: int) -> int:
 
 def _quant_setting(s: KVSetting, head_dim: int) -> QuantSetting:
     """The weight-format setting that stores ``s`` on the 2-D view of :func:`_matrix`."""
-    if s.format == "turbo":
-        return QuantSetting("turbo", s.bits - int(s.qjl), _turbo_group(head_dim), {"qjl": True} if s.qjl else {})
-    if s.format == "rtn_token":
-        return QuantSetting("rtn", s.bits, None, {})  # one group per row: the head vector
-    return QuantSetting("rtn", s.bits, s.group, {})  # rtn_channel: rows are channels, groups run over tokens
+    fmt = s.kind.weight_format
+    if fmt == "turbo":  # one group per head vector, padded up to a power of two
+        return QuantSetting(fmt, s.bits - int(s.qjl), _turbo_group(head_dim), {"qjl": True} if s.qjl else {})
+    # Per token: one group per row (the head vector); per channel: rows are channels, groups run over tokens.
+    return QuantSetting(fmt, s.bits, s.group if s.kind.per_channel else None, {})
 
 
 def _quantized_tokens(s: KVSetting, tokens: int) -> int:
     """How many of ``tokens`` are quantized: all, none (float), or whole ``rtn_channel`` groups."""
     if s.is_float:
         return 0
-    return tokens // s.group * s.group if s.format == "rtn_channel" else tokens
+    return tokens // s.group * s.group if s.kind.per_channel else tokens
 
 
 def _matrix_shape(s: KVSetting, shape: tuple[int, int, int, int]) -> tuple[int, int]:
     b, h, t, d = shape
-    return (b * h * d, t) if s.format == "rtn_channel" else (b * h * t, d)
+    return (b * h * d, t) if s.kind.per_channel else (b * h * t, d)
 
 
 def _matrix(x: torch.Tensor, s: KVSetting) -> torch.Tensor:
     """``(B, H, T, D)`` -> the 2-D view the format quantizes: ``(B*H*T, D)``, or per channel ``(B*H*D, T)``."""
-    if s.format == "rtn_channel":
+    if s.kind.per_channel:
         return x.transpose(-1, -2).reshape(-1, x.shape[-2])
     return x.reshape(-1, x.shape[-1])
 
@@ -254,7 +291,7 @@ def unpack_kv(p: PackedKV) -> torch.Tensor:
     b, h, _, d = p.shape
     t = _quantized_tokens(p.setting, p.shape[2])
     m = p.packed.dequantize().to(p.dtype)  # (rows, cols) of _matrix
-    x = m.view(b, h, d, t).transpose(-1, -2) if p.setting.format == "rtn_channel" else m.view(b, h, t, d)
+    x = m.view(b, h, d, t).transpose(-1, -2) if p.setting.kind.per_channel else m.view(b, h, t, d)
     # (tokens, dims) rows in memory, as attention kernels read them: SDPA on the CPU runs 4x slower on a
     # transposed view (rtn_channel's rows are channels) or a padded head's slice.
     return x.contiguous() if p.residual is None else torch.cat([x, p.residual], dim=2)
@@ -295,9 +332,11 @@ def kv_settings(role: str) -> list[KVSetting]:
     if role not in ("k", "v"):
         raise ValueError(f"role must be 'k' (keys) or 'v' (values), got {role!r}")
     bits = (2, 3, 4, 8)
-    out = [FLOAT_KV] + [KVSetting("turbo", b) for b in bits] + [KVSetting("rtn_token", b) for b in bits]
+    kinds = [f for f in KV_FORMATS.values() if not f.is_float]
+    out = [FLOAT_KV] + [KVSetting(f.name, b) for f in kinds if not f.keys_only for b in bits]
     if role == "k":
-        out += [KVSetting("turbo", b, qjl=True) for b in bits] + [KVSetting("rtn_channel", b) for b in bits]
+        out += [KVSetting(f.name, b, qjl=True) for f in kinds if f.qjl for b in bits]
+        out += [KVSetting(f.name, b) for f in kinds if f.keys_only for b in bits]
     return out
 
 

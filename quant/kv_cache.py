@@ -35,11 +35,11 @@ class _Stream:
     def __init__(self, setting: KVSetting):
         self.setting = setting
         self.chunks: list[PackedKV] = []
-        self.tail: torch.Tensor | None = None  # (B, H, n < group, D): rtn_channel tokens waiting for a whole group
+        self.tail: torch.Tensor | None = None  # (B, H, n < group, D): per-channel tokens waiting for a whole group
 
     def append(self, x: torch.Tensor) -> torch.Tensor:
         """Stores ``x`` ``(B, H, t, D)`` and returns every token stored so far, decoded."""
-        if self.setting.format == "rtn_channel":
+        if self.setting.kind.per_channel:
             x = x if self.tail is None else torch.cat([self.tail, x], dim=2)
             whole = x.shape[2] // self.setting.group * self.setting.group
             if whole:

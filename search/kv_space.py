@@ -18,15 +18,14 @@ from quant.kv import (FLOAT_KV, KV_BITS, KV_FORMATS, KV_ROLES, AttentionInfo, KV
 
 __all__ = ["KVSpace", "DEFAULT_KV_FORMATS", "DEFAULT_KV_BITS", "kv_candidates", "parse_kv_format"]
 
-DEFAULT_KV_FORMATS = ("turbo", "rtn_token", "rtn_channel", "float")
+DEFAULT_KV_FORMATS = tuple(KV_FORMATS)
 DEFAULT_KV_BITS = (2, 3, 4, 8)
-_KEYS_ONLY = ("rtn_channel",)  # per-channel scales are KIVI's answer to the keys' channel outliers
 
 
 def parse_kv_format(label: str) -> tuple[str, bool]:
     """``turbo`` / ``turbo+qjl`` / ``rtn_token`` / ``rtn_channel`` / ``float`` -> (format, qjl)."""
     name, *flags = label.split("+")
-    if name not in KV_FORMATS or any(f != "qjl" for f in flags) or (flags and name != "turbo"):
+    if name not in KV_FORMATS or any(f != "qjl" for f in flags) or (flags and not KV_FORMATS[name].qjl):
         raise UserError(f"unknown KV cache format {label!r}; choose from {', '.join(KV_FORMATS)} "
                         "(turbo+qjl: turbo keys with the 1-bit QJL residual)")
     return name, bool(flags)
@@ -35,17 +34,19 @@ def parse_kv_format(label: str) -> tuple[str, bool]:
 def kv_candidates(formats: tuple[str, ...], bits: tuple[int, ...]) -> dict[str, list[KVSetting]]:
     """Role (``k``, ``v``) -> the settings ``formats`` x ``bits`` allow it (float once, if listed).
 
-    ``rtn_channel`` and QJL are for keys only; values take the rest."""
+    Formats :attr:`~quant.kv.KVFormat.keys_only` (``rtn_channel``) and QJL are for keys only; values take
+    the rest."""
     out: dict[str, list[KVSetting]] = {"k": [], "v": []}
     for label in formats:
         name, qjl = parse_kv_format(label)
-        for b in ((16,) if name == "float" else bits):
-            if name != "float" and b not in KV_BITS[:-1]:
+        kind = KV_FORMATS[name]
+        for b in ((16,) if kind.is_float else bits):
+            if not kind.is_float and b not in KV_BITS[:-1]:
                 raise UserError(f"KV cache bits must be among {list(KV_BITS[:-1])} (16 is the format 'float'), "
                                 f"got {b}")
             s = KVSetting(name, b, qjl=qjl)
             for role in KV_ROLES:
-                if role == "v" and (qjl or name in _KEYS_ONLY):
+                if role == "v" and (qjl or kind.keys_only):
                     continue
                 if s not in out[role]:
                     out[role].append(s)

@@ -12,7 +12,7 @@ or per-token vector of 64 dims holds 4.25 or 4.5 bits with its scales, q4_0 4.5,
 q8_0 and f16 are the pairs llama.cpp's CUDA build compiles flash attention for by default.
 
 No torch here: this reads the policy document's ``"kv"`` section (quant's closed set of KV formats,
-``quant.kv.KV_FORMATS``), as the other runtime exports read its ``"matrices"``.
+``quant.kv.KV_FORMATS``, by name), as the other runtime exports read its ``"matrices"``.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ CONTEXT = 512
 
 @pytest.fixture(scope="module")
 def model(evaluator):
+    evaluator.restore_float()  # the shared evaluator: a test before may have left a policy applied
     return evaluator.model
 
 
