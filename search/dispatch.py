@@ -14,7 +14,7 @@ import ray
 
 from evaluators import UserError
 from search.placement import WorkerSize, plan_workers, resolve_device
-from search.record import Job, Task
+from search.record import Failed, Job, Task
 from search.workers import TrialWorker, gpu_memory, init_ray
 
 __all__ = ["Dispatcher"]
@@ -90,7 +90,7 @@ class Dispatcher:
 
     def next(self) -> tuple[Job | Task, Any]:
         """Waits for the next finished job: its result (a trial's :class:`~studies.TrialResult`, a task's
-        return value), or why it failed (the error's first line)."""
+        return value), or :class:`~search.record.Failed` saying why it failed."""
         while True:
             (ref,), _ = ray.wait(list(self._pending), num_returns=1)
             job = self._pending.pop(ref)
@@ -102,9 +102,9 @@ class Dispatcher:
                     job.attempts += 1
                     self.submit(job)
                     continue
-                outcome: Any = f"worker died {job.attempts} times: {str(exc).splitlines()[0]}"
+                outcome: Any = Failed(f"worker died {job.attempts} times: {str(exc).splitlines()[0]}")
             except ray.exceptions.RayTaskError as exc:
-                outcome = f"{type(exc.cause).__name__}: {exc.cause}"
+                outcome = Failed(f"{type(exc.cause).__name__}: {exc.cause}")
             else:
                 outcome = result
             self.idle.append(job.worker)

@@ -30,7 +30,7 @@ from search.placement import CPU_BATCH, PACKED_CACHE_BYTES, WORKER_PROCESS_BYTES
 from search.fidelity import FirstBatchGate
 from search.memory import DRIVER_PROCESS_BYTES, DriverPlan, Phases
 from search.progress import Progress
-from search.record import RETRY_ON, Job, reconcile, record_failure, record_result
+from search.record import RETRY_ON, Failed, Job, Task, reconcile, record_failure, record_result
 from search.request import SearchRequest
 from search.resume import open_study, optuna_storage
 from search.seeds import enqueue_uniform_seeds
@@ -77,13 +77,12 @@ class SearchConfig:
 def _proxy_on_worker(cfg: SearchConfig, store: Store, workers: Dispatcher, fingerprints: tuple[str, str],
                      space: SearchSpace) -> Any:
     """The proxy's table, read from the store or predicted by one worker on its device."""
-    from search.record import Task
     from search.sensitivity import proxy_table
 
     def predict(kinds: list[str]) -> dict[str, Any]:
         workers.submit(Task(workers.idle.pop(), "proxy", (cfg.request.model_dump(), kinds)))
         _, out = workers.next()
-        if isinstance(out, str):
+        if isinstance(out, Failed):
             raise RuntimeError(f"sensitivity proxy: the worker failed: {out}")
         return out
 
@@ -272,7 +271,7 @@ def _trials(study: optuna.Study, store: Store, row: Any, space: SearchSpace, gat
         if not workers.busy:
             break
         job, outcome = workers.next()
-        if isinstance(outcome, str):
+        if isinstance(outcome, Failed):
             record_failure(study, store, row, job, outcome)
             progress.failed_one()
             continue

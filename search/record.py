@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from studies import Store, TrialResult
 from studies.retry import DB_ERRORS, with_db_retry
 
-__all__ = ["Job", "RETRY_ON", "Task", "record_result", "record_failure", "reconcile"]
+__all__ = ["Failed", "Job", "RETRY_ON", "Task", "record_result", "record_failure", "reconcile"]
 
 log = logging.getLogger(__name__)
 # Optuna wraps database failures in its own error; both mean "try again shortly".
@@ -57,6 +57,17 @@ class Task:
     attempts: int = 1
 
 
+@dataclass(frozen=True)
+class Failed:
+    """What a job that failed on a worker comes back as: the error's type and first line, or how many
+    times its worker died."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 def record_result(study: optuna.Study, store: Store, row: Any, job: Job, result: TrialResult) -> None:
     """A complete trial (objectives and byte constraint told to Optuna), or a pruned one (PRUNED)."""
     timings = {"seconds": time.perf_counter() - job.started, "quantize": result.seconds_quantize,
@@ -74,9 +85,9 @@ def record_result(study: optuna.Study, store: Store, row: Any, job: Job, result:
         _db(lambda: study.tell(job.trial, [result.kl, float(result.bytes)]), "telling Optuna")
 
 
-def record_failure(study: optuna.Study, store: Store, row: Any, job: Job, reason: str) -> None:
-    log.warning("trial %d failed: %s", job.trial.number, reason)
-    _db(lambda: store.record_trial(row, job.trial.number, state="failed", policy=job.policy, error=reason,
+def record_failure(study: optuna.Study, store: Store, row: Any, job: Job, failed: Failed) -> None:
+    log.warning("trial %d failed: %s", job.trial.number, failed.reason)
+    _db(lambda: store.record_trial(row, job.trial.number, state="failed", policy=job.policy, error=failed.reason,
                                    seed=job.seed), f"recording trial {job.trial.number}")
     _db(lambda: study.tell(job.trial, state=TrialState.FAIL), "telling Optuna")
 

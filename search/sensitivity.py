@@ -28,7 +28,9 @@ from quant.kv import FLOAT_KV, KVSetting, kv_bytes, split_kv_unit
 from studies import Store
 
 if TYPE_CHECKING:
+    from search.dispatch import Dispatcher
     from search.request import MeasureRequest
+    from search.space import SearchSpace
 
 __all__ = ["KV_PROXY_VERSION", "PROXY_VERSION", "SensitivityTable", "measure_on_workers", "measure_pair",
            "measure_sensitivity", "predict_on_model", "predict_proxy", "proxy_on_model", "proxy_table",
@@ -84,7 +86,7 @@ def _per_unit(shapes: dict[str, tuple[int, int]], settings: list[quant.QuantSett
     return {u: [s for s in settings if all(s.fits(shapes[m]) for m in ms)] for u, ms in units.items()}
 
 
-def _kv_per_unit(space: Any) -> dict[str, list[KVSetting]]:
+def _kv_per_unit(space: SearchSpace) -> dict[str, list[KVSetting]]:
     """A KV space's units and their settings (float, which costs no KL, left out)."""
     return {u: [s for s in space.kv.ladders[u] if not s.is_float] for u in space.kv.units}
 
@@ -116,7 +118,7 @@ def _plan(per_unit: dict[str, list[Any]], n_eval: int, units: dict[str, list[str
     return table, todo, data_fingerprint, windows
 
 
-def _with_float(table: SensitivityTable, space: Any) -> SensitivityTable:
+def _with_float(table: SensitivityTable, space: SearchSpace) -> SensitivityTable:
     """A KV table with each unit's float setting (KL 0: nothing quantized) at its bytes."""
     if FLOAT_KV not in table.settings:
         table.settings.append(FLOAT_KV)
@@ -182,7 +184,7 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
     return table
 
 
-def measure_on_workers(workers: Any, space: Any, n_eval: int, *, store: Store | None = None,
+def measure_on_workers(workers: Dispatcher, space: SearchSpace, n_eval: int, *, store: Store | None = None,
                        model_fingerprint: str = "", data_fingerprint: str = "", windows: int | None = None,
                        progress: bool = True, chunk: int = 4) -> SensitivityTable:
     """:func:`measure_sensitivity` of a search space's units (its KV units too) on a
@@ -191,7 +193,7 @@ def measure_on_workers(workers: Any, space: Any, n_eval: int, *, store: Store | 
     table resumes where it stopped. A worker that dies is replaced and its chunk run again (the
     dispatcher's retries); a chunk that fails stops the table with the reason.
     """
-    from search.record import Task
+    from search.record import Failed, Task
 
     per_unit: dict[str, list[Any]] = {}
     units: dict[str, list[str]] = {}
@@ -209,7 +211,7 @@ def measure_on_workers(workers: Any, space: Any, n_eval: int, *, store: Store | 
             while chunks and workers.idle:
                 workers.submit(Task(workers.idle.pop(), "measure_pairs", (chunks.pop(0), windows)))
             task, rows = workers.next()
-            if isinstance(rows, str):
+            if isinstance(rows, Failed):
                 raise RuntimeError(f"sensitivity: a worker failed measuring {task.args[0][0][0]}: {rows}")
             if store is not None:
                 store.record_sensitivity(model_fingerprint, data_fingerprint, rows)
@@ -249,7 +251,7 @@ def run_sensitivity(request: MeasureRequest, storage: str, *, progress: bool = T
         phases.end()
 
 
-def proxy_on_model(store: Store | None, loaded: Any, tokens: Any, space: Any, hessian_bytes: int | None
+def proxy_on_model(store: Store | None, loaded: Any, tokens: Any, space: SearchSpace, hessian_bytes: int | None
                    ) -> SensitivityTable:
     """The proxy's table, predicted in this process on the float model (no evaluator: it would keep a float
     copy of every matrix), gptq's Hessians ``hessian_bytes`` at a time, or read from the store."""
@@ -267,7 +269,7 @@ PROXY_VERSION = "proxy-v1"  # part of the stored rows' data key: a new formula n
 KV_PROXY_VERSION = "kv-proxy-v1"
 
 
-def proxy_table(evaluator: Evaluator | None, space: Any, *, store: Store | None = None,
+def proxy_table(evaluator: Evaluator | None, space: SearchSpace, *, store: Store | None = None,
                 model_fingerprint: str = "", data_fingerprint: str = "", predict: Any = None) -> SensitivityTable:
     """The table predicted by the one-pass proxy (:func:`evaluators.proxy.proxy_sensitivity`: diagonal
     Fisher of the model's own predictions on the calibration windows), for the space's units and settings;
@@ -307,7 +309,7 @@ def proxy_table(evaluator: Evaluator | None, space: Any, *, store: Store | None 
     return tables["weights"].merged(_with_float(tables["kv"], space)) if space.kv else tables["weights"]
 
 
-def _parts(space: Any) -> dict[str, tuple[dict[str, list[Any]], dict[str, list[str]], str, Any]]:
+def _parts(space: SearchSpace) -> dict[str, tuple[dict[str, list[Any]], dict[str, list[str]], str, Any]]:
     """The proxy's two kinds of units: per kind, each unit's settings, the units, the stored version and
     the bytes of a pair where the store's are not used (the cache's, see :func:`_plan`)."""
     parts = {"weights": (_per_unit(space.matrices, space.settings(), space.units), dict(space.units),
@@ -317,7 +319,7 @@ def _parts(space: Any) -> dict[str, tuple[dict[str, list[Any]], dict[str, list[s
     return parts
 
 
-def predict_proxy(evaluator: Evaluator, space: Any, kinds: Iterable[str] = ("weights", "kv"), *,
+def predict_proxy(evaluator: Evaluator, space: SearchSpace, kinds: Iterable[str] = ("weights", "kv"), *,
                   hessian_bytes: int | None = None) -> dict[str, tuple]:
     """The proxy's predictions of ``kinds`` on ``evaluator``'s model and calibration windows (the
     evaluation windows when there are none): ``{kind: (kl, bytes, seconds)}``, tables keyed by unit and
@@ -328,7 +330,7 @@ def predict_proxy(evaluator: Evaluator, space: Any, kinds: Iterable[str] = ("wei
                             hessian_bytes=hessian_bytes, batch_size=evaluator.batch_size)
 
 
-def predict_on_model(model: Any, tokens: Any, space: Any, kinds: Iterable[str] = ("weights", "kv"), *,
+def predict_on_model(model: Any, tokens: Any, space: SearchSpace, kinds: Iterable[str] = ("weights", "kv"), *,
                      hessians: Any = None, hessian_bytes: int | None = None, batch_size: int = 2) -> dict[str, tuple]:
     """:func:`predict_proxy` on a float ``model`` and its :class:`~evaluators.TokenSets`, with no
     :class:`~evaluators.Evaluator` (which keeps a float copy of every matrix: the driver needs none).
@@ -359,7 +361,7 @@ def predict_on_model(model: Any, tokens: Any, space: Any, kinds: Iterable[str] =
     return out
 
 
-def _kv_proxy(model: Any, calib: Any, space: Any) -> tuple[dict, dict, float]:
+def _kv_proxy(model: Any, calib: Any, space: SearchSpace) -> tuple[dict, dict, float]:
     from evaluators.kv_proxy import kv_proxy_sensitivity
 
     roles = {role: list(dict.fromkeys(s for u, (_, r) in space.kv.units.items() if r == role
