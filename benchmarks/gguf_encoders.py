@@ -151,7 +151,7 @@ def main() -> None:
         model = str(_first_layers(folder, args.layers, work / f"first-{args.layers}-layers"))
     loaded = evaluators.load_model(model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokens = evaluators.make_token_sets(loaded, evaluators.load_corpus(None), seq_len=args.seq_len, n_eval=0,
+    tokens = evaluators.make_token_sets(loaded, evaluators.load_corpus(None), seq_len=args.seq_len, n_eval=1,
                                         n_calib=args.calib_seqs, seed=0)
     calib_txt, test_txt = work / "calib.txt", work / "test.txt"
     calib_txt.write_text(_text(tokenizer, tokens.calib))
@@ -170,6 +170,7 @@ def main() -> None:
     print(f"F32 GGUF, KL base, importance matrix and Hessians in {time.time() - t_start:.0f} s", flush=True)
 
     rows = []
+    others: dict = {}  # (matrix, type) -> packed: the tensors not of the type under test, encoded once
     for fmt in args.types.split(","):
         t0 = time.time()
         stock = work / f"stock-{fmt}-{tag}.gguf"
@@ -188,7 +189,12 @@ def main() -> None:
                 f = quant.get_format(ggml.lower())
                 setting = quant.QuantSetting(ggml.lower(), f.bits_range[0], f.group_sizes[0],
                                              options if n in hessians and ggml.lower() == fmt else {})
-                packed[n] = quant.quantize_calibrated(n, weights[n], setting, hessians)
+                if ggml.lower() == fmt:
+                    packed[n] = quant.quantize_calibrated(n, weights[n], setting, hessians)
+                else:  # the same in every file (--head-q8's embedding and head)
+                    if (n, ggml) not in others:
+                        others[n, ggml] = quant.quantize_calibrated(n, weights[n], setting, hessians)
+                    packed[n] = others[n, ggml]
                 if n in hessians:
                     err += _weighted(weights[n] - packed[n].dequantize(), hessians[n])
             out = work / f"{variant}-{fmt}-{tag}.gguf"

@@ -280,6 +280,13 @@ def test_a_searched_tiny_model_exports_to_gguf_and_llamacpp_scores_it_as_we_stor
     out = tmp_path / f"{arch}.gguf"
     run("export", "s", "--trial", str(int(best["trial"])), "--format", "gguf", "--out", str(out))
     assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if len(t.shape) == 2} - {"F32", "F16"}
+    # The API's export goes through the same exporter: the same file, byte for byte.
+    from fastapi.testclient import TestClient
+
+    from app.service import create_app
+
+    answer = TestClient(create_app(db)).post("/studies/s/export", json={"trial": int(best["trial"]), "format": "gguf"})
+    assert answer.status_code == 200 and answer.content == out.read_bytes()
 
     # llama.cpp's base: the float file's log-probs over the text of our evaluation windows.
     loaded, tokens = DataConfig(model=str(folder), seq_len=128, n_eval=4, n_calib=2).load()

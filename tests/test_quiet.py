@@ -67,3 +67,13 @@ def test_a_plain_search_prints_its_front_and_real_warnings_only(corpus: str, tmp
     assert "WARNING: budget 17bpw is at or above the 16-bit model size" in done.stderr
     assert [line for line in out.splitlines() if any(n in line for n in NOISE)] == []
     assert "search tiny-random-llama-17bpw" in done.stderr  # its progress bar
+
+
+def test_the_engine_imports_nothing_of_the_application() -> None:
+    """``import search`` (what every Ray worker does) loads no web framework, no command line, no plots:
+    those are the application's (app/), above the engine."""
+    code = ("import sys, search, search.exporters, search.driver; "
+            "bad = [m for m in ('fastapi', 'uvicorn', 'starlette', 'matplotlib', 'plotly', 'app') if m in sys.modules]; "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -145,6 +145,33 @@ def test_export_returns_the_policy_document(searched) -> None:
     assert no_source.status_code == 422 and "Hugging Face model folder" in no_source.json()["detail"]
 
 
+def test_every_exporter_writes_the_same_through_the_command_line_and_the_api(searched, tmp_path, capsys) -> None:
+    """Both front ends go through one registry (search.exporters): each format's file from ``turboquant
+    export`` is what ``POST /studies/{s}/export`` answers, byte for byte; a new exporter needs its case here."""
+    from app.cli import main
+    from search.exporters import EXPORTERS
+
+    client, storage = searched
+    store = Store(storage)
+    trial = int(store.front(store.get_study("api")).iloc[0]["trial"])
+    for name in EXPORTERS:
+        out = tmp_path / name
+        code = main(["export", "api", "--storage", storage, "--trial", str(trial), "--format", name, "--out", str(out)])
+        answer = client.post("/studies/api/export", json={"trial": trial, "format": name})
+        if name == "json":
+            assert code == 0 and answer.json() == json.loads(out.read_text())
+        elif name in ("gptqmodel", "llamacpp", "torchao"):
+            assert code == 0 and answer.json()["text"] == out.read_text()
+        elif name == "checkpoint":  # a folder: the command line's only
+            assert code == 0 and (out / "turboquant.json").is_file()
+            assert answer.status_code == 422 and "checkpoint" in answer.text
+        elif name == "gguf":  # an rtn study: refused by both, for the same reason (tests/test_llamacpp.py: a file)
+            assert code == 2 and "llama.cpp cannot run" in capsys.readouterr().err
+            assert answer.status_code == 422 and "llama.cpp cannot run" in answer.json()["detail"]
+        else:
+            pytest.fail(f"no check for exporter {name!r}: add its case")
+
+
 def test_auth_is_required_when_a_token_is_set(server) -> None:
     _, _, port = server
     base = f"http://127.0.0.1:{port}"
