@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# The repository, not this folder: benchmarks/kernels.py would shadow the `kernels` package transformers imports.
+sys.path[0] = str(ROOT)
 
 import pydoc_data  # noqa: E402
 
@@ -63,13 +64,13 @@ def _weighted(x, hessian) -> float:
     return float(((x.float() @ hessian.float()) * x.float()).sum(dtype=torch.float64))
 
 
-def _stock_error(path: Path, weights: dict, names: dict[str, str], hessians: dict) -> tuple[dict[str, str], float]:
+def _stock_error(path: Path, weights: dict, names: dict[str, str], hessians: dict, perms: dict
+                 ) -> tuple[dict[str, str], float]:
     """llama.cpp's file: each matrix's GGML type, and the summed tr(dW H dW^T) of the matrices with a Hessian
-    (its tensors dequantized by gguf-py one at a time, in our row order)."""
+    (its tensors dequantized by gguf-py one at a time; ``perms``: the file's row order of each matrix, read
+    from the F32 file)."""
     import gguf
     import torch
-
-    from quant.gguf_file import _row_order
 
     reader = gguf.GGUFReader(path)
     by_name = {t.name: t for t in reader.tensors}
@@ -81,7 +82,7 @@ def _stock_error(path: Path, weights: dict, names: dict[str, str], hessians: dic
             continue
         values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32"))
         weight = weights[matrix]
-        perm = _row_order(reader, t, weight, matrix)
+        perm = perms[matrix]
         if perm is not None:  # the file's rows are ours permuted: compare them with ours permuted alike
             weight = weight[perm]
         err += _weighted(weight - values.reshape(weight.shape), hessians[matrix])
@@ -108,6 +109,39 @@ def _first_layers(folder: Path, n: int, out: Path) -> Path:
     AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
     tmp.rename(out)
     return out
+
+
+def _report(args, label: str, what: str, rows: list, numel: int, seconds: float, types: list[str]) -> None:
+    """Writes the results files whole from the rows so far (after each type: a stopped run keeps its rows,
+    and says how many of the types it holds)."""
+    result = {"model": what, "text": f"pydoc_data/topics.py, {args.test_seqs} x {args.seq_len} tokens",
+              "calibration": f"embedded Shakespeare, {args.calib_seqs} x {args.seq_len} tokens", "weights": numel,
+              "seconds": round(seconds), "types_done": f"{len(rows)} of {len(types)}", "rows": rows}
+    lines = [f"{what}: uniform GGUF files, llama.cpp's encoder (llama-quantize --pure --imatrix) against ours "
+             f"and ours with GPTQ feedback; scored by llama-perplexity --kl-divergence on {result['text']} (the "
+             f"calibration: {result['calibration']}); weighted error = sum tr(dW H dW^T) / sum tr(W H W^T)",
+             f"{'type':<9} {'bpw':>6} {'KL llama.cpp':>12} {'KL ours':>8} {'x':>5} {'KL +gptq':>9} {'x':>5}  "
+             f"{'p99.9 a/b/c':>20}  {'w.err a/b/c':>22}"]
+    for r in sorted(rows, key=lambda r: r["bytes"]):
+        a, b, c = r["llamacpp"], r["ours"], r["ours_gptq"]
+        lines.append(f"{r['type'] + (' grid' if r['grid'] else ''):<9} {8 * r['bytes'] / numel:6.3f} {a['kl']:12.4f} "
+                     f"{b['kl']:8.4f} {b['kl'] / a['kl']:5.2f} {c['kl']:9.4f} {c['kl'] / a['kl']:5.2f}  "
+                     f"{a['kl_p999']:6.3f}/{b['kl_p999']:6.3f}/{c['kl_p999']:6.3f}  "
+                     f"{a['weighted_error']:.4f}/{b['weighted_error']:.4f}/{c['weighted_error']:.4f}")
+    counted = [r for r in rows if not r["grid"]]
+    low = [r for r in counted if 8 * r["bytes"] / numel <= 4.5]
+    lines.append(f"goal (b) <= 1.0x on every type: "
+                 f"{'met' if all(r['ours']['kl'] <= r['llamacpp']['kl'] for r in counted) else 'missed'}; "
+                 f"goal (c) <= 0.7x at <= 4.5 bpw: "
+                 f"{'met' if all(r['ours_gptq']['kl'] <= 0.7 * r['llamacpp']['kl'] for r in low) else 'missed'} "
+                 f"(grid rows left out); {len(rows)} of {len(types)} types ({', '.join(types)}), "
+                 f"{result['seconds']} s in all")
+    text = "\n".join(lines)
+    out_dir = ROOT / "benchmarks" / "results"
+    (out_dir / f"gguf_encoders_{label}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / f"gguf_encoders_{label}.txt").write_text(text + "\n")
+    if len(rows) == len(types):
+        print(text)
 
 
 def main() -> None:
@@ -138,7 +172,7 @@ def main() -> None:
     from evaluators.llamacpp import llamacpp, save_base, score, source_gguf
     from evaluators.models import qwen_coder_folder
     from quant.gguf import BLOCK_TYPES
-    from quant.gguf_file import gguf_names, write_gguf
+    from quant.gguf_file import _row_order, gguf_names, write_gguf
 
     t_start = time.time()
     label = Path(args.model).name + (f"-first{args.layers}" if args.layers else "") + ("-q8head" if args.head_q8 else "")
@@ -159,24 +193,34 @@ def main() -> None:
     f32 = source_gguf(model, cpp)
     tag = f"{args.seq_len}x{args.calib_seqs}-{args.test_seqs}"
     base, imatrix = work / f"base-{tag}.kld", work / f"imatrix-{tag}.gguf"
-    save_base(cpp, f32, test_txt, base, n_ctx=args.seq_len, chunks=args.test_seqs, threads=args.threads)
-    cpp.run("llama-imatrix", "-m", f32, "-f", calib_txt, "-o", imatrix, "-c", args.seq_len, "-b", args.seq_len,
-            "--chunks", args.calib_seqs, "-t", args.threads)
+    # The base and the importance matrix depend on nothing but the files and windows the tag names: kept.
+    if not base.exists():
+        save_base(cpp, f32, test_txt, base, n_ctx=args.seq_len, chunks=args.test_seqs, threads=args.threads)
+    if not imatrix.exists():
+        cpp.run("llama-imatrix", "-m", f32, "-f", calib_txt, "-o", imatrix, "-c", args.seq_len, "-b", args.seq_len,
+                "--chunks", args.calib_seqs, "-t", args.threads)
     weights = {n: w.detach() for n, w in quant.float_weights(loaded.model).items()}
-    names = gguf_names(gguf.GGUFReader(f32), list(weights))
+    f32_reader = gguf.GGUFReader(f32)
+    names = gguf_names(f32_reader, list(weights))
+    f32_tensors = {t.name: t for t in f32_reader.tensors}
+    perms = {n: _row_order(f32_reader, f32_tensors[g], weights[n], n) for n, g in names.items()}
     hessians = calibration_hessians(loaded.model, tokens, list(weights), max_bytes=HESSIAN_GROUP_BYTES,
                                     spill_to=work / "spill")
     ref = sum(_weighted(weights[n], h) for n, h in hessians.items())
     print(f"F32 GGUF, KL base, importance matrix and Hessians in {time.time() - t_start:.0f} s", flush=True)
 
+    numel = sum(w.numel() for w in weights.values())
+    what = args.model + (f", its first {args.layers} layers" if args.layers else "") + (
+        ", token embedding and head Q8_0 in every file" if args.head_q8 else "")
+    types = args.types.split(",")
     rows = []
     others: dict = {}  # (matrix, type) -> packed: the tensors not of the type under test, encoded once
-    for fmt in args.types.split(","):
+    for fmt in types:
         t0 = time.time()
         stock = work / f"stock-{fmt}-{tag}.gguf"
         head = ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"] if args.head_q8 else []
         cpp.run("llama-quantize", "--pure", *head, "--imatrix", imatrix, f32, stock, FTYPE[fmt], args.threads)
-        stock_types, err = _stock_error(stock, weights, names, hessians)
+        stock_types, err = _stock_error(stock, weights, names, hessians, perms)
         row = {"type": fmt, "grid": fmt in GRID_TYPES, "bytes": stock.stat().st_size,
                "types": {k: list(stock_types.values()).count(k) for k in sorted(set(stock_types.values()))}}
         s = score(cpp, stock, base, threads=args.threads)
@@ -210,35 +254,7 @@ def main() -> None:
         print(f"{fmt}: {row['bytes'] / 2**20:.1f} MiB, KL llama.cpp {a['kl']:.4f} ours {b['kl']:.4f} "
               f"({b['kl'] / a['kl']:.2f}x) ours+gptq {c['kl']:.4f} ({c['kl'] / a['kl']:.2f}x) in {time.time() - t0:.0f} s",
               flush=True)
-
-    numel = sum(w.numel() for w in weights.values())
-    what = args.model + (f", its first {args.layers} layers" if args.layers else "") + (
-        ", token embedding and head Q8_0 in every file" if args.head_q8 else "")
-    result = {"model": what, "text": f"pydoc_data/topics.py, {args.test_seqs} x {args.seq_len} tokens",
-              "calibration": f"embedded Shakespeare, {args.calib_seqs} x {args.seq_len} tokens", "weights": numel,
-              "seconds": round(time.time() - t_start), "rows": rows}
-    lines = [f"{what}: uniform GGUF files, llama.cpp's encoder (llama-quantize --pure --imatrix) against ours "
-             f"and ours with GPTQ feedback; scored by llama-perplexity --kl-divergence on {result['text']} (the "
-             f"calibration: {result['calibration']}); weighted error = sum tr(dW H dW^T) / sum tr(W H W^T)",
-             f"{'type':<9} {'bpw':>6} {'KL llama.cpp':>12} {'KL ours':>8} {'x':>5} {'KL +gptq':>9} {'x':>5}  "
-             f"{'p99.9 a/b/c':>20}  {'w.err a/b/c':>22}"]
-    for r in sorted(rows, key=lambda r: r["bytes"]):
-        a, b, c = r["llamacpp"], r["ours"], r["ours_gptq"]
-        lines.append(f"{r['type'] + (' grid' if r['grid'] else ''):<9} {8 * r['bytes'] / numel:6.3f} {a['kl']:12.4f} "
-                     f"{b['kl']:8.4f} {b['kl'] / a['kl']:5.2f} {c['kl']:9.4f} {c['kl'] / a['kl']:5.2f}  "
-                     f"{a['kl_p999']:6.3f}/{b['kl_p999']:6.3f}/{c['kl_p999']:6.3f}  "
-                     f"{a['weighted_error']:.4f}/{b['weighted_error']:.4f}/{c['weighted_error']:.4f}")
-    counted = [r for r in rows if not r["grid"]]
-    lines.append(f"goal (b) <= 1.0x on every type: "
-                 f"{'met' if all(r['ours']['kl'] <= r['llamacpp']['kl'] for r in counted) else 'missed'}; "
-                 f"goal (c) <= 0.7x at <= 4.5 bpw: "
-                 f"{'met' if all(r['ours_gptq']['kl'] <= 0.7 * r['llamacpp']['kl'] for r in counted if 8 * r['bytes'] / numel <= 4.5) else 'missed'} "
-                 f"(grid rows left out); {result['seconds']} s in all")
-    text = "\n".join(lines)
-    print(text)
-    out_dir = ROOT / "benchmarks" / "results"
-    (out_dir / f"gguf_encoders_{label}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / f"gguf_encoders_{label}.txt").write_text(text + "\n")
+        _report(args, label, what, rows, numel, time.time() - t_start, types)
 
 
 if __name__ == "__main__":
