@@ -111,6 +111,15 @@ def _first_layers(folder: Path, n: int, out: Path) -> Path:
     return out
 
 
+def _type_bpw(fmt: str) -> float:
+    """Bits per weight of a GGML type (its blocks' bytes over their weights)."""
+    import quant
+
+    f = quant.get_format(fmt)
+    setting = quant.QuantSetting(fmt, f.bits_range[0], f.group_sizes[0])
+    return 8 * f.expected_nbytes((1, 256), setting) / 256
+
+
 def _report(args, label: str, what: str, rows: list, numel: int, seconds: float, types: list[str]) -> None:
     """Writes the results files whole from the rows so far (after each type: a stopped run keeps its rows,
     and says how many of the types it holds)."""
@@ -120,16 +129,17 @@ def _report(args, label: str, what: str, rows: list, numel: int, seconds: float,
     lines = [f"{what}: uniform GGUF files, llama.cpp's encoder (llama-quantize --pure --imatrix) against ours "
              f"and ours with GPTQ feedback; scored by llama-perplexity --kl-divergence on {result['text']} (the "
              f"calibration: {result['calibration']}); weighted error = sum tr(dW H dW^T) / sum tr(W H W^T)",
-             f"{'type':<9} {'bpw':>6} {'KL llama.cpp':>12} {'KL ours':>8} {'x':>5} {'KL +gptq':>9} {'x':>5}  "
+             f"{'type':<9} {'bpw':>6} {'file':>6} {'KL llama.cpp':>12} {'KL ours':>8} {'x':>5} {'KL +gptq':>9} {'x':>5}  "
              f"{'p99.9 a/b/c':>20}  {'w.err a/b/c':>22}"]
     for r in sorted(rows, key=lambda r: r["bytes"]):
         a, b, c = r["llamacpp"], r["ours"], r["ours_gptq"]
-        lines.append(f"{r['type'] + (' grid' if r['grid'] else ''):<9} {8 * r['bytes'] / numel:6.3f} {a['kl']:12.4f} "
+        lines.append(f"{r['type'] + (' grid' if r['grid'] else ''):<9} {_type_bpw(r['type']):6.3f} "
+                     f"{8 * r['bytes'] / numel:6.3f} {a['kl']:12.4f} "
                      f"{b['kl']:8.4f} {b['kl'] / a['kl']:5.2f} {c['kl']:9.4f} {c['kl'] / a['kl']:5.2f}  "
                      f"{a['kl_p999']:6.3f}/{b['kl_p999']:6.3f}/{c['kl_p999']:6.3f}  "
                      f"{a['weighted_error']:.4f}/{b['weighted_error']:.4f}/{c['weighted_error']:.4f}")
     counted = [r for r in rows if not r["grid"]]
-    low = [r for r in counted if 8 * r["bytes"] / numel <= 4.5]
+    low = [r for r in counted if _type_bpw(r["type"]) <= 4.5]  # the type's own bits per weight, not the file's
     lines.append(f"goal (b) <= 1.0x on every type: "
                  f"{'met' if all(r['ours']['kl'] <= r['llamacpp']['kl'] for r in counted) else 'missed'}; "
                  f"goal (c) <= 0.7x at <= 4.5 bpw: "
@@ -140,8 +150,7 @@ def _report(args, label: str, what: str, rows: list, numel: int, seconds: float,
     out_dir = ROOT / "benchmarks" / "results"
     (out_dir / f"gguf_encoders_{label}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / f"gguf_encoders_{label}.txt").write_text(text + "\n")
-    if len(rows) == len(types):
-        print(text)
+    print(text)
 
 
 def main() -> None:
@@ -157,11 +166,18 @@ def main() -> None:
     ap.add_argument("--head-q8", action="store_true", help="token embedding and output head Q8_0 in every file, "
                     "as llama-quantize's --token-embedding-type / --output-tensor-type q8_0 make them")
     ap.add_argument("--work", default=None, help="folder for the files (default: cache/bench-gguf-encoders)")
+    ap.add_argument("--report", action="store_true", help="only write the results files again from the rows "
+                    "the last run recorded (its JSON), measuring nothing")
     args = ap.parse_args()
     unknown = [t for t in args.types.split(",") if t not in FTYPE]
     if unknown:
         ap.error(f"unknown types {unknown}; choose from {', '.join(FTYPE)}")
 
+    label = Path(args.model).name + (f"-first{args.layers}" if args.layers else "") + ("-q8head" if args.head_q8 else "")
+    if args.report:
+        done = json.loads((ROOT / "benchmarks" / "results" / f"gguf_encoders_{label}.json").read_text())
+        _report(args, label, done["model"], done["rows"], done["weights"], done["seconds"], args.types.split(","))
+        return
     import gguf
     import torch
     from transformers import AutoTokenizer
@@ -175,7 +191,6 @@ def main() -> None:
     from quant.gguf_file import _row_order, gguf_names, write_gguf
 
     t_start = time.time()
-    label = Path(args.model).name + (f"-first{args.layers}" if args.layers else "") + ("-q8head" if args.head_q8 else "")
     work = Path(args.work or evaluators.cache_dir() / "bench-gguf-encoders") / label
     work.mkdir(parents=True, exist_ok=True)
     cpp = llamacpp()
