@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import quant
+from app.cli_args import STORAGE_HELP, arg, command, storage_url
+from app.show import bit_map, summary_text
 from evaluators import METRIC_NAMES, Evaluator, UserError
-from evaluators.checkpoint import REMOTE_CODE_FLAG, checked_provenance, pack_policy
+from evaluators.checkpoint import REMOTE_CODE_FLAG, checked_provenance
 from evaluators.context import measured_on
 from search.at_budget import REFINE_TRIALS
-from app.cli_args import STORAGE_HELP, arg, command, storage_url
 from search.exporters import EXPORTERS, ExportOptions, export_point
-from app.show import bit_map, summary_text
+from search.exporters.checkpoint import write_checkpoint
 
 __all__: list[str] = []  # registers its subcommands in app.cli_args.COMMANDS
 
@@ -151,13 +152,9 @@ def _print_metrics(result: dict[str, Any], meta: dict, as_json: bool, dataset: s
 def _cmd_apply(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file; the checkpoint is a folder (give a new or existing folder)")
-    policy = load_policy(args.policy)
-    loaded, packed, _ = pack_policy(policy, f"policy {args.policy}", trust_remote_code=args.trust_remote_code)
-    out = quant.save_checkpoint(loaded.model, policy, args.out)
-    nbytes = sum(p.nbytes for p in packed.values())
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"wrote {out}: {len(packed)} packed matrices, {nbytes:,} packed bytes; {size:,} bytes on disk "
-          f"with float tensors and metadata")
+    _, line = write_checkpoint(load_policy(args.policy), f"policy {args.policy}", args.out,
+                               trust_remote_code=args.trust_remote_code)
+    print(line)
     return 0
 
 

@@ -60,6 +60,13 @@ def _refuse(check: Any, value: Any) -> Any:
     return value
 
 
+def _one_of(value: str, known: tuple[str, ...], what: str) -> str:
+    """``value`` if it is one of ``known``, else the validation error naming the choices."""
+    if value not in known:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(known)}")
+    return value
+
+
 def _unique(values: list[Any]) -> list[Any]:
     """The list without repeats, in its first order: ``--bits 4,4`` is ``--bits 4``."""
     return list(dict.fromkeys(values))
@@ -140,9 +147,7 @@ class MeasureRequest(BaseModel):
     @field_validator("sensitivity_method")
     @classmethod
     def _method(cls, v: str) -> str:
-        if v not in SENSITIVITY_METHODS:
-            raise ValueError(f"unknown sensitivity method {v!r}; choose one of {', '.join(SENSITIVITY_METHODS)}")
-        return v
+        return _one_of(v, SENSITIVITY_METHODS, "sensitivity method")
 
     @model_validator(mode="after")
     def _settings(self) -> "MeasureRequest":
@@ -230,9 +235,7 @@ class SearchRequest(MeasureRequest):
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, v: str) -> str:
-        if v not in SAMPLERS:
-            raise ValueError(f"unknown sampler {v!r}; choose one of {', '.join(SAMPLERS)}")
-        return v
+        return _one_of(v, SAMPLERS, "sampler")
 
     @model_validator(mode="after")
     def _cache(self) -> "SearchRequest":
