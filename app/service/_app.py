@@ -146,7 +146,7 @@ def create_app(storage: str, *, token: str | None = None, ray_address: str | Non
                                     budget=req.budget, refine_trials=req.refine_trials, ray_address=ray_address,
                                     options=ExportOptions(nearest=req.nearest,
                                                           trust_remote_code=limits.allow_remote_code),
-                                    progress=False)
+                                    progress=False, store=store)
             if req.format == "json":
                 return json.loads(exported.path.read_text())
             if req.format == "gguf":

@@ -91,7 +91,7 @@ def file_formats() -> tuple[str, ...]:
 def export_point(storage: str, study: str, fmt: str, out: Path, *, trial: int | None = None,
                  budget: str | None = None, refine_trials: int = 0, workers: int | None = None,
                  ray_address: str | None = None, options: ExportOptions = ExportOptions(),
-                 progress: bool = True) -> Exported:
+                 progress: bool = True, store: Any = None) -> Exported:
     """Exports trial ``trial`` of ``study``, or its best point within ``budget`` (e.g. ``3.0bpw``), as ``fmt``
     into ``out``.
 
@@ -99,6 +99,7 @@ def export_point(storage: str, study: str, fmt: str, out: Path, *, trial: int | 
         refine_trials: with ``budget``: trials run at it first where the study has no point using 99 % of
             it (0: stored points only).
         workers, ray_address: for those trials.
+        store: an open :class:`studies.Store` of ``storage`` to read through (a service's; default: opened here).
 
     Raises:
         UserError: an unknown format, a bad budget, an ``out`` of the wrong kind, a point the format cannot
@@ -119,7 +120,8 @@ def export_point(storage: str, study: str, fmt: str, out: Path, *, trial: int | 
         raise UserError(f"--out {out} is a folder; give the file to write")
     if refine_trials < 0:
         raise UserError(f"--refine-trials must be 0 or more, got {refine_trials}")
-    store = studies.Store(storage, create=False)  # a missing SQLite file is refused, not created empty
+    if store is None:
+        store = studies.Store(storage, create=False)  # a missing SQLite file is refused, not created empty
     budget_bytes = None
     if budget is not None:
         budget_bytes = parse_budget(budget, store.get_study(study).numel)
