@@ -46,7 +46,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
     print(f"study {request.study_name}: {summary['complete']} complete trials ({summary['ran']} run now, "
           f"{summary['failed']} failed, {summary['pruned']} pruned after the first batch) in "
           f"{summary['seconds']:.0f} s; sampler {summary['sampler_seconds']:.1f} s of it")
-    return _print_front(cfg.storage, request.study_name, "table")
+    code = _print_front(cfg.storage, request.study_name, "table")
+    print(_export_hint(request, cfg.storage))
+    return code
+
+
+def _export_hint(request: SearchRequest, storage: str) -> str:
+    """Which runtime the study was searched for, and the command that writes its best point as that
+    runtime's file."""
+    from search.exporters import EXPORTERS
+    from search.targets import get_target
+    from studies import DEFAULT_STORAGE, redact_url
+
+    target, study = get_target(request.target), request.study_name
+    out = f"{study}-{target.export}/" if EXPORTERS[target.export].folder else f"{study}.{target.export}"
+    where = "" if storage == DEFAULT_STORAGE else f" --storage {redact_url(storage)}"
+    return (f"searched for --target {target.name} ({target.runtime}); its best point within the budget, as that "
+            f"runtime's file:\n  turboquant export {study}{where} --budget {request.budget} --format {target.export} "
+            f"--out {out}")
 
 
 @command("sensitivity", "KL per (weight matrix, setting) with only that matrix quantized, predicted by the "

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # benchmarks/kernels.py must not shadow `kernels`
 
 from search.at_budget import FILL, REFINE_TRIALS, point_at_budget  # noqa: E402
 from search.budget import parse_budget  # noqa: E402

@@ -1,8 +1,11 @@
 """Search quality per budget: best uniform setting, DP seed alone, and NSGA-II / TPE / evo after the
 same number of trials, all measured in-process on one Evaluator (no Ray, so only the methods differ).
 
-    python benchmarks/search_quality.py --model smollm2-135m --eval-seqs 4 --sensitivity-seqs 1 \\
+    python benchmarks/search_quality.py --model smollm2-135m --eval-seqs 4 \\
         --granularity block --bits 2,3,4,5 --groups 64,128 --trials 24 --json out.json
+
+The sensitivity table is the search's default, the one-pass proxy (``--sensitivity-method measured``: one
+forward per pair on ``--sensitivity-seqs`` windows).
 
 Every sampler starts from the same seeds (DP and greedy at its budget, the best uniform setting that
 fits) and then proposes ``--trials`` minus those. evo runs with multi-fidelity selection as the
@@ -23,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # benchmarks/kernels.py must not shadow `kernels`
 
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
@@ -35,7 +38,7 @@ from evaluators.context import DataConfig  # noqa: E402
 from search.fidelity import FirstBatchGate  # noqa: E402
 from search.samplers import make_sampler  # noqa: E402
 from search.seeds import solved_policies  # noqa: E402
-from search.sensitivity import measure_sensitivity  # noqa: E402
+from search.sensitivity import measure_sensitivity, proxy_table  # noqa: E402
 from search.space import SearchSpace  # noqa: E402
 from studies import Store  # noqa: E402
 from studies.pareto import front_indices, hypervolume  # noqa: E402
@@ -98,7 +101,10 @@ def main() -> int:
     ap.add_argument("--dataset", default="shakespeare")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-seqs", type=int, default=4)
-    ap.add_argument("--sensitivity-seqs", type=int, default=1, help="windows the sensitivity table is measured on")
+    ap.add_argument("--sensitivity-method", choices=("proxy", "measured"), default="proxy",
+                    help="the search's default: the one-pass proxy (on --calib-seqs windows); or one forward per pair")
+    ap.add_argument("--sensitivity-seqs", type=int, default=1, help="windows a measured table is measured on")
+    ap.add_argument("--calib-seqs", type=int, default=8, help="calibration windows of the proxy (the search's default)")
     ap.add_argument("--granularity", default="block")
     ap.add_argument("--budgets", default="2.5,3.0,3.5,4.0")
     ap.add_argument("--bits", default="2,3,4,5")
@@ -113,19 +119,25 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    data = DataConfig(model=args.model, dataset=args.dataset, seq_len=args.seq_len, n_eval=args.eval_seqs, n_calib=0)
+    data = DataConfig(model=args.model, dataset=args.dataset, seq_len=args.seq_len, n_eval=args.eval_seqs,
+                      n_calib=args.calib_seqs if args.sensitivity_method == "proxy" else 0)
     loaded, tokens = data.load()
     ev = Evaluator(loaded, tokens)
     space = SearchSpace(dict(ev.matrices), tuple(int(b) for b in args.bits.split(",")),
                         tuple(None if g == "ch" else int(g) for g in args.groups.split(",")),
                         granularity=args.granularity)
-    t0 = time.perf_counter()
-    table = measure_sensitivity(ev, space.settings(), units=space.units, store=Store(args.storage),
-                                model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
-                                windows=args.sensitivity_seqs)
+    store = Store(args.storage)
+    if args.sensitivity_method == "proxy":
+        table = proxy_table(ev, space, store=store, model_fingerprint=loaded.fingerprint,
+                            data_fingerprint=tokens.fingerprint)
+        how = f"predicted by the proxy on {args.calib_seqs} calibration window(s)"
+    else:
+        table = measure_sensitivity(ev, space.settings(), units=space.units, store=store,
+                                    model_fingerprint=loaded.fingerprint, data_fingerprint=tokens.fingerprint,
+                                    windows=args.sensitivity_seqs)
+        how = f"measured on {args.sensitivity_seqs} window(s)"
     print(f"sensitivity: {len(space.units)} units ({args.granularity}) x {len(space.settings())} settings; "
-          f"{table.computed} pairs measured in {table.seconds:.1f} s on {args.sensitivity_seqs} window(s), "
-          f"{table.reused} reused")
+          f"{table.computed} pairs {how} in {table.seconds:.1f} s, {table.reused} reused")
     measured: dict[str, dict] = {}  # policy -> result: a policy met twice is measured once
     t0 = time.perf_counter()
     uniform = []

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[0] = str(ROOT)  # benchmarks/kernels.py must not shadow `kernels`
 
 STOCK = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS", "Q4_0")
 GRID_TYPES = ("q4_1", "q5_1")  # the embedded model's own grid (see the module docstring)

@@ -21,6 +21,7 @@ from search.kv_space import DEFAULT_KV_BITS, DEFAULT_KV_FORMATS, KVSpace, kv_can
 from search.placement import Device
 from search.samplers import SAMPLERS
 from search.space import GRANULARITIES, SearchSpace, check_granularity
+from search.targets import DEFAULT_TARGET, TARGETS, get_target
 
 __all__ = ["MAX_LIST", "MAX_SEED", "MeasureRequest", "SearchRequest", "SENSITIVITY_METHODS", "STUDY_NAME",
            "check_study_name", "derived_study_name"]
@@ -93,6 +94,9 @@ class MeasureRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    target: str = Field(DEFAULT_TARGET, description="the runtime the result is for; it sets the formats, bits and "
+                        "groups (each still overridable within what it runs) and the export: "
+                        + "; ".join(f"{t.name}: {t.runtime}, exported as {t.export}" for t in TARGETS.values()))
     model: str = Field("smollm2-135m", description="alias, local folder or Hugging Face id")
     dataset: str = Field("shakespeare", description="'shakespeare' (embedded), a text file, or hf:NAME[:CONFIG]")
     seq_len: int = Field(256, ge=2, le=1 << 20, description="tokens per window")
@@ -119,6 +123,22 @@ class MeasureRequest(BaseModel):
                                     "calibration window (diagonal Fisher, gptq's corrected by its inputs' "
                                     "correlations) and quantizing every setting once; measured: one forward per "
                                     "unit and setting, on the workers; both stored, reused by later studies")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_defaults(cls, data: Any) -> Any:
+        # The target's formats / bits / groups where the user gave none (an unknown target is refused by
+        # the field's own check, below).
+        if isinstance(data, dict) and data.get("target", DEFAULT_TARGET) in TARGETS:
+            fields = cls.model_fields
+            defaults = get_target(data.get("target", DEFAULT_TARGET)).defaults()
+            data = {**{k: v for k, v in defaults.items() if k in fields}, **data}
+        return data
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        return _one_of(v, tuple(TARGETS), "target")
 
     @field_validator("model")
     @classmethod
@@ -153,6 +173,10 @@ class MeasureRequest(BaseModel):
     def _settings(self) -> "MeasureRequest":
         # Unsupported formats / bits / group sizes are refused now, not after minutes of loading.
         _refuse(lambda r: SearchSpace({}, tuple(r.bits), tuple(r.groups), tuple(r.formats)), self)
+        refused = get_target(self.target).refusals(self.formats, self.bits, self.groups, self.granularity,
+                                                   getattr(self, "kv_formats", []))
+        if refused:
+            raise ValueError(f"--target {self.target} cannot run: {'; '.join(refused)}")
         return self
 
     def data_config(self, device: str = "cpu") -> DataConfig:
@@ -166,7 +190,7 @@ class MeasureRequest(BaseModel):
     def space(self, matrices: dict[str, tuple[int, int]]) -> SearchSpace:
         """The search space over ``matrices`` (name -> (out, in)) that these options allow."""
         return SearchSpace(matrices, tuple(self.bits), tuple(self.groups), tuple(self.formats),
-                           granularity=self.granularity)
+                           granularity=self.granularity, target=self.target)
 
     @classmethod
     def from_data(cls, data: DataConfig, **options: Any) -> "MeasureRequest":
@@ -254,7 +278,7 @@ class SearchRequest(MeasureRequest):
                 raise ValueError("a search with --context needs the model's attention modules")
             kv = KVSpace(attention, tuple(self.kv_formats), tuple(self.kv_bits), self.context, self.batch)
         return SearchSpace(matrices, tuple(self.bits), tuple(self.groups), tuple(self.formats),
-                           granularity=self.granularity, kv=kv)
+                           granularity=self.granularity, kv=kv, target=self.target)
 
     def space_of(self, model: Any) -> SearchSpace:
         """:meth:`space` over a loaded float model's weight matrices (and, with ``--context``, its attention

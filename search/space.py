@@ -24,7 +24,11 @@ __all__ = ["SearchSpace", "DEFAULT_BITS", "DEFAULT_GROUPS", "GRANULARITIES", "ch
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8)
 DEFAULT_GROUPS: tuple[int | None, ...] = (32, 64, 128)
-GRANULARITIES = ("matrix", "block", "layer")
+GRANULARITIES = ("matrix", "fused", "block", "layer")
+# The matrices a serving engine fuses into one (vLLM's packed_modules_mapping: qkv_proj, gate_up_proj): they must
+# share one setting, so "fused" makes each such set one unit.
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+         "up_proj": "gate_up_proj"}
 # "model.layers.12.self_attn.q_proj" -> layer "model.layers.12", block "model.layers.12.self_attn".
 _LAYER = re.compile(r"^(?P<layer>.*?\.(?:layers|h|blocks|block|layer)\.\d+)\.(?P<block>[^.]+)\.")
 
@@ -58,15 +62,22 @@ def check_granularity(granularity: str) -> str:
 def units_of(matrices: dict[str, tuple[int, int]], granularity: str = "matrix") -> dict[str, list[str]]:
     """Unit name -> the matrices that share one setting.
 
-    ``matrix``: every matrix alone. ``block``: the sub-blocks of each transformer layer (attention,
-    MLP). ``layer``: each transformer layer whole. Matrices outside the layers (embedding, LM head)
-    stay units of their own at every granularity.
+    ``matrix``: every matrix alone. ``fused``: every matrix alone but those a serving engine fuses
+    (:data:`FUSED`: q/k/v, gate/up), one unit per fused set. ``block``: the sub-blocks of each transformer
+    layer (attention, MLP). ``layer``: each transformer layer whole. Matrices outside the layers (embedding,
+    LM head) stay units of their own at every granularity.
     """
     check_granularity(granularity)
     units: dict[str, list[str]] = {}
     for name in matrices:
         m = _LAYER.match(name) if granularity != "matrix" else None
-        unit = name if m is None else m["layer"] + ("." + m["block"] if granularity == "block" else "")
+        if m is None:
+            unit = name
+        elif granularity == "fused":
+            head, _, last = name.rpartition(".")
+            unit = f"{head}.{FUSED[last]}" if last in FUSED else name
+        else:
+            unit = m["layer"] + ("." + m["block"] if granularity == "block" else "")
         units.setdefault(unit, []).append(name)
     return units
 
@@ -91,6 +102,7 @@ class SearchSpace:
         bits, groups, formats: the allowed values.
         granularity: what shares one setting (see :func:`units_of`).
         kv: the KV cache's units, or ``None``: a weight-only search (the cache is not counted).
+        target: the runtime the search is for (:mod:`search.targets`), recorded with the study.
         units: unit name -> its matrices (derived).
         ladders: unit name -> its settings by increasing bytes, for fixed-geometry formats (else empty).
     """
@@ -101,6 +113,7 @@ class SearchSpace:
     formats: tuple[str, ...] = ("rtn",)
     granularity: str = "matrix"
     kv: KVSpace | None = None
+    target: str = "turboquant"
     units: dict[str, list[str]] = field(init=False)
     ladders: dict[str, list[quant.QuantSetting]] = field(init=False)
 
@@ -167,7 +180,7 @@ class SearchSpace:
     def to_dict(self) -> dict[str, Any]:
         kv = {"kv": self.kv.to_dict()} if self.kv else {}
         return {"bits": list(self.bits), "groups": list(self.groups), "formats": list(self.formats),
-                "granularity": self.granularity, **kv}
+                "granularity": self.granularity, "target": self.target, **kv}
 
     @property
     def n_params(self) -> int:
