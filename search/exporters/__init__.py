@@ -135,4 +135,4 @@ def export_point(storage: str, study: str, fmt: str, out: Path, *, trial: int | 
 
 
 # The exporters: each module registers its own.
-from search.exporters import checkpoint, gguf, policy_json, runtime_configs  # noqa: E402,F401
+from search.exporters import checkpoint, compressed_tensors, gguf, policy_json, runtime_configs  # noqa: E402,F401
