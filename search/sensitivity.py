@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
@@ -25,7 +25,7 @@ import quant
 from evaluators import Evaluator
 from evaluators.kv_attention import attention_modules
 from quant.kv import FLOAT_KV, KVSetting, kv_bytes, split_kv_unit
-from studies import Store
+from studies import SensitivityMeasure, Store
 
 if TYPE_CHECKING:
     from search.dispatch import Dispatcher
@@ -112,8 +112,8 @@ def _plan(per_unit: dict[str, list[Any]], n_eval: int, units: dict[str, list[str
             if hit is None:
                 todo.append((name, s))
             else:
-                table.kl[name][s.key()] = hit["kl"]
-                table.nbytes[name][s.key()] = nbytes(name, s) if split_kv_unit(name) else hit["bytes"]
+                table.kl[name][s.key()] = hit.kl
+                table.nbytes[name][s.key()] = nbytes(name, s) if split_kv_unit(name) else hit.bytes
     table.reused = sum(len(v) for v in table.kl.values())
     return table, todo, data_fingerprint, windows
 
@@ -128,13 +128,13 @@ def _with_float(table: SensitivityTable, space: SearchSpace) -> SensitivityTable
     return table
 
 
-def _add(table: SensitivityTable, rows: list[dict[str, Any]]) -> None:
+def _add(table: SensitivityTable, rows: list[SensitivityMeasure]) -> None:
     for r in rows:
-        table.kl[r["matrix"]][r["setting"]], table.nbytes[r["matrix"]][r["setting"]] = r["kl"], int(r["bytes"])
+        table.kl[r.unit][r.setting], table.nbytes[r.unit][r.setting] = r.kl, r.bytes
 
 
 def measure_pair(evaluator: Evaluator, unit: str, matrices: list[str], setting: Any,
-                 windows: int | None) -> dict[str, Any]:
+                 windows: int | None) -> SensitivityMeasure:
     """The store's row for one pair: the metrics with only ``matrices`` quantized at ``setting``, or
     for a KV unit only its module's keys or values cached at that :class:`~quant.kv.KVSetting`."""
     t = time.perf_counter()
@@ -148,8 +148,7 @@ def measure_pair(evaluator: Evaluator, unit: str, matrices: list[str], setting: 
         # For the record, this tensor's bytes over one window; a search counts them at its context (the space's).
         info = attention_modules(evaluator.model)[module]
         r["bytes"] = kv_bytes(setting, info.kv_heads, info.head_dim, info.cached_tokens(evaluator.tokens.seq_len))
-    return {"matrix": unit, "setting": setting.key(), "kl": r["kl"], "ppl": r["ppl"], "bytes": int(r["bytes"]),
-            "seconds": time.perf_counter() - t}
+    return SensitivityMeasure(unit, setting.key(), r["kl"], r["ppl"], int(r["bytes"]), time.perf_counter() - t)
 
 
 def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSetting], *,
@@ -168,7 +167,7 @@ def measure_sensitivity(evaluator: Evaluator, settings: Iterable[quant.QuantSett
                                                    units or {m: [m] for m in evaluator.matrices}, store,
                                                    model_fingerprint, data_fingerprint, windows)
     t0 = time.perf_counter()
-    pending: list[dict[str, Any]] = []
+    pending: list[SensitivityMeasure] = []
     for name, s in tqdm(todo, desc="sensitivity", unit="pair", disable=not progress or not todo,
                         dynamic_ncols=True):
         pending.append(measure_pair(evaluator, name, table.units[name], s, windows))
@@ -215,8 +214,9 @@ def measure_on_workers(workers: Dispatcher, space: SearchSpace, n_eval: int, *, 
                 raise RuntimeError(f"sensitivity: a worker failed measuring {task.args[0][0][0]}: {rows}")
             if store is not None:
                 store.record_sensitivity(model_fingerprint, data_fingerprint, rows)
-            _add(table, [{**r, "bytes": space.unit_nbytes(r["matrix"], by_key[r["setting"]])}
-                         if space.is_kv(r["matrix"]) else r for r in rows])
+            # A KV unit's bytes depend on the context the search budgets for, not the window it was measured on.
+            _add(table, [replace(r, bytes=space.unit_nbytes(r.unit, by_key[r.setting])) if space.is_kv(r.unit) else r
+                         for r in rows])
             bar.update(len(rows))
     finally:
         bar.close()
@@ -303,8 +303,7 @@ def proxy_table(evaluator: Evaluator | None, space: SearchSpace, *, store: Store
             if store is not None:
                 share = seconds / max(1, table.computed)  # what a pair cost, for the record
                 store.record_sensitivity(model_fingerprint, f"{data_fingerprint}/{parts[kind][2]}", [
-                    {"matrix": u, "setting": k, "kl": v, "ppl": None, "bytes": nb[u][k], "seconds": share}
-                    for u, row in kl.items() for k, v in row.items()])
+                    SensitivityMeasure(u, k, v, None, nb[u][k], share) for u, row in kl.items() for k, v in row.items()])
             tables[kind] = table
     return tables["weights"].merged(_with_float(tables["kv"], space)) if space.kv else tables["weights"]
 

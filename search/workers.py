@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from studies.results import TrialResult
+from studies.results import SensitivityMeasure, TrialResult
 
 if TYPE_CHECKING:
     from evaluators.reference import Reference
@@ -120,7 +120,7 @@ class TrialWorker:
                            worker=self.name, **metrics)
 
     def measure_pairs(self, pairs: list[tuple[str, list[str], dict[str, Any]]],
-                      windows: int | None = None) -> list[dict[str, Any]]:
+                      windows: int | None = None) -> list[SensitivityMeasure]:
         """Single-unit sensitivity: for each ``(unit, its matrices, setting)``, the metrics with only those
         matrices (or a KV unit's cache) quantized (over the first ``windows`` evaluation windows), as rows
         for the store."""

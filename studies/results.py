@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TrialResult"]
+__all__ = ["SensitivityMeasure", "TrialResult"]
 
 
 @dataclass(frozen=True)
@@ -49,3 +49,24 @@ class TrialResult:
     def seconds(self) -> float:
         """The worker's own time on it."""
         return self.seconds_quantize + self.seconds_forward
+
+
+@dataclass(frozen=True)
+class SensitivityMeasure:
+    """One pair of a sensitivity table: the metrics with only ``unit`` quantized at ``setting`` (all else float),
+    measured or predicted by the proxy (then ``ppl`` is ``None``).
+
+    Attributes:
+        unit: the unit (a weight matrix, a group of them, or a KV unit) as the search names it.
+        setting: its setting's key (``QuantSetting.key()`` / ``KVSetting.key()``).
+        kl, ppl: KL to the float model and perplexity.
+        bytes: the unit's packed bytes at that setting.
+        seconds: what measuring (or predicting) the pair cost.
+    """
+
+    unit: str
+    setting: str
+    kl: float
+    ppl: float | None
+    bytes: int
+    seconds: float

@@ -19,7 +19,7 @@ from studies.migrate import migrate
 from studies.models import FRONT_INDEX, Base, RescoreRow, SensitivityRow, StudyRow, TrialRow
 from studies.pareto import front_indices
 from studies.redact import redact_url, scrub
-from studies.results import TrialResult
+from studies.results import SensitivityMeasure, TrialResult
 from studies.retry import SCHEMA_RACE_SECONDS, with_db_retry
 
 __all__ = ["Store", "StoreError", "NotFoundError", "DEFAULT_STORAGE", "FRONT_COLUMNS", "check_exists", "sqlite_file"]
@@ -287,20 +287,23 @@ class Store:
 
     # Sensitivity ------------------------------------------------------------------------------
 
-    def sensitivity(self, model_fingerprint: str, data_fingerprint: str) -> dict[tuple[str, str], dict[str, Any]]:
-        """Stored sensitivity measurements: (matrix, setting key) -> {kl, ppl, bytes, seconds}."""
+    def sensitivity(self, model_fingerprint: str, data_fingerprint: str
+                    ) -> dict[tuple[str, str], SensitivityMeasure]:
+        """Stored sensitivity measurements: (unit, setting key) -> the pair's measure."""
         with self.session() as s:
             rows = s.scalars(select(SensitivityRow).where(SensitivityRow.model_fingerprint == model_fingerprint,
                                                           SensitivityRow.data_fingerprint == data_fingerprint))
-            return {(r.matrix, r.setting): {"kl": r.kl, "ppl": r.ppl, "bytes": r.bytes, "seconds": r.seconds}
+            return {(r.matrix, r.setting): SensitivityMeasure(r.matrix, r.setting, r.kl, r.ppl, r.bytes, r.seconds)
                     for r in rows}
 
     def record_sensitivity(self, model_fingerprint: str, data_fingerprint: str,
-                           rows: list[dict[str, Any]]) -> None:
-        """Adds measurements (dicts with matrix, setting, kl, ppl, bytes, seconds); existing keys are kept."""
+                           rows: list[SensitivityMeasure]) -> None:
+        """Adds measurements; the pairs the store holds already are kept as they are."""
         if not rows:
             return
-        values = [{"model_fingerprint": model_fingerprint, "data_fingerprint": data_fingerprint, **r} for r in rows]
+        values = [{"model_fingerprint": model_fingerprint, "data_fingerprint": data_fingerprint, "matrix": r.unit,
+                   "setting": r.setting, "kl": r.kl, "ppl": r.ppl, "bytes": r.bytes, "seconds": r.seconds}
+                  for r in rows]
         dialect = self.engine.dialect.name
         if dialect in ("sqlite", "postgresql"):
             # Two searches may measure the same pairs at once: the first writer wins, the other's

@@ -214,5 +214,5 @@ def test_the_proxy_and_reference_on_a_worker_give_the_drivers_table_and_trials(t
     here, there = tables
     assert set(here) == set(there) and any(":kv_" in unit for unit, _ in here)
     for pair, row in here.items():  # the worker runs on fewer torch threads: sums in another order
-        assert there[pair]["kl"] == pytest.approx(row["kl"], rel=1e-3, abs=1e-9), pair
-        assert there[pair]["bytes"] == row["bytes"]
+        assert there[pair].kl == pytest.approx(row.kl, rel=1e-3, abs=1e-9), pair
+        assert there[pair].bytes == row.bytes

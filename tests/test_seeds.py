@@ -147,5 +147,5 @@ def test_measured_table_on_workers_matches_the_driver_and_resumes(evaluator, dat
             assert table.kl[unit][s.key()] == pytest.approx(here.kl[unit][s.key()], rel=1e-4, abs=1e-7)
     stored = store.sensitivity("m", "d")
     attn0 = next(u for u in units if u.endswith("layers.0.self_attn"))
-    assert len(stored) == 2 * len(units) and stored[(attn0, settings[1].key())]["kl"] == table.kl[attn0][
+    assert len(stored) == 2 * len(units) and stored[(attn0, settings[1].key())].kl == table.kl[attn0][
         settings[1].key()]

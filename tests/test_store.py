@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from studies import Store, StoreError, export_policy, hypervolume, non_dominated
+from studies import SensitivityMeasure, Store, StoreError, export_policy, hypervolume, non_dominated
 from studies.pareto import front_indices
 
 
@@ -133,19 +133,19 @@ def test_old_sqlite_database_opens_keeps_its_trials_and_holds_64_bit_counts(tmp_
     assert frame["kv_bytes"].isna().all()  # trials of a weight-only search count no cache
     assert list(frame["trial"]) == [0, 1, 2, 3] and list(frame["bytes"].iloc[:3]) == [40_000, 45_000, 50_000]
     assert list(store.front(old)["trial"]) == [0, 1, 2]  # budget 60 000: every complete trial fits
-    assert store.sensitivity("m", "d")[("a", "rtn:4:32")]["bytes"] == 1234
+    assert store.sensitivity("m", "d")[("a", "rtn:4:32")].bytes == 1234
     # SQLite's INTEGER is 64-bit already: counts past 2**32 round-trip exactly in the old file.
     big = store.create_study(name="big", model="m", dataset="d", budget_bytes=2 * BIG, numel=BIG, sampler="nsga2",
                              space={}, provenance={})
     store.record_trial(big, 0, state="complete", policy={}, bytes=BIG + 1, bpw=8.0, kl=0.1)
-    store.record_sensitivity("m", "d", [{"matrix": "b", "setting": "rtn:4:32", "kl": 0.1, "ppl": 2.0,
-                                         "bytes": BIG + 3, "seconds": 0.1}])
+    store.record_sensitivity("m", "d", [SensitivityMeasure("b", "rtn:4:32", kl=0.1, ppl=2.0, bytes=BIG + 3,
+                                                           seconds=0.1)])
     again = Store(f"sqlite:///{path}")
     row = again.get_study("big")
     assert (row.budget_bytes, row.numel) == (2 * BIG, BIG)
     assert again.trial(row, 0).bytes == BIG + 1 and again.trial(row, 0).feasible
     assert list(again.front(row)["bytes"]) == [BIG + 1]
-    assert again.sensitivity("m", "d")[("b", "rtn:4:32")]["bytes"] == BIG + 3
+    assert again.sensitivity("m", "d")[("b", "rtn:4:32")].bytes == BIG + 3
 
 
 def test_old_postgres_database_is_widened_and_keeps_its_rows(postgres) -> None:
