@@ -189,8 +189,12 @@ class MeasureRequest(BaseModel):
 
     def space(self, matrices: dict[str, tuple[int, int]]) -> SearchSpace:
         """The search space over ``matrices`` (name -> (out, in)) that these options allow."""
-        return SearchSpace(matrices, tuple(self.bits), tuple(self.groups), tuple(self.formats),
+        return SearchSpace(matrices, tuple(self.bits), tuple(self._groups(matrices)), tuple(self.formats),
                            granularity=self.granularity, target=self.target)
+
+    def _groups(self, matrices: dict[str, tuple[int, int]]) -> list[int | None]:
+        """The group sizes the target holds on these matrices' rows."""
+        return get_target(self.target).groups_for(self.groups, {w for _, w in matrices.values()})
 
     @classmethod
     def from_data(cls, data: DataConfig, **options: Any) -> "MeasureRequest":
@@ -277,7 +281,7 @@ class SearchRequest(MeasureRequest):
             if attention is None:
                 raise ValueError("a search with --context needs the model's attention modules")
             kv = KVSpace(attention, tuple(self.kv_formats), tuple(self.kv_bits), self.context, self.batch)
-        return SearchSpace(matrices, tuple(self.bits), tuple(self.groups), tuple(self.formats),
+        return SearchSpace(matrices, tuple(self.bits), tuple(self._groups(matrices)), tuple(self.formats),
                            granularity=self.granularity, kv=kv, target=self.target)
 
     def space_of(self, model: Any) -> SearchSpace:

@@ -20,6 +20,7 @@ token, vLLM's fp8), so with ``--context`` their cache is counted at 16 bits in t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,10 @@ class Target:
     def _weight_refusals(self, formats: list[str], bits: list[int], groups: list[int | None]) -> list[str]:
         return []
 
+    def groups_for(self, groups: list[int | None], widths: set[int]) -> list[int | None]:
+        """The group sizes of ``groups`` this runtime holds on rows of these ``widths`` (all of them here)."""
+        return list(groups)
+
 
 class _LlamaCpp(Target):
     def _weight_refusals(self, formats: list[str], bits: list[int], groups: list[int | None]) -> list[str]:
@@ -98,6 +103,19 @@ class _Vllm(Target):
         out += [f"{b}-bit weights (it runs {' and '.join(map(str, _VLLM_BITS))})" for b in bits if b not in _VLLM_BITS]
         out += [f"group size {g} (its kernels take 32, 64, 128 or per channel)" for g in groups if g not in _VLLM_GROUPS]
         return out
+
+    def groups_for(self, groups: list[int | None], widths: set[int]) -> list[int | None]:
+        # compressed-tensors' groups divide the row (ours pad a short last group): a group that pads some row
+        # is left out of the space, as llama.cpp's types leave out the rows that are not whole blocks.
+        fit = [g for g in groups if g is None or all(w % g == 0 for w in widths)]
+        if len(fit) < len(groups):
+            logging.getLogger("search.targets").info(
+                "--target vllm: group sizes %s left out: they pad rows of width %s, which compressed-tensors "
+                "cannot hold", [g for g in groups if g not in fit], sorted(widths))
+        if not fit:
+            raise UserError(f"--target vllm: none of the group sizes {groups} divides every row (widths "
+                            f"{sorted(widths)}): add --groups ch (per channel)")
+        return fit
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (

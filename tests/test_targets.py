@@ -7,6 +7,7 @@ import re
 import pytest
 
 from app.cli import main
+from evaluators import UserError
 from search.request import MeasureRequest, SearchRequest
 from search.space import units_of
 from search.targets import TARGETS
@@ -70,7 +71,7 @@ def vllm_study(tmp_path_factory, corpus, local_ray):
     return storage, args
 
 
-def test_a_vllm_search_proposes_only_what_vllm_runs_and_says_how_to_export_it(vllm_study, capsys) -> None:
+def test_a_vllm_search_proposes_only_what_vllm_runs_and_exports_what_it_prints(vllm_study, capsys, tmp_path) -> None:
     storage, args = vllm_study
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -90,7 +91,22 @@ def test_a_vllm_search_proposes_only_what_vllm_runs_and_says_how_to_export_it(vl
                 assert len({json.dumps([matrices[f"{layer}.{m}"][k] for k in ("format", "bits", "group_size", "options")],
                                        sort_keys=True) for m in tied}) == 1
     assert "searched for --target vllm" in printed
-    assert "--format compressed-tensors --out v-compressed-tensors/" in printed
+    command = printed.split("searched for --target vllm")[1].splitlines()[1].split()
+    assert command[:2] == ["turboquant", "export"] and "--format" in command
+    # The printed command, as the user would run it (into a folder of our own): the study's best point becomes a
+    # compressed-tensors folder, refused nothing (tests/test_compressed_tensors.py: loaded bit for bit).
+    out = tmp_path / "ct"
+    assert main(command[1:command.index("--out")] + ["--storage", storage, "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["config_groups"]
+
+
+def test_vllm_leaves_out_the_groups_that_would_pad_a_row() -> None:
+    matrices = {"model.layers.0.self_attn.q_proj": (576, 576), "model.layers.0.mlp.down_proj": (576, 1536)}
+    space = SearchRequest(target="vllm", budget="5bpw").space(matrices)
+    assert space.groups == (64, None)  # 576 = 4.5 x 128
+    with pytest.raises(UserError, match="add --groups ch"):
+        SearchRequest(target="vllm", budget="5bpw", groups=[128]).space(matrices)
 
 
 def test_every_target_exports_through_a_registered_exporter() -> None:
