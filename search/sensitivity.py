@@ -265,7 +265,7 @@ def proxy_on_model(store: Store | None, loaded: Any, tokens: Any, space: SearchS
     return table
 
 
-PROXY_VERSION = "proxy-v1"  # part of the stored rows' data key: a new formula never reuses old predictions
+PROXY_VERSION = "proxy-v2"  # in the stored rows' data key: new predictions (v2: GGUF gptq damp 0.3) never reuse old
 KV_PROXY_VERSION = "kv-proxy-v1"
 
 
