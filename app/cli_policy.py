@@ -73,8 +73,9 @@ def _export_which(p) -> None:
          _export_which, arg("--out", required=True, help="file (a checkpoint: folder) to write"),
          arg("--format", default="json", choices=tuple(EXPORTERS),
              help="; ".join(f"{name}: {e.help}" for name, e in EXPORTERS.items())),
-         arg("--nearest", action="store_true", help="gguf: map formats llama.cpp cannot run to the nearest "
-             "llama.cpp type that fits (each change printed); without it such a policy is refused"),
+         arg("--nearest", action="store_true", help="gguf, compressed-tensors: quantize each setting the runtime "
+             "cannot hold again at the nearest one it holds (each change printed; the file then holds other weights "
+             "than the measured ones); without it such a policy is refused"),
          arg("--refine-trials", type=int, default=REFINE_TRIALS, help="with --budget: trials run at that budget "
              "when the study has no point using 99 %% of it (solved from its sensitivity table, then evo; stored "
              "in the study); 0: only stored points"),
