@@ -105,10 +105,14 @@ _OTHER_TEXT = ("dataset", "seq_len", "n_eval")  # eval's flags for measuring on 
 def _cmd_eval(args: argparse.Namespace) -> int:
     other = {k: getattr(args, k) for k in _OTHER_TEXT}
     if Path(args.policy).is_dir():
-        from evaluators.checkpoint import evaluate_checkpoint
+        from evaluators.checkpoint import POLICY_FILE, evaluate_checkpoint, evaluate_export
 
-        result, ckpt = evaluate_checkpoint(args.policy, trust_remote_code=args.trust_remote_code, **other)
-        _print_metrics(result, ckpt.policy.meta, args.json, args.dataset)
+        if (Path(args.policy) / POLICY_FILE).is_file():  # a folder another runtime loads (compressed-tensors)
+            result, meta = evaluate_export(args.policy, trust_remote_code=args.trust_remote_code, **other)
+        else:
+            result, ckpt = evaluate_checkpoint(args.policy, trust_remote_code=args.trust_remote_code, **other)
+            meta = ckpt.policy.meta
+        _print_metrics(result, meta, args.json, args.dataset)
         return 0
     policy = load_policy(args.policy)
     meta = checked_provenance(policy.meta, f"policy {args.policy}", trust_remote_code=args.trust_remote_code)

@@ -16,7 +16,11 @@ from evaluators.kv_attention import install_kv, kv_figures
 from evaluators.metrics import MetricSums
 from evaluators.models import load_model
 
-__all__ = ["checked_provenance", "evaluate_checkpoint", "pack_policy"]
+__all__ = ["POLICY_FILE", "checked_provenance", "evaluate_checkpoint", "evaluate_export", "pack_policy"]
+
+# The policy document (settings, measured metrics, provenance) an exported Hugging Face folder carries beside
+# its weights, so that `turboquant eval FOLDER` can measure the folder against the float model it came from.
+POLICY_FILE = "turboquant-policy.json"
 
 REMOTE_CODE_FLAG = "--trust-remote-code"
 
@@ -78,19 +82,50 @@ def evaluate_checkpoint(folder: str | Path, *, batch_size: int = 2, dataset: str
         raise UserError(f"checkpoint {folder}: {exc}") from None
     loaded, tokens = measured_on(meta, "checkpoint", str(folder), " to measure it against",
                                  dataset=dataset, seq_len=seq_len, n_eval=n_eval)
+    metrics = _against_reference(ckpt.model, loaded, tokens, batch_size)
+    numel = sum(p.numel for p in ckpt.packed.values())
+    kv = kv_figures(ckpt.model, ckpt.policy.kv, tokens.seq_len) if ckpt.policy.kv else {}
+    return {**metrics, "bytes": ckpt.nbytes, "bpw": 8.0 * ckpt.nbytes / numel, **kv}, ckpt
+
+
+def evaluate_export(folder: str | Path, *, batch_size: int = 2, dataset: str | None = None, seq_len: int | None = None,
+                    n_eval: int | None = None, trust_remote_code: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Measures an exported Hugging Face folder (compressed-tensors: transformers decompresses its weights,
+    in float32) against the float model its :data:`POLICY_FILE` names, on the same data as
+    :func:`evaluate_checkpoint`; returns the metrics and that policy document. ``bytes`` and ``bpw`` are the
+    policy's measured ones (the folder may hold its embedding in float: see the exporter's report)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    path = Path(folder) / POLICY_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"export {folder}: its {POLICY_FILE} cannot be read: {exc}") from None
+    meta = checked_provenance(doc, f"export {folder}", trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    loaded, tokens = measured_on(meta, "export", str(folder), " to measure it against",
+                                 dataset=dataset, seq_len=seq_len, n_eval=n_eval)
+    metrics = _against_reference(model, loaded, tokens, batch_size)
+    stored = doc.get("metrics") or {}
+    return {**metrics, "bytes": stored.get("bytes"), "bpw": stored.get("bpw")}, doc
+
+
+@torch.inference_mode()
+def _against_reference(model: torch.nn.Module, loaded: Any, tokens: Any, batch_size: int) -> dict[str, Any]:
+    """``model``'s metrics against the float ``loaded`` model's log-probs on the evaluation windows (the float
+    model is dropped once its reference is taken)."""
     reference = reference_logprobs(loaded.model, tokens, batch_size)
-    del loaded  # the float model is only needed for the reference
+    del loaded
     sums = MetricSums()
     ids = torch.from_numpy(tokens.eval)
     for i in range(0, len(ids), batch_size):
         batch = ids[i:i + batch_size]
-        logits = ckpt.model(input_ids=batch, use_cache=False).logits[:, :-1]
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
         sums.add(torch.log_softmax(logits.float(), dim=-1), torch.from_numpy(reference[i:i + batch_size]),
                  batch[:, 1:])
-    numel = sum(p.numel for p in ckpt.packed.values())
-    kv = kv_figures(ckpt.model, ckpt.policy.kv, tokens.seq_len) if ckpt.policy.kv else {}
-    return {**sums.result(), "bytes": ckpt.nbytes, "bpw": 8.0 * ckpt.nbytes / numel, "windows": len(ids),
-            "seq_len": tokens.seq_len, **kv}, ckpt
+    return {**sums.result(), "windows": len(ids), "seq_len": tokens.seq_len}
 
 
 def pack_policy(policy: quant.Policy, label: str, *, remap: Any = None, trust_remote_code: bool = False

@@ -142,3 +142,20 @@ def test_nearest_quantizes_again_symmetric_and_reports_each_change(data_config, 
     assert [sorted(g["targets"]) for g in config["config_groups"].values()] == \
         [sorted(n for n in doc["matrices"] if n not in ("model.embed_tokens", "lm_head"))]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_eval_measures_the_folder_against_the_float_model_it_came_from(exported, data_config, capsys) -> None:
+    """`turboquant eval FOLDER` reads the policy the export carries and measures the folder as transformers loads
+    it: the KL the search's own evaluation gives the same policy."""
+    from app.cli import main
+    from evaluators import Evaluator
+
+    doc, out, _, _ = exported
+    loaded, tokens = data_config.load()
+    expected = Evaluator(loaded, tokens).evaluate(quant.Policy.from_dict(doc))
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["kl"] == pytest.approx(expected["kl"], rel=1e-4)
+    assert measured["top1"] == pytest.approx(expected["top1"], abs=1e-9)
+    assert measured["bytes"] == doc["metrics"]["bytes"]  # the measured policy's, as stored

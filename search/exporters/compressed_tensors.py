@@ -251,7 +251,7 @@ def _lines(out: Path, trial: int, m: dict[str, Any], packed: dict[str, quant.Pac
         lines.append(f"  {len(changes)} matrices quantized again by --nearest: the folder is not the policy "
                      "that was measured")
     unserved = sorted(n for n, p in packed.items() if n not in floats
-                      and p.setting.bits not in SERVED_BITS or p.setting.group_size not in SERVED_GROUPS)
+                      and (p.setting.bits not in SERVED_BITS or p.setting.group_size not in SERVED_GROUPS))
     if unserved:
         lines.append(f"  note: {len(unserved)} matrices have widths or groups vLLM's int kernels do not serve "
                      f"(they serve 4 / 8 bits, groups 32 / 64 / 128 / per channel): {', '.join(unserved[:5])}")
@@ -266,7 +266,7 @@ class CompressedTensors(Exporter):
     folder = True
 
     def write(self, doc: dict[str, Any], out: Path, options: ExportOptions) -> Exported:
-        from evaluators.checkpoint import pack_policy
+        from evaluators.checkpoint import POLICY_FILE, pack_policy
 
         _check_out(out)
         policy = quant.Policy.from_dict(doc)
@@ -291,6 +291,8 @@ class CompressedTensors(Exporter):
         try:
             tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets what mkdir would give it
             floats, ignore, copied = _write_folder(tmp, loaded, packed)
+            # What was measured, so that `turboquant eval` can measure the folder against the float model.
+            (tmp / POLICY_FILE).write_text(json.dumps(doc, indent=2))
             _move_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
