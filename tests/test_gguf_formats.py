@@ -72,7 +72,11 @@ def test_other_geometry_or_options_are_refused(setting: dict) -> None:
         QuantSetting.from_dict(setting)
 
 
-def test_hessian_diagonal_is_the_importance() -> None:
+def test_the_importance_is_the_hessian_diagonal_in_llamacpps_form() -> None:
+    """Each weight's importance: its input column's energy (the Hessian's diagonal) times sqrt(sigma^2 + w^2),
+    sigma^2 the block's mean square, as llama.cpp weighs its imatrix."""
+    from quant.gguf import BLOCK_TYPES, quantize_blocks
+
     gen = torch.Generator().manual_seed(3)
     w = gaussian(64, 512, seed=2)
     x = torch.randn(1024, 512, generator=gen) * torch.exp(1.5 * torch.randn(512, generator=gen))  # uneven inputs
@@ -85,6 +89,10 @@ def test_hessian_diagonal_is_the_importance() -> None:
         # Only the diagonal counts, and imatrix=false ignores the data.
         assert torch.equal(quant.quantize(w, {"format": name}, hessian=torch.diag(torch.diagonal(h))).buffers["blocks"],
                            weighted.buffers["blocks"])
+        blocks = w.reshape(-1, BLOCK_TYPES[name].block)
+        importance = torch.diagonal(h).expand(w.shape[0], -1).reshape(blocks.shape) * torch.sqrt(
+            (blocks * blocks).mean(dim=1, keepdim=True) + blocks * blocks)
+        assert torch.equal(quantize_blocks(name, blocks, importance).view(w.shape[0], -1), weighted.buffers["blocks"])
         off = quant.quantize(w, {"format": name, "options": {"imatrix": False}}, hessian=h)
         assert torch.equal(off.buffers["blocks"], plain.buffers["blocks"])
     assert quant.needs_hessians([QuantSetting.from_dict({"format": "q4_k"})])
