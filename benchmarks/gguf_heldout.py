@@ -1,9 +1,9 @@
 """Our GGUF encoder's choices, judged on other text: the importance's form and GPTQ's damping, per matrix.
 
-The importance matrix and GPTQ's error feedback are fitted to the calibration inputs. With fewer calibration tokens than a matrix has
-input columns (Qwen2.5-Coder-1.5B's down_proj: 8960 columns), or other text than the calibration's, the fit
-does not carry: this measures how much, and which damping (a fraction of the mean Hessian diagonal added to it)
-keeps the gain. For each weight matrix of one layer, the relative output error
+The importance matrix and GPTQ's error feedback are fitted to the calibration inputs. With fewer calibration
+tokens than a matrix has input columns (Qwen2.5-Coder-1.5B's down_proj: 8960 columns), or other text than the
+calibration's, the fit does not carry: this measures how much, and which damping (a fraction of the mean Hessian
+diagonal added to it) keeps the gain. For each weight matrix of one layer, the relative output error
 ``tr(dW H dW^T) / tr(W H W^T)`` under the Hessian of the calibration windows (embedded Shakespeare, as
 ``benchmarks/gguf_encoders.py`` calibrates) and under the Hessian of held-out text (Python's
 ``pydoc_data/topics.py``), for the plain encoding with the Hessian's diagonal as importance, the plain

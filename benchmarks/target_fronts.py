@@ -112,7 +112,8 @@ def main() -> None:
              f"{args.model}; searches: {args.trials} trials, {args.eval_seqs} x {args.seq_len} Shakespeare windows, "
              f"granularity fused; files scored on {args.test_seqs} x {args.seq_len} tokens of pydoc_data/topics.py; "
              f"{time.time() - t0:.0f} s",
-             f"{'target':<11} {'budget':>6} {'bpw':>6} {'KL search':>10} {'KL file':>9}  best uniform within the budget"]
+             f"{'target':<11} {'budget':>6} {'bpw':>6} {'KL search':>10} {'KL file':>9}  "
+             "best uniform within the budget"]
     for name, budget, bpw, kl, kl_file, flat, flat_kl in rows:
         if bpw is None:
             lines.append(f"{name:<11} {budget:>6.2f} {'-':>6} {'-':>10} {'-':>9}  -")

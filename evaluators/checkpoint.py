@@ -88,8 +88,9 @@ def evaluate_checkpoint(folder: str | Path, *, batch_size: int = 2, dataset: str
     return {**metrics, "bytes": ckpt.nbytes, "bpw": 8.0 * ckpt.nbytes / numel, **kv}, ckpt
 
 
-def evaluate_export(folder: str | Path, *, batch_size: int = 2, dataset: str | None = None, seq_len: int | None = None,
-                    n_eval: int | None = None, trust_remote_code: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+def evaluate_export(folder: str | Path, *, batch_size: int = 2, dataset: str | None = None,
+                    seq_len: int | None = None, n_eval: int | None = None, trust_remote_code: bool = False
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Measures an exported Hugging Face folder (compressed-tensors: transformers decompresses its weights,
     in float32) against the float model its :data:`POLICY_FILE` names, on the same data as
     :func:`evaluate_checkpoint`; returns the metrics and that policy document. ``bytes`` and ``bpw`` are the

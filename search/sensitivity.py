@@ -303,7 +303,8 @@ def proxy_table(evaluator: Evaluator | None, space: SearchSpace, *, store: Store
             if store is not None:
                 share = seconds / max(1, table.computed)  # what a pair cost, for the record
                 store.record_sensitivity(model_fingerprint, f"{data_fingerprint}/{parts[kind][2]}", [
-                    SensitivityMeasure(u, k, v, None, nb[u][k], share) for u, row in kl.items() for k, v in row.items()])
+                    SensitivityMeasure(u, k, v, None, nb[u][k], share)
+                    for u, row in kl.items() for k, v in row.items()])
             tables[kind] = table
     return tables["weights"].merged(_with_float(tables["kv"], space)) if space.kv else tables["weights"]
 

@@ -101,7 +101,8 @@ class _Vllm(Target):
                 out.append(f"format {label} (our asymmetric grid has a float offset per group, which an integer "
                            f"zero point cannot hold: add +symmetric)")
         out += [f"{b}-bit weights (it runs {' and '.join(map(str, _VLLM_BITS))})" for b in bits if b not in _VLLM_BITS]
-        out += [f"group size {g} (its kernels take 32, 64, 128 or per channel)" for g in groups if g not in _VLLM_GROUPS]
+        out += [f"group size {g} (its kernels take 32, 64, 128 or per channel)"
+                for g in groups if g not in _VLLM_GROUPS]
         return out
 
     def groups_for(self, groups: list[int | None], widths: set[int]) -> list[int | None]:

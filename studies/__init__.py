@@ -6,5 +6,5 @@ from studies.redact import redact_url, scrub
 from studies.results import SensitivityMeasure, TrialResult
 from studies.store import DEFAULT_STORAGE, FRONT_COLUMNS, NotFoundError, Store, StoreError, check_exists
 
-__all__ = ["DEFAULT_STORAGE", "FRONT_COLUMNS", "NotFoundError", "Store", "StoreError", "SensitivityMeasure", "TrialResult", "check_exists",
-           "export_policy", "hypervolume", "non_dominated", "redact_url", "scrub"]
+__all__ = ["DEFAULT_STORAGE", "FRONT_COLUMNS", "NotFoundError", "Store", "StoreError", "SensitivityMeasure",
+           "TrialResult", "check_exists", "export_policy", "hypervolume", "non_dominated", "redact_url", "scrub"]

@@ -48,7 +48,8 @@ def test_what_the_runtime_cannot_run_is_refused_up_front(target, options, reason
     with pytest.raises(ValueError, match=f"--target {target} cannot run: .*{re.escape(reason)}"):
         SearchRequest(target=target, **options)
     # The command line says the same in one line and exits 2, before loading anything.
-    flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in options.items()]
+    flags = [f"--{k.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, list) else v}"
+             for k, v in options.items()]
     assert main(["search", "--target", target, "--model", "tiny-random-llama", *flags]) == 2
     assert f"--target {target} cannot run" in capsys.readouterr().err
 
@@ -86,10 +87,12 @@ def test_a_vllm_search_proposes_only_what_vllm_runs_and_exports_what_it_prints(v
         for name, s in matrices.items():
             assert s["format"] in ("rtn", "gptq") and s["options"].get("symmetric") is True, (name, s)
             assert s["bits"] in (4, 8) and s["group_size"] in (64, 128, None), (name, s)
+        fused = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
         for layer in {n.rsplit(".", 2)[0] for n in matrices if ".layers." in n}:  # q/k/v and gate/up tied
-            for tied in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
-                assert len({json.dumps([matrices[f"{layer}.{m}"][k] for k in ("format", "bits", "group_size", "options")],
-                                       sort_keys=True) for m in tied}) == 1
+            for tied in fused:
+                settings = [[matrices[f"{layer}.{m}"][k] for k in ("format", "bits", "group_size", "options")]
+                            for m in tied]
+                assert all(s == settings[0] for s in settings), (layer, tied)
     assert "searched for --target vllm" in printed
     command = printed.split("searched for --target vllm")[1].splitlines()[1].split()
     assert command[:2] == ["turboquant", "export"] and "--format" in command
