@@ -307,7 +307,10 @@ def test_a_searched_tiny_model_exports_to_gguf_and_llamacpp_scores_it_as_we_stor
     ours = score_like_llamacpp(loaded.model, packed.model, read_base_tokens(base))
     theirs = score(cpp, out, base)
     assert best["kl"] > 1e-3 and ours.kl > 1e-3, (best["kl"], ours)  # a real quantization
-    assert abs(theirs.kl - ours.kl) <= 0.01 + 0.1 * ours.kl, (arch, ours, theirs)
+    # llama.cpp's CPU dot products quantize each activation row to 8 bits for quantized weight types, so its KL
+    # on the same weights sits above ours by that noise: measured 0.150 against our 0.120 on the tiny Gemma3
+    # (whose embeddings are scaled by sqrt(hidden)). A wrong block, row order or type gives many times more.
+    assert abs(theirs.kl - ours.kl) <= 0.01 + 0.3 * ours.kl, (arch, ours, theirs)
     # The stored KL (all positions of our windows) against llama.cpp's (the second half of its chunks).
     assert abs(theirs.kl - best["kl"]) <= 0.02 + 0.35 * best["kl"], (arch, float(best["kl"]), theirs)
 
