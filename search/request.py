@@ -129,10 +129,10 @@ class MeasureRequest(BaseModel):
     def _target_defaults(cls, data: Any) -> Any:
         # The target's formats / bits / groups where the user gave none (an unknown target is refused by
         # the field's own check, below).
-        if isinstance(data, dict) and data.get("target", DEFAULT_TARGET) in TARGETS:
-            fields = cls.model_fields
-            defaults = get_target(data.get("target", DEFAULT_TARGET)).defaults()
-            data = {**{k: v for k, v in defaults.items() if k in fields}, **data}
+        target = data.get("target", DEFAULT_TARGET) if isinstance(data, dict) else None
+        if isinstance(target, str) and target in TARGETS:  # anything else: the field check refuses it
+            defaults = get_target(target).defaults()
+            data = {**{k: v for k, v in defaults.items() if k in cls.model_fields}, **data}
         return data
 
     @field_validator("target")

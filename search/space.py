@@ -18,6 +18,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, IntD
 import quant
 from evaluators.errors import UserError
 from search.kv_space import KVSpace
+from search.targets import DEFAULT_TARGET
 
 __all__ = ["SearchSpace", "DEFAULT_BITS", "DEFAULT_GROUPS", "GRANULARITIES", "check_granularity", "format_label",
            "format_setting", "param_names", "units_of"]
@@ -113,7 +114,7 @@ class SearchSpace:
     formats: tuple[str, ...] = ("rtn",)
     granularity: str = "matrix"
     kv: KVSpace | None = None
-    target: str = "turboquant"
+    target: str = DEFAULT_TARGET
     units: dict[str, list[str]] = field(init=False)
     ladders: dict[str, list[quant.QuantSetting]] = field(init=False)
 

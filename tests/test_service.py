@@ -197,6 +197,7 @@ def test_auth_is_required_when_a_token_is_set(server) -> None:
     ("post", "/studies", {"study": "x", "budget": "3bpw", "granularity": "row"}, 422, "unknown granularity"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "target": "vllm", "bits": [3]}, 422,
      "--target vllm cannot run: 3-bit weights"),
+    ("post", "/studies", {"study": "x", "budget": "3bpw", "target": ["vllm"]}, 422, "target"),
     ("post", "/studies", {"study": "../x", "budget": "3bpw"}, 422, "study name"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "trials": 0}, 422, "trials"),
     ("post", "/studies", {"study": "x", "budget": "3bpw", "context": 512}, 422, "give it as a size"),
