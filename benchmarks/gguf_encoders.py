@@ -16,7 +16,8 @@ dequantized weights' error, H the matrix's input Hessian on the calibration wind
 
     .venv/bin/python benchmarks/gguf_encoders.py [--model qwen2.5-coder-1.5b] [--types q2_k,iq3_s,...]
 
-Writes ``benchmarks/results/gguf_encoders_<model>[-firstN][-q8head].json`` and ``.txt`` whole. On a
+Writes ``benchmarks/results/gguf_encoders_<model>[-firstN][-q8head].json`` and ``.txt`` whole, headed by the
+command. On a
 2-core machine our encoders take about 50 min per i-quant type on the whole 1.5B model (0.5 M weights/s),
 so ``--layers N`` cuts the model to its first N layers and ``--head-q8`` keeps the 151,936-row embedding
 and head at Q8_0 in all three files: the same tensors on both sides, fewer of them. Qwen2.5-Coder-1.5B's float
@@ -39,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)
 
 import pydoc_data  # noqa: E402
+
+from benchmarks._results import header, write_results  # noqa: E402
 
 OTHER_TEXT = Path(pydoc_data.__file__).parent / "topics.py"
 # The types whose grid the Qwen source file's Q4_K / Q6_K tensors are on (see the docstring).
@@ -120,10 +123,10 @@ def _type_bpw(fmt: str) -> float:
     return 8 * f.expected_nbytes((1, 256), setting) / 256
 
 
-def _report(args, label: str, what: str, rows: list, numel: int, seconds: float, types: list[str]) -> None:
+def _report(args, label: str, head: str, what: str, rows: list, numel: int, seconds: float, types: list[str]) -> None:
     """Writes the results files whole from the rows so far (after each type: a stopped run keeps its rows,
-    and says how many of the types it holds)."""
-    result = {"model": what, "text": f"pydoc_data/topics.py, {args.test_seqs} x {args.seq_len} tokens",
+    and says how many of the types it holds), headed by the command that measured them."""
+    result = {"command": head, "model": what, "text": f"pydoc_data/topics.py, {args.test_seqs} x {args.seq_len} tokens",
               "calibration": f"embedded Shakespeare, {args.calib_seqs} x {args.seq_len} tokens", "weights": numel,
               "seconds": round(seconds), "types_done": f"{len(rows)} of {len(types)}", "rows": rows}
     lines = [f"{what}: uniform GGUF files, llama.cpp's encoder (llama-quantize --pure --imatrix) against ours "
@@ -146,11 +149,8 @@ def _report(args, label: str, what: str, rows: list, numel: int, seconds: float,
                  f"{'met' if all(r['ours_gptq']['kl'] <= 0.7 * r['llamacpp']['kl'] for r in low) else 'missed'} "
                  f"(grid rows left out); {len(rows)} of {len(types)} types ({', '.join(types)}), "
                  f"{result['seconds']} s in all")
-    text = "\n".join(lines)
-    out_dir = ROOT / "benchmarks" / "results"
-    (out_dir / f"gguf_encoders_{label}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / f"gguf_encoders_{label}.txt").write_text(text + "\n")
-    print(text)
+    (ROOT / "benchmarks" / "results" / f"gguf_encoders_{label}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_results(f"gguf_encoders_{label}.txt", "\n".join(lines), head)
 
 
 def main() -> None:
@@ -176,7 +176,8 @@ def main() -> None:
     label = Path(args.model).name + (f"-first{args.layers}" if args.layers else "") + ("-q8head" if args.head_q8 else "")
     if args.report:
         done = json.loads((ROOT / "benchmarks" / "results" / f"gguf_encoders_{label}.json").read_text())
-        _report(args, label, done["model"], done["rows"], done["weights"], done["seconds"], args.types.split(","))
+        _report(args, label, done["command"], done["model"], done["rows"], done["weights"], done["seconds"],
+                args.types.split(","))
         return
     import gguf
     import torch
@@ -190,7 +191,7 @@ def main() -> None:
     from quant.gguf import BLOCK_TYPES
     from quant.gguf_file import _row_order, gguf_names, write_gguf
 
-    t_start = time.time()
+    t_start, head = time.time(), header()
     work = Path(args.work or evaluators.cache_dir() / "bench-gguf-encoders") / label
     work.mkdir(parents=True, exist_ok=True)
     cpp = llamacpp()
@@ -269,7 +270,7 @@ def main() -> None:
         print(f"{fmt}: {row['bytes'] / 2**20:.1f} MiB, KL llama.cpp {a['kl']:.4f} ours {b['kl']:.4f} "
               f"({b['kl'] / a['kl']:.2f}x) ours+gptq {c['kl']:.4f} ({c['kl'] / a['kl']:.2f}x) in {time.time() - t0:.0f} s",
               flush=True)
-        _report(args, label, what, rows, numel, time.time() - t_start, types)
+        _report(args, label, head, what, rows, numel, time.time() - t_start, types)
 
 
 if __name__ == "__main__":
