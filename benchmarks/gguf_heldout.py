@@ -27,6 +27,8 @@ sys.path[0] = str(ROOT)  # benchmarks/kernels.py must not shadow `kernels`
 
 import pydoc_data  # noqa: E402
 
+from benchmarks._results import header, write_results  # noqa: E402
+
 OTHER_TEXT = Path(pydoc_data.__file__).parent / "topics.py"
 
 
@@ -41,6 +43,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     args = ap.parse_args()
     t0 = time.time()
+    head = header()
 
     import torch
 
@@ -80,9 +83,7 @@ def main() -> None:
     bits, group = fmt.bits_range[0], fmt.group_sizes[0]
     variants = [("plain, diagonal", None), ("plain", {})] + [
         (f"gptq damp {d}", {"gptq": True, "act_order": True, "damp": float(d)}) for d in args.damps.split(",")]
-    lines = [f"$ .venv/bin/python benchmarks/gguf_heldout.py {' '.join(sys.argv[1:])}   "
-             f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"{args.model} layer {args.layer}, {args.type}: relative output error on the calibration windows "
+    lines = [f"{args.model} layer {args.layer}, {args.type}: relative output error on the calibration windows "
              f"({args.calib_seqs} x {args.seq_len} Shakespeare tokens) / on held-out text ({args.test_seqs} x "
              f"{args.seq_len} tokens of pydoc_data/topics.py)",
              f"{'matrix':<24} {'inputs':>6}  " + "  ".join(f"{label:>19}" for label, _ in variants)]
@@ -110,9 +111,7 @@ def main() -> None:
     lines.append(f"{'all, weighted':<24} {'':>6}  " + "  ".join(
         f"{t[0] / t[1]:.4f}/{t[2] / t[3]:.4f}".rjust(19) for t in totals.values()))
     lines.append(f"{time.time() - t0:.0f} s")
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    (ROOT / "benchmarks" / "results" / f"gguf_heldout_{args.type}.txt").write_text(text)
+    write_results(f"gguf_heldout_{args.type}.txt", "\n".join(lines), head)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ search measured on the embedded Shakespeare), on the same tokens for every targe
   GGUF (the two torch rows use :func:`evaluators.llamacpp.score_like_llamacpp`, the same positions and sums).
 
 Beside each: the search's KL of that point and of the best uniform setting of the target's space within the
-budget (both on the search's evaluation windows). A budget a target cannot reach shows ``-``.
+budget (both on the search's evaluation windows), and the bits per weight of the file itself (its bytes on
+disk over the weight matrices' weights: headers, norms, and for vLLM the embedding and head it keeps in
+float, which the search counts at the setting it gave them). A budget a target cannot reach shows ``-``.
 
     .venv/bin/python benchmarks/target_fronts.py [--model smollm2-135m] [--budgets 3.0,3.5,4.0,4.5]
 
@@ -33,6 +35,8 @@ sys.path[0] = str(ROOT)  # benchmarks/kernels.py must not shadow `kernels`
 
 import pydoc_data  # noqa: E402
 
+from benchmarks._results import header, write_results  # noqa: E402
+
 OTHER_TEXT = Path(pydoc_data.__file__).parent / "topics.py"
 # llama.cpp's types minus the embedded model's own grid (q4_1, q5_1) and the GPTQ variants (each costs the proxy a
 # quantization pass of every matrix at every type: hours here).
@@ -51,7 +55,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     budgets = sorted(float(b) for b in args.budgets.split(","))
-    command = " ".join(["$ .venv/bin/python benchmarks/target_fronts.py", *sys.argv[1:]])
+    head = header()
 
     import quant
     from evaluators import load_model
@@ -81,6 +85,9 @@ def main() -> None:
             model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
         return score_like_llamacpp(reference, model.eval(), tokens).kl
 
+    def file_bytes(path: Path) -> int:
+        return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
     rows, t0 = [], time.time()
     for name in args.targets.split(","):
         target = get_target(name)
@@ -96,7 +103,7 @@ def main() -> None:
         for budget in budgets:
             fits = done[done["bpw"] <= budget + 1e-9]
             if fits.empty:
-                rows.append((name, budget, None, None, None, None, None))
+                rows.append((name, budget, None, None, None, None, None, None))
                 continue
             best = fits.loc[fits["kl"].idxmin()]
             uniform = fits[fits["seed"].fillna("").str.startswith("uniform:")]
@@ -104,25 +111,23 @@ def main() -> None:
             out = work / (f"{name}-{budget}" + (".gguf" if name == "llamacpp" else ""))
             export_point(storage, name, target.export, out, trial=int(best["trial"]), progress=False)
             rows.append((name, budget, best["bpw"], best["kl"], from_file(name, out),
+                         8 * file_bytes(out) / row.numel,
                          None if flat is None else flat["seed"][len("uniform:"):],
                          None if flat is None else flat["kl"]))
         print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
 
-    lines = [f"{command}   # {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"{args.model}; searches: {args.trials} trials, {args.eval_seqs} x {args.seq_len} Shakespeare windows, "
+    lines = [f"{args.model}; searches: {args.trials} trials, {args.eval_seqs} x {args.seq_len} Shakespeare windows, "
              f"granularity fused; files scored on {args.test_seqs} x {args.seq_len} tokens of pydoc_data/topics.py; "
              f"{time.time() - t0:.0f} s",
-             f"{'target':<11} {'budget':>6} {'bpw':>6} {'KL search':>10} {'KL file':>9}  "
+             f"{'target':<11} {'budget':>6} {'bpw':>6} {'KL search':>10} {'KL file':>9} {'file bpw':>9}  "
              "best uniform within the budget"]
-    for name, budget, bpw, kl, kl_file, flat, flat_kl in rows:
+    for name, budget, bpw, kl, kl_file, file_bpw, flat, flat_kl in rows:
         if bpw is None:
-            lines.append(f"{name:<11} {budget:>6.2f} {'-':>6} {'-':>10} {'-':>9}  -")
+            lines.append(f"{name:<11} {budget:>6.2f} {'-':>6} {'-':>10} {'-':>9} {'-':>9}  -")
             continue
         uniform = "-" if flat is None else f"{flat}: KL {flat_kl:.4f}"
-        lines.append(f"{name:<11} {budget:>6.2f} {bpw:>6.3f} {kl:>10.4f} {kl_file:>9.4f}  {uniform}")
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    (ROOT / "benchmarks" / "results" / f"target_fronts_{Path(args.model).name}.txt").write_text(text)
+        lines.append(f"{name:<11} {budget:>6.2f} {bpw:>6.3f} {kl:>10.4f} {kl_file:>9.4f} {file_bpw:>9.3f}  {uniform}")
+    write_results(f"target_fronts_{Path(args.model).name}.txt", "\n".join(lines), head)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # benchmarks/kernels.py must not shadow `kernels`
+
+from benchmarks._results import header, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -23,6 +24,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--budget", type=float, default=3.0, help="bits per weight to compare with")
     args = ap.parse_args()
+    head = header()
 
     from pydantic import ValidationError
 
@@ -36,9 +38,7 @@ def main() -> None:
     matrices = quant.weight_matrices(loaded.model)
     numel = sum(h * w for h, w in matrices.values())
     widths = sorted({w for _, w in matrices.values()})
-    lines = [f"$ .venv/bin/python benchmarks/targets.py --model {args.model} --budget {args.budget}   "
-             f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"{args.model}: {len(matrices)} weight matrices, {numel:,} weights, row widths {widths}",
+    lines = [f"{args.model}: {len(matrices)} weight matrices, {numel:,} weights, row widths {widths}",
              f"{'target':<11} {'granularity':<11} {'smallest bpw':>12}  reaches {args.budget} bpw"]
     for name in TARGETS:
         for granularity in GRANULARITIES:
@@ -49,10 +49,7 @@ def main() -> None:
                 continue
             bpw = 8 * space.min_bytes() / numel
             lines.append(f"{name:<11} {granularity:<11} {bpw:>12.3f}  {'yes' if bpw <= args.budget else 'no'}")
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    out = ROOT / "benchmarks" / "results" / f"targets_{Path(args.model).name}.txt"
-    out.write_text(text)
+    write_results(f"targets_{Path(args.model).name}.txt", "\n".join(lines), head)
 
 
 if __name__ == "__main__":
