@@ -166,6 +166,8 @@ def main() -> None:
     ap.add_argument("--head-q8", action="store_true", help="token embedding and output head Q8_0 in every file, "
                     "as llama-quantize's --token-embedding-type / --output-tensor-type q8_0 make them")
     ap.add_argument("--work", default=None, help="folder for the files (default: cache/bench-gguf-encoders)")
+    ap.add_argument("--resume", action="store_true", help="keep the rows an interrupted run of the same settings "
+                    "recorded (its JSON) and measure only the other types")
     ap.add_argument("--report", action="store_true", help="only write the results files again from the rows "
                     "the last run recorded (its JSON), measuring nothing")
     args = ap.parse_args()
@@ -174,13 +176,13 @@ def main() -> None:
         ap.error(f"unknown types {unknown}; choose from {', '.join(FTYPE)}")
 
     label = Path(args.model).name + (f"-first{args.layers}" if args.layers else "") + ("-q8head" if args.head_q8 else "")
+    results_json = ROOT / "benchmarks" / "results" / f"gguf_encoders_{label}.json"
     if args.report:
-        done = json.loads((ROOT / "benchmarks" / "results" / f"gguf_encoders_{label}.json").read_text())
+        done = json.loads(results_json.read_text())
         _report(args, label, done["command"], done["model"], done["rows"], done["weights"], done["seconds"],
                 args.types.split(","))
         return
     import gguf
-    import torch
     from transformers import AutoTokenizer
 
     import evaluators
@@ -192,6 +194,7 @@ def main() -> None:
     from quant.gguf_file import _row_order, gguf_names, write_gguf
 
     t_start, head = time.time(), header()
+    done = json.loads(results_json.read_text()) if args.resume and results_json.exists() else None
     work = Path(args.work or evaluators.cache_dir() / "bench-gguf-encoders") / label
     work.mkdir(parents=True, exist_ok=True)
     cpp = llamacpp()
@@ -229,13 +232,24 @@ def main() -> None:
     what = args.model + (f", its first {args.layers} layers" if args.layers else "") + (
         ", token embedding and head Q8_0 in every file" if args.head_q8 else "")
     types = args.types.split(",")
-    rows = []
+    rows, seconds_before = [], 0
+    if done is not None:
+        # An interrupted run of the same measurement: its finished rows are kept, the other types measured.
+        same = {"model": what, "text": f"pydoc_data/topics.py, {args.test_seqs} x {args.seq_len} tokens",
+                "calibration": f"embedded Shakespeare, {args.calib_seqs} x {args.seq_len} tokens", "weights": numel}
+        differ = [k for k, v in same.items() if done.get(k) != v]
+        if differ:
+            sys.exit(f"--resume: {results_json.name} measured another setting ({', '.join(differ)} differ)")
+        rows = [r for r in done["rows"] if r["type"] in types]
+        seconds_before = done["seconds"]
+        print(f"--resume: kept {', '.join(r['type'] for r in rows) or 'no rows'} from the earlier run", flush=True)
+    finished = {r["type"] for r in rows}
     others: dict = {}  # (matrix, type) -> packed: the tensors not of the type under test, encoded once
-    for fmt in types:
+    for fmt in (t for t in types if t not in finished):
         t0 = time.time()
         stock = work / f"stock-{fmt}-{tag}.gguf"
-        head = ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"] if args.head_q8 else []
-        cpp.run("llama-quantize", "--pure", *head, "--imatrix", imatrix, f32, stock, FTYPE[fmt], args.threads)
+        q8 = ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0"] if args.head_q8 else []
+        cpp.run("llama-quantize", "--pure", *q8, "--imatrix", imatrix, f32, stock, FTYPE[fmt], args.threads)
         stock_types, err = _stock_error(stock, weights, names, hessians, perms)
         row = {"type": fmt, "grid": fmt in GRID_TYPES, "bytes": stock.stat().st_size,
                "types": {k: list(stock_types.values()).count(k) for k in sorted(set(stock_types.values()))}}
@@ -270,7 +284,7 @@ def main() -> None:
         print(f"{fmt}: {row['bytes'] / 2**20:.1f} MiB, KL llama.cpp {a['kl']:.4f} ours {b['kl']:.4f} "
               f"({b['kl'] / a['kl']:.2f}x) ours+gptq {c['kl']:.4f} ({c['kl'] / a['kl']:.2f}x) in {time.time() - t0:.0f} s",
               flush=True)
-        _report(args, label, head, what, rows, numel, time.time() - t_start, types)
+        _report(args, label, head, what, rows, numel, seconds_before + time.time() - t_start, types)
 
 
 if __name__ == "__main__":
