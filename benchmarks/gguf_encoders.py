@@ -14,7 +14,7 @@ in another type), so the files are equal in size by construction. All three are 
 each gets its Hessian-weighted weight error: sum over matrices of tr(dW H dW^T) / sum of tr(W H W^T), dW the
 dequantized weights' error, H the matrix's input Hessian on the calibration windows::
 
-    .venv/bin/python benchmarks/gguf_encoders.py [--model qwen2.5-coder-1.5b] [--types q2_k,iq3_s,...]
+    .venv/bin/python benchmarks/gguf_encoders.py [--model qwen2.5-coder-1.5b] [--types q2_k,iq3_s,...] [--plain-options unbias]
 
 Writes ``benchmarks/results/gguf_encoders_<model>[-firstN][-q8head].json`` and ``.txt`` whole, headed by the
 command. On a
@@ -166,6 +166,8 @@ def main() -> None:
     ap.add_argument("--head-q8", action="store_true", help="token embedding and output head Q8_0 in every file, "
                     "as llama-quantize's --token-embedding-type / --output-tensor-type q8_0 make them")
     ap.add_argument("--work", default=None, help="folder for the files (default: cache/bench-gguf-encoders)")
+    ap.add_argument("--plain-options", default="", help="options of our plain encoder (b), comma-separated "
+                    "(unbias); the results files' names end with them")
     ap.add_argument("--resume", action="store_true", help="keep the rows an interrupted run of the same settings "
                     "recorded (its JSON) and measure only the other types")
     ap.add_argument("--report", action="store_true", help="only write the results files again from the rows "
@@ -175,7 +177,9 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown types {unknown}; choose from {', '.join(FTYPE)}")
 
-    label = Path(args.model).name + (f"-first{args.layers}" if args.layers else "") + ("-q8head" if args.head_q8 else "")
+    plain = dict.fromkeys([o for o in args.plain_options.split(",") if o], True)
+    label = Path(args.model).name + (f"-first{args.layers}" if args.layers else "") + (
+        "-q8head" if args.head_q8 else "") + "".join(f"-{o}" for o in plain)
     results_json = ROOT / "benchmarks" / "results" / f"gguf_encoders_{label}.json"
     if args.report:
         done = json.loads(results_json.read_text())
@@ -230,7 +234,8 @@ def main() -> None:
 
     numel = sum(w.numel() for w in weights.values())
     what = args.model + (f", its first {args.layers} layers" if args.layers else "") + (
-        ", token embedding and head Q8_0 in every file" if args.head_q8 else "")
+        ", token embedding and head Q8_0 in every file" if args.head_q8 else "") + (
+        f"; our plain encoder with {'+'.join(plain)}" if plain else "")
     types = args.types.split(",")
     rows, seconds_before = [], 0
     if done is not None:
@@ -255,7 +260,7 @@ def main() -> None:
                "types": {k: list(stock_types.values()).count(k) for k in sorted(set(stock_types.values()))}}
         s = score(cpp, stock, base, threads=args.threads)
         row["llamacpp"] = {"kl": s.kl, "kl_p999": s.kl_p999, "ppl": s.ppl, "top1": s.top1, "weighted_error": err / ref}
-        for variant, options in (("ours", {}), ("ours_gptq", {"act_order": True, "gptq": True})):
+        for variant, options in (("ours", plain), ("ours_gptq", {"act_order": True, "gptq": True})):
             packed, err = {}, 0.0
             for n, ggml in stock_types.items():
                 if ggml.lower() not in BLOCK_TYPES:

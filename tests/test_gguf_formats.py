@@ -99,6 +99,38 @@ def test_the_importance_is_the_hessian_diagonal_in_llamacpps_form() -> None:
     assert not quant.needs_hessians([QuantSetting.from_dict({"format": "q4_k", "options": {"imatrix": False}})])
 
 
+@pytest.mark.parametrize("name", ["iq2_xxs", "iq3_xxs", "q2_k", "q3_k", "tq1_0"])
+def test_unbias_gives_every_row_its_gain_back_in_a_plain_block_file(name: str) -> None:
+    """``unbias``: each row's super-scales rescaled so that its gain on the inputs (sum e w w_hat / sum e w^2,
+    e the Hessian diagonal) is 1 up to the fp16 rounding of the scales; the bytes stay the type's (gguf-py
+    decodes them to our values) and nothing else moves: the codes are the plain encoding's."""
+    from quant.gguf import BLOCK_TYPES as TYPES_
+    from quant.gguf._grids import SCALE_FIELDS
+
+    gen = torch.Generator().manual_seed(5)
+    w = gaussian(32, 512, seed=4)
+    x = torch.randn(1024, 512, generator=gen) * torch.exp(torch.randn(512, generator=gen))
+    h = x.T @ x
+    e = torch.diagonal(h)
+    gain = lambda q: (w * q * e).sum(1) / (w * w * e).sum(1)  # noqa: E731
+    plain = quant.quantize(w, {"format": name}, hessian=h)
+    fixed = quant.quantize(w, {"format": name, "options": {"unbias": True}}, hessian=h)
+    assert float((gain(plain.dequantize()) - 1).abs().max()) > 5e-3  # at these bits the plain encoding shrinks rows
+    assert float((gain(fixed.dequantize()) - 1).abs().max()) < 2e-3
+    values = gguf.quants.dequantize(fixed.buffers["blocks"].numpy().reshape(-1), TYPES_[name].qtype)
+    assert np.array_equal(values.reshape(w.shape), fixed.dequantize().numpy())
+    assert fixed.nbytes == plain.nbytes
+    # Only the fp16 super-scales differ: every other byte (codes, sub-block scales) is the plain encoding's.
+    bt = TYPES_[name]
+    other = torch.ones(bt.block_bytes, dtype=torch.bool)
+    for at in SCALE_FIELDS[name]:
+        other[at:at + 2] = False
+    a, b = (p.buffers["blocks"].view(-1, bt.block_bytes) for p in (plain, fixed))
+    assert torch.equal(a[:, other], b[:, other]) and not torch.equal(a, b)
+    with pytest.raises(ValueError, match="unbias"):
+        QuantSetting.from_dict({"format": name, "options": {"unbias": True, "gptq": True}}).validate()
+
+
 def test_a_hessian_of_the_wrong_shape_is_refused() -> None:
     with pytest.raises(ValueError, match="hessian must be"):
         quant.quantize(gaussian(4, 256), {"format": "q4_k"}, hessian=torch.eye(128))

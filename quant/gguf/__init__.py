@@ -17,8 +17,10 @@ from quant.gguf import _legacy  # noqa: F401  (registers q8_0, q4_0, q5_0, q4_1,
 from quant.gguf import _kquants  # noqa: F401  (registers q2_k, q3_k, q4_k, q5_k, q6_k)
 from quant.gguf import _ternary  # noqa: F401  (registers tq1_0, tq2_0)
 from quant.gguf import _iquants  # noqa: F401  (registers iq4_xs, iq3_s, iq3_xxs, iq2_s, iq2_xs, iq2_xxs)
-from quant.gguf._grids import Grid, LatticeGrid, block_grid, lattice_grid, with_levels, with_points
+from quant.gguf._grids import (Grid, LatticeGrid, block_grid, lattice_grid, rescale_blocks, with_levels,
+                              with_points)
 
 __all__ = ["BLOCK_TYPES", "BlockType", "Codec", "Grid", "LatticeGrid", "block_grid", "block_type", "codec_names",
-           "dequantize_blocks", "get_codec", "lattice_grid", "quantize_blocks", "register_codec", "with_levels",
+           "dequantize_blocks", "get_codec", "lattice_grid", "quantize_blocks", "register_codec", "rescale_blocks",
+           "with_levels",
            "with_points"]

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from quant.gguf._bytes import f16_values, split_fields
+from quant.gguf._bytes import f16_bytes, f16_values, split_fields
 from quant.gguf._klayout import (pack_2bit, pack_high_bits, pack_nibbles_64, pack_q6, unpack_scales_k4,
                                  unpack_scales_q3)
 from quant.gguf._codec import get_codec
@@ -134,6 +134,26 @@ _SPECS: dict[str, tuple[Callable, Callable[[], Nearest], tuple[int, int], Callab
               lambda q: pack_2bit((q + 1).to(torch.uint8))),
     "iq4_xs": (_iq4xs, lambda: table_levels(_IQ4), (8, 136), _iq4xs_codes),
 }
+
+
+# The byte offsets of each type's fp16 super-scales (its d, and dmin where it has one): every weight of a block is
+# a multiple of them (d times integers, minus dmin times integers), so scaling them scales the whole block.
+SCALE_FIELDS: dict[str, tuple[int, ...]] = {
+    "q8_0": (0,), "q4_0": (0,), "q5_0": (0,), "iq4_nl": (0,), "q4_1": (0, 2), "q5_1": (0, 2),
+    "q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,), "tq1_0": (52,), "tq2_0": (64,),
+    "iq4_xs": (0,), "iq3_s": (0,), "iq3_xxs": (0,), "iq2_s": (0,), "iq2_xs": (0,), "iq2_xxs": (0,),
+}
+
+
+def rescale_blocks(name: str, data: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``(N, block_bytes)`` blocks of type ``name`` with every value times ``factor`` ``(N,)`` (up to the fp16
+    rounding of the scaled super-scales); a block whose scaled scales would not be finite fp16 is kept."""
+    out = data.clone()
+    fields = [f16_values(data[:, at:at + 2]) * factor for at in SCALE_FIELDS[name]]
+    keep = ~torch.stack([torch.isfinite(f.to(torch.float16)) for f in fields]).all(0)
+    for at, f in zip(SCALE_FIELDS[name], fields):
+        out[:, at:at + 2] = torch.where(keep.unsqueeze(-1), data[:, at:at + 2], f16_bytes(f))
+    return out
 
 
 def _spec(name: str):
