@@ -58,9 +58,10 @@ class GGUFOptions(FormatOptions):
         act_order: with ``gptq``, quantize columns by decreasing Hessian diagonal.
         damp: with ``gptq``, fraction of the mean Hessian diagonal added to it for stability, in (0, 1].
         unbias: with a Hessian, rescale each row's super-scales so that the row keeps its output's gain
-            (``sum e w^2 = sum e w w_hat``, ``e`` the Hessian diagonal): the least-squares scales shrink every
-            row (gain 0.94-0.97 on Qwen2.5-Coder-1.5B at iq2_xxs, llama.cpp's own encoder about 1.0), and that
-            shared shrink costs more KL than the lower error saves. Off by default until measured on every type.
+            (``sum e w^2 = sum e w w_hat``, ``e`` the Hessian diagonal): the least-squares scales shrink rows
+            (Qwen2.5-Coder-1.5B at iq2_xxs: matrix gains 0.94-1.00, llama.cpp's own encoder's 0.99-1.07), and
+            that shared shrink costs more KL than the lower error saves (docs/exports.md). Off by default until
+            measured on every type.
     """
 
     imatrix: bool = True

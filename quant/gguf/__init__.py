@@ -22,5 +22,4 @@ from quant.gguf._grids import (Grid, LatticeGrid, block_grid, lattice_grid, resc
 
 __all__ = ["BLOCK_TYPES", "BlockType", "Codec", "Grid", "LatticeGrid", "block_grid", "block_type", "codec_names",
            "dequantize_blocks", "get_codec", "lattice_grid", "quantize_blocks", "register_codec", "rescale_blocks",
-           "with_levels",
-           "with_points"]
+           "with_levels", "with_points"]
