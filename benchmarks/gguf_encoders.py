@@ -16,9 +16,8 @@ dequantized weights' error, H the matrix's input Hessian on the calibration wind
 
     .venv/bin/python benchmarks/gguf_encoders.py [--model qwen2.5-coder-1.5b] [--types q2_k,iq3_s,...] [--plain-options unbias]
 
-Writes ``benchmarks/results/gguf_encoders_<model>[-firstN][-q8head].json`` and ``.txt`` whole, headed by the
-command. On a
-2-core machine our encoders take about 50 min per i-quant type on the whole 1.5B model (0.5 M weights/s),
+Writes ``benchmarks/results/gguf_encoders_<model>[-firstN][-q8head][-options].json`` and ``.txt`` whole, headed
+by the command. On a 2-core machine our encoders take about 50 min per i-quant type on the whole 1.5B model,
 so ``--layers N`` cuts the model to its first N layers and ``--head-q8`` keeps the 151,936-row embedding
 and head at Q8_0 in all three files: the same tensors on both sides, fewer of them. Qwen2.5-Coder-1.5B's float
 weights are the Q4_K / Q6_K grids of its source file: q4_k, q5_k (the same 32-weight asymmetric
