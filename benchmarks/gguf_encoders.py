@@ -122,11 +122,16 @@ def _type_bpw(fmt: str) -> float:
     return 8 * f.expected_nbytes((1, 256), setting) / 256
 
 
+def _measured(args, what: str, numel: int) -> dict:
+    """What a run measured, as its JSON records it: a resumed run must match it."""
+    return {"model": what, "text": f"pydoc_data/topics.py, {args.test_seqs} x {args.seq_len} tokens",
+            "calibration": f"embedded Shakespeare, {args.calib_seqs} x {args.seq_len} tokens", "weights": numel}
+
+
 def _report(args, label: str, head: str, what: str, rows: list, numel: int, seconds: float, types: list[str]) -> None:
     """Writes the results files whole from the rows so far (after each type: a stopped run keeps its rows,
     and says how many of the types it holds), headed by the command that measured them."""
-    result = {"command": head, "model": what, "text": f"pydoc_data/topics.py, {args.test_seqs} x {args.seq_len} tokens",
-              "calibration": f"embedded Shakespeare, {args.calib_seqs} x {args.seq_len} tokens", "weights": numel,
+    result = {"command": head, **_measured(args, what, numel),
               "seconds": round(seconds), "types_done": f"{len(rows)} of {len(types)}", "rows": rows}
     lines = [f"{what}: uniform GGUF files, llama.cpp's encoder (llama-quantize --pure --imatrix) against ours "
              f"and ours with GPTQ feedback; scored by llama-perplexity --kl-divergence on {result['text']} (the "
@@ -239,9 +244,7 @@ def main() -> None:
     rows, seconds_before = [], 0
     if done is not None:
         # An interrupted run of the same measurement: its finished rows are kept, the other types measured.
-        same = {"model": what, "text": f"pydoc_data/topics.py, {args.test_seqs} x {args.seq_len} tokens",
-                "calibration": f"embedded Shakespeare, {args.calib_seqs} x {args.seq_len} tokens", "weights": numel}
-        differ = [k for k, v in same.items() if done.get(k) != v]
+        differ = [k for k, v in _measured(args, what, numel).items() if done.get(k) != v]
         if differ:
             sys.exit(f"--resume: {results_json.name} measured another setting ({', '.join(differ)} differ)")
         rows = [r for r in done["rows"] if r["type"] in types]

@@ -125,8 +125,8 @@ class GGUFBlockFormat(Format):
         if h is not None and tuple(h.shape) != (shape[1], shape[1]):
             raise ValueError(f"hessian must be ({shape[1]}, {shape[1]}) for a weight of shape {shape}, "
                              f"got {tuple(h.shape)}")
-        if h is not None and opts.imatrix:
-            energy = torch.diagonal(h).float().clamp(min=0)  # (in,): each input column's sum of x_j^2
+        energy = None if h is None else torch.diagonal(h).float().clamp(min=0)  # (in,): each column's sum of x_j^2
+        if energy is not None and opts.imatrix:
             # llama.cpp's form: the column's energy times sqrt(sigma^2 + w^2), sigma^2 the block's mean square, so
             # large weights count more than the diagonal alone says. Qwen2.5-Coder-1.5B layer 0 at q2_k: output
             # error on held-out text 0.96x the diagonal's over the layer (lower on q, gate and down_proj, higher
@@ -140,8 +140,8 @@ class GGUFBlockFormat(Format):
                 blocks = gptq_blocks(bt.name, weight.detach(), h.detach(), importance, opts.damp, opts.act_order)
         else:
             blocks = quantize_blocks(bt.name, weight.float().reshape(-1, bt.block), importance)
-            if h is not None and opts.unbias:
-                blocks = _unbiased(bt.name, weight, blocks, torch.diagonal(h).float().clamp(min=0))
+            if energy is not None and opts.unbias:
+                blocks = _unbiased(bt.name, weight, blocks, energy)
         return PackedTensor(setting=setting, shape=shape, buffers={"blocks": blocks.view(shape[0], -1)})
 
     def decode(self, packed: PackedTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
